@@ -1,0 +1,135 @@
+"""`rlhf <stage> [Hydra overrides and flags]`.
+
+The first word picks the stage; everything after it goes to Hydra untouched, so `-m/--multirun`, `--cfg`, `--info`,
+`--help`, `--config-dir`, `hydra/launcher=...` and shell completion behave as Hydra users expect. A new stage slots
+in by adding one line to STAGES and one `conf/<stage>.yaml`.
+
+This is the only place that prints errors and decides the exit code: user mistakes (the project's exceptions, and
+Hydra's composition errors: a misspelled key, a wrong type) become one red line plus a hint and exit code 2; bugs
+keep their traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+# stage name -> (module with run(cfg), one line of help)
+STAGES: dict[str, tuple[str, str]] = {
+    "sft": ("rlhf_cli.stages.sft", "fine-tune a pretrained causal LM on demonstrations"),
+}
+
+EXIT_USER_ERROR = 2
+
+
+def conf_dir() -> Path:
+    """conf/ shipped inside the wheel, else the checkout's top-level conf/ (editable installs, source trees)."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+
+
+def _usage(console: Console) -> None:
+    from rlhf_cli import __version__
+
+    console.print(f"[bold]rlhf[/bold] {__version__}: RLHF in three stages (SFT -> reward model -> PPO)\n")
+    console.print("usage: rlhf <stage> [key=value ...] [-m] [--cfg job] [--help]\n", markup=False)
+    console.print("stages:")
+    for name, (_, text) in STAGES.items():
+        console.print(f"  [cyan]{name:<10}[/cyan] {text}")
+    console.print("\n`rlhf <stage> --help` lists a stage's config groups and keys.")
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlhf_cli.errors import RlhfError
+
+    return isinstance(exc, (RlhfError, HydraException, OmegaConfBaseException))
+
+
+def _report(console: Console, exc: BaseException) -> None:
+    from rlhf_cli.errors import RlhfError
+
+    if isinstance(exc, RlhfError):
+        console.print(f"[bold red]{exc.kind}:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False, soft_wrap=True)
+        return
+    # Hydra/OmegaConf composition errors: the wrapper says which override, the cause says which key and why.
+    parts = [str(exc).strip()]
+    if exc.__cause__ is not None and str(exc.__cause__).strip() not in parts[0]:
+        parts.append(str(exc.__cause__).strip())
+    text = " ".join(" ".join(p.split()) for p in parts)
+    console.print(f"[bold red]config error:[/bold red] {text}", highlight=False, soft_wrap=True)
+    console.print("[yellow]hint:[/yellow] `rlhf <stage> --cfg job` shows every valid key and its value", highlight=False, soft_wrap=True)
+
+
+def run_stage(stage: str, args: list[str]) -> int:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    from rlhf_cli.config import finalize, register_configs
+
+    register_configs()
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    if not OmegaConf.has_resolver("rlhf_stage_help"):
+        OmegaConf.register_new_resolver("rlhf_stage_help", lambda name: STAGES[name][1])
+    if os.environ.get("RANK", "0") != "0":
+        args = [*args, "hydra.output_subdir=null"]  # under torchrun only rank 0 writes Hydra's files
+
+    from rlhf_cli.errors import RlhfError
+
+    failed: list[RlhfError] = []  # user mistakes inside jobs; a multirun goes on with its other jobs
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)
+    def task(cfg: DictConfig) -> None:
+        try:
+            stage_cfg = finalize(cfg)  # config mistakes surface here, before torch or any model loads
+            importlib.import_module(STAGES[stage][0]).run(stage_cfg)
+        except RlhfError as exc:
+            if wants_traceback:
+                raise
+            failed.append(exc)
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
+    sys.argv = [f"rlhf {stage}", *args]
+    try:
+        task()
+    except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs right here
+        if wants_traceback or not _is_user_error(exc):
+            raise
+        _report(Console(stderr=True), exc)
+        return EXIT_USER_ERROR
+    for exc in failed:
+        _report(Console(stderr=True), exc)
+    return EXIT_USER_ERROR if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    console = Console()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _usage(console)
+        return 0
+    if argv[0] == "--version":
+        from rlhf_cli import __version__
+
+        console.print(__version__)
+        return 0
+    stage = argv[0]
+    if stage not in STAGES:
+        err = Console(stderr=True)
+        err.print(f"[bold red]error:[/bold red] unknown stage '{stage}'; valid stages: {', '.join(STAGES)}",
+                  highlight=False, soft_wrap=True)
+        err.print("[yellow]hint:[/yellow] rlhf --help", highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+    return run_stage(stage, argv[1:])
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Typed configuration: every knob is a dataclass field, and its default lives here.
+
+Hydra composes `conf/<stage>.yaml` (which only picks groups such as `model=tiny`, `data=toy`, `optim=adamw` and
+sets presets) on top of the stage's schema registered below, so a misspelled key or a wrong type fails at compose
+time with the key's name. After composition, `finalize` turns the DictConfig into the dataclass instance the stage
+runs on, checks required values and cross-field rules, and makes every path absolute once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from rlhf_cli.errors import ConfigError
+
+BUILTIN_TINY = "builtin:tiny"
+
+
+@dataclass
+class TinyModelConfig:
+    """Size of the built-in tiny Llama (used when `model.name_or_path=builtin:tiny`)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local directory in Hugging Face format, or `builtin:tiny` (built on first use and cached).
+    name_or_path: str = BUILTIN_TINY
+    revision: Optional[str] = None
+    # Executes code shipped with the model: off unless you trust its source.
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class ToyDataConfig:
+    """The built-in synthetic task (`data=toy`): sizes, seed and annotator noise."""
+
+    seed: int = 0
+    num_train: int = 4000
+    num_eval: int = 200
+    label_noise: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    # null: the built-in task. Otherwise a local json/jsonl(.gz)/parquet/csv file or a hub dataset name.
+    path: Optional[str] = None
+    # auto | prompt_completion | messages | hh
+    format: str = "auto"
+    split: str = "train"
+    # Held-out data: a separate file, or else this fraction of `path` (at most `max_eval_rows` rows).
+    eval_path: Optional[str] = None
+    eval_fraction: float = 0.05
+    max_eval_rows: int = 500
+    # Keep only the first N rows of `path` (null: all).
+    max_rows: Optional[int] = None
+    # Longer rows are truncated (prompt from the left, completion from the right) and counted, never dropped.
+    max_seq_len: int = 512
+    toy: ToyDataConfig = field(default_factory=ToyDataConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # linear warmup for this many optimizer steps, then `schedule` down to lr * min_lr_ratio
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    # Length of the run in optimizer steps; when `epochs` > 0 it wins and max_steps is derived from the data.
+    max_steps: int = 1000
+    epochs: float = 0.0
+    # Batch arithmetic: examples_per_step = micro_batch_size * grad_accum_steps * world_size (grad_accum derived).
+    examples_per_step: int = 32
+    micro_batch_size: int = 32
+    # Loss on completion tokens only (false: on every token).
+    completion_only: bool = True
+    log_every: int = 10
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    # auto: CUDA when present (bf16 autocast where supported), else CPU fp32.
+    device: str = "auto"
+    # How many held-out prompts to sample from at the end (shown in a table).
+    num_samples: int = 4
+    sample_max_new_tokens: int = 32
+
+
+@dataclass
+class StageConfig:
+    """Knobs every stage shares."""
+
+    stage: str = MISSING
+    # runs/<experiment>/<stage>/ holds the artifact; `root` is made absolute at compose time.
+    experiment: str = "default"
+    root: str = "runs"
+    # Set by Hydra to runs/<experiment>/<stage> (or a sub-directory for multirun jobs).
+    run_dir: str = "${hydra:runtime.output_dir}"
+    seed: int = 0
+    # Replace a finished artifact in run_dir (otherwise the stage refuses to overwrite it).
+    overwrite: bool = False
+    # Continue an unfinished run from its latest checkpoint.
+    resume: bool = False
+    # none | tensorboard (needs the `tensorboard` extra); metrics.jsonl is always written.
+    logger: str = "none"
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    stage: str = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+
+
+def register_configs() -> None:
+    """Register each stage's schema as `<stage>_schema`; conf/<stage>.yaml lists it first in its defaults."""
+    cs = ConfigStore.instance()
+    for stage, schema in SCHEMAS.items():
+        cs.store(name=f"{stage}_schema", node=schema)
+
+
+def _slug(text: str, num: Any = 0) -> str:
+    """Directory name for one multirun job: its overrides, made filesystem-safe (or `job<N>` when there are none)."""
+    text = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(text)).strip("_")[:120]
+    return text or f"job{num}"
+
+
+if not OmegaConf.has_resolver("rlhf_slug"):
+    OmegaConf.register_new_resolver("rlhf_slug", _slug)
+
+CHOICES = {
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "data.format": ("auto", "prompt_completion", "messages", "hh"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "logger": ("none", "tensorboard"),
+}
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check(cfg: Any) -> None:
+    """Cross-field rules that a type alone cannot express."""
+    for key, allowed in CHOICES.items():
+        try:
+            value = _get(cfg, key)
+        except AttributeError:
+            continue
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}", hint=f"set {key}=<one of those>")
+    positive = ["train.max_steps", "train.examples_per_step", "train.micro_batch_size", "train.log_every",
+                "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "data.max_seq_len",
+                "optim.lr"]
+    for key in positive:
+        try:
+            value = _get(cfg, key)
+        except AttributeError:
+            continue
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    train = getattr(cfg, "train", None)
+    if train is not None and train.examples_per_step % train.micro_batch_size:
+        raise ConfigError(
+            f"train.examples_per_step={train.examples_per_step} is not a multiple of "
+            f"train.micro_batch_size={train.micro_batch_size}",
+            hint="examples_per_step = micro_batch_size x grad_accum_steps x world_size",
+        )
+    data = getattr(cfg, "data", None)
+    if data is not None and not 0.0 <= data.toy.label_noise < 0.5:
+        raise ConfigError(f"data.toy.label_noise={data.toy.label_noise} must be in [0, 0.5)")
+    if data is not None and not 0.0 <= data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """Absolute form of a local path; hub ids and `builtin:` names are left alone."""
+    if path is None or path.startswith("builtin:"):
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or path.startswith((".", "~")) or os.sep in path and p.parent.exists():
+        return str(p.resolve())
+    return path  # most likely a hub id such as "Qwen/Qwen2.5-0.5B"
+
+
+def finalize(cfg: DictConfig) -> Any:
+    """Composed DictConfig -> typed dataclass: required values present, rules checked, paths absolute."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing required value{'s' if len(missing) > 1 else ''}: {', '.join(missing)}",
+            hint=" ".join(f"{k}=..." for k in missing) + " on the command line",
+        )
+    obj = OmegaConf.to_object(cfg)
+    obj.root = str(Path(obj.root).expanduser().resolve())
+    obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())
+    if hasattr(obj, "model"):
+        obj.model.name_or_path = _absolute(obj.model.name_or_path)
+    if hasattr(obj, "data"):
+        obj.data.path = _absolute(obj.data.path)
+        obj.data.eval_path = _absolute(obj.data.eval_path)
+    _check(obj)
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    """A dataclass config as plain, JSON-ready dicts."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj

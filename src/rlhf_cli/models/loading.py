@@ -1,0 +1,102 @@
+"""Loading causal LMs and their tokenizers, real or built-in, always through `from_pretrained`.
+
+- `model.name_or_path` is a hub id, a local directory, or `builtin:tiny` (built on first use and cached, then loaded
+  from its directory like any model).
+- Weights load from safetensors only; `trust_remote_code` stays off unless the user turns it on.
+- A pad token distinct from EOS is guaranteed: pad == EOS silently corrupts attention masks and last-token pooling,
+  so when a tokenizer lacks one (or reuses EOS) `<|pad|>` is added and the embeddings are resized.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_cli.config import BUILTIN_TINY, ModelConfig
+from rlhf_cli.errors import ConfigError
+
+PAD_TOKEN = "<|pad|>"
+
+
+def quiet_transformers() -> None:
+    """Our own progress bar and tables report progress; silence transformers' bars and info chatter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def resolve(cfg: ModelConfig) -> str:
+    """Where from_pretrained should look: the cached built-in model's directory, or name_or_path itself."""
+    if cfg.name_or_path == BUILTIN_TINY:
+        from rlhf_cli.models.tiny import tiny_model_path
+
+        t = cfg.tiny
+        return str(tiny_model_path(hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                                   intermediate_size=t.intermediate_size,
+                                   max_position_embeddings=t.max_position_embeddings, seed=t.seed))
+    if cfg.name_or_path.startswith("builtin:"):
+        raise ConfigError(f"model.name_or_path={cfg.name_or_path}: the only built-in model is {BUILTIN_TINY}")
+    return cfg.name_or_path
+
+
+def _load_error(what: str, name: str, exc: Exception) -> ConfigError:
+    local = Path(name).exists()
+    hint = ("check that the directory holds a Hugging Face model (config.json, *.safetensors, tokenizer files)"
+            if local else
+            "model.name_or_path must be a local directory or a hub id reachable from here "
+            "(offline? download it elsewhere and pass its local path)")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(f"could not load the {what} from '{name}': {first}", hint=hint)
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or resolve(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error("tokenizer", path, exc) from exc
+
+
+def ensure_pad_token(tokenizer, model=None) -> bool:
+    """Give the tokenizer a pad token distinct from EOS (resizing the model's embeddings); True if one was added."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token, so responses could never end",
+                          hint="use a tokenizer with an eos_token")
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if model is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return True
+
+
+def load_causal_lm(cfg: ModelConfig, device: torch.device):
+    """(model, tokenizer, info) for a causal LM; fp32 master weights (bf16 autocast is applied by the engine)."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    path = resolve(cfg)
+    tokenizer = load_tokenizer(cfg, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+            dtype=torch.float32,
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error("model", path, exc) from exc
+    added_pad = ensure_pad_token(tokenizer, model)
+    model.to(device)
+    info = {
+        "path": path,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "added_pad_token": added_pad,
+    }
+    return model, tokenizer, info
