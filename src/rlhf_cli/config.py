@@ -195,6 +195,9 @@ def _check(cfg: Any) -> None:
             hint="examples_per_step = micro_batch_size x grad_accum_steps x world_size",
         )
     data = getattr(cfg, "data", None)
+    if data is not None and data.path is None and data.format != "auto":
+        raise ConfigError(f"data.path is required with data.format={data.format} (the built-in task has no file)",
+                          hint="data.path=/path/to/file.jsonl on the command line")
     if data is not None and not 0.0 <= data.toy.label_noise < 0.5:
         raise ConfigError(f"data.toy.label_noise={data.toy.label_noise} must be in [0, 0.5)")
     if data is not None and not 0.0 <= data.eval_fraction < 1.0:

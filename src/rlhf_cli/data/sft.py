@@ -1,0 +1,291 @@
+"""SFT data: validate and normalise rows, render them to text, tokenise them with a truncation policy, collate batches.
+
+Row formats (`fmt`):
+
+- `prompt_completion`: `{"prompt": str, "completion": str}`.
+- `messages`: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`; the last message is the
+  assistant's reply that is trained on, and at least one message comes before it.
+- `hh`: `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."}` (Anthropic HH); becomes a prompt/completion row.
+- `auto` decides per row: `messages` -> chat; `prompt` or `completion` -> plain; `chosen` -> HH.
+
+A field whose value is `None` counts as missing: `datasets` fills fields absent from a row with `None`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlhf_cli.data.hh import hh_to_sft
+from rlhf_cli.errors import ConfigError, DataError
+
+FORMATS = ("auto", "prompt_completion", "messages", "hh")
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+_FALLBACK_ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+_HINTS = {
+    "prompt_completion": 'plain rows look like {"prompt": "...", "completion": "..."}',
+    "messages": 'chat rows look like {"messages": [{"role": "user", "content": "..."}, '
+    '{"role": "assistant", "content": "..."}]}',
+    "hh": 'HH rows look like {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."}',
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalising
+
+
+def normalize_sft_rows(rows: list[dict], source: str, fmt: str = "auto") -> list[dict]:
+    """Validate `rows` and return them as `{"prompt", "completion"}` or `{"messages"}` rows (other fields dropped).
+
+    Raise DataError naming `source`, the 1-based row and the field for: a missing field, a wrong type, an empty
+    (blank) completion or final assistant message, a chat not ending with an assistant message or with nothing
+    before it, a role outside system/user/assistant. An empty HH reply is allowed (see `rlhf_cli.data.hh`).
+    """
+    if fmt not in FORMATS:
+        raise DataError(f"unknown SFT data format '{fmt}'", hint=f"use one of: {', '.join(FORMATS)}")
+    normalised = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{source}: row {number}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where} is not an object (got {type(row).__name__})", hint=_HINTS["prompt_completion"])
+        row_fmt = fmt if fmt != "auto" else _detect_format(row, where)
+        normalised.append(_NORMALISERS[row_fmt](row, where))
+    return normalised
+
+
+def _detect_format(row: dict, where: str) -> str:
+    if _present(row, "messages"):
+        return "messages"
+    if _present(row, "prompt") or _present(row, "completion"):
+        return "prompt_completion"
+    if _present(row, "chosen"):
+        return "hh"
+    fields = ", ".join(repr(key) for key in row if _present(row, key)) or "none"
+    raise DataError(
+        f"{where}: no SFT fields found: expected 'messages', 'prompt' + 'completion' or 'chosen' (fields present: "
+        f"{fields})",
+        hint="; ".join(_HINTS.values()),
+    )
+
+
+def _present(row: dict, field: str) -> bool:
+    return row.get(field) is not None
+
+
+def _normalise_plain(row: dict, where: str) -> dict:
+    prompt = _string_field(row, "prompt", where, "prompt_completion")
+    completion = _string_field(row, "completion", where, "prompt_completion")
+    if not completion.strip():
+        raise DataError(f"{where}: field 'completion' is empty", hint="give every row a non-empty completion to learn")
+    return {"prompt": prompt, "completion": completion}
+
+
+def _normalise_hh(row: dict, where: str) -> dict:
+    return hh_to_sft(row, where)
+
+
+def _normalise_chat(row: dict, where: str) -> dict:
+    messages = row.get("messages")
+    hint = _HINTS["messages"]
+    if messages is None:
+        raise DataError(f"{where}: field 'messages' is missing", hint=hint)
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: field 'messages' must be a list of messages, got {_kind(messages)}", hint=hint)
+    if len(messages) < 2:
+        raise DataError(
+            f"{where}: field 'messages' needs at least 2 messages (a prompt, then the assistant's reply), "
+            f"got {len(messages)}",
+            hint=hint,
+        )
+    checked = [_check_message(message, f"messages[{index}]", where) for index, message in enumerate(messages)]
+    last = f"messages[{len(messages) - 1}]"
+    if checked[-1]["role"] != "assistant":
+        raise DataError(
+            f"{where}: field '{last}.role' is '{checked[-1]['role']}', but the last message must be the assistant's",
+            hint="end each conversation with the assistant reply to train on",
+        )
+    if not checked[-1]["content"].strip():
+        raise DataError(f"{where}: field '{last}.content' is empty", hint="the last assistant message is the target")
+    return {"messages": checked}
+
+
+def _check_message(message: Any, field: str, where: str) -> dict:
+    hint = _HINTS["messages"]
+    if not isinstance(message, dict):
+        raise DataError(
+            f"{where}: field '{field}' must be an object with 'role' and 'content', got {_kind(message)}", hint=hint
+        )
+    for key in ("role", "content"):
+        if message.get(key) is None:
+            raise DataError(f"{where}: field '{field}.{key}' is missing", hint=hint)
+        if not isinstance(message[key], str):
+            raise DataError(f"{where}: field '{field}.{key}' must be a string, got {_kind(message[key])}", hint=hint)
+    if message["role"] not in ROLES:
+        raise DataError(
+            f"{where}: field '{field}.role' is '{message['role']}', expected one of: {', '.join(ROLES)}", hint=hint
+        )
+    return {"role": message["role"], "content": message["content"]}
+
+
+def _string_field(row: dict, field: str, where: str, fmt: str) -> str:
+    value = row.get(field)
+    if value is None:
+        raise DataError(f"{where}: field '{field}' is missing", hint=_HINTS[fmt])
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{field}' must be a string, got {_kind(value)}", hint=_HINTS[fmt])
+    return value
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+_NORMALISERS: dict[str, Callable[[dict, str], dict]] = {
+    "prompt_completion": _normalise_plain,
+    "messages": _normalise_chat,
+    "hh": _normalise_hh,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering and tokenising
+
+
+def render(row: dict, tokenizer: Any) -> tuple[str, str]:
+    """(prompt text, completion text) of a normalised row.
+
+    Prompt/completion rows are returned as they are. Chat rows use the tokenizer's chat template on all messages but
+    the last (with the generation prompt), and the last message's content as the completion. Without a chat template
+    they fall back to the HH format: prompt = "\\n\\n{Role}: {content}" for each message + "\\n\\nAssistant:",
+    completion = " " + last content (Role = Human / Assistant / System).
+    """
+    if "messages" not in row:
+        return row["prompt"], row["completion"]
+    history, reply = row["messages"][:-1], row["messages"][-1]["content"]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        return prompt, reply
+    prompt = "".join(f"\n\n{_FALLBACK_ROLE_NAMES[m['role']]}: {m['content']}" for m in history) + "\n\nAssistant:"
+    return prompt, " " + reply
+
+
+def tokenize_sft(
+    rows: list[dict], tokenizer: Any, max_seq_len: int, completion_only: bool = True, *, source: str = "data"
+) -> tuple[list[dict], dict]:
+    """Tokenise normalised rows into `{"input_ids", "labels"}` examples, plus stats.
+
+    Layout: `[bos] + prompt ids + completion ids + [eos]`. Prompt and completion are tokenised separately with
+    `add_special_tokens=False`; BOS is prepended only when the tokenizer has one and adds it itself
+    (`tokenizer("x")` starts with it), and not twice when the rendered prompt already starts with it (chat templates
+    often write it). Labels equal the ids (models shift them), with -100 on BOS and prompt tokens when
+    `completion_only`.
+
+    Truncation policy, when the example is longer than `max_seq_len` (never drop a row):
+
+    - A leading BOS is always kept; the budget is `L = max_seq_len - (1 if BOS else 0)`.
+    - The EOS counts as the completion's last token: `c = len(completion ids) + 1`, `p = len(prompt ids)`.
+    - The completion keeps `min(c, max(L // 2, L - p))` tokens from its START. When it is cut, its EOS is gone,
+      which is right: the text did not end there. (Edge: when exactly c - 1 tokens are kept, all its text survives
+      but its EOS does not.)
+    - The prompt keeps the remaining budget from its END (left truncation, so the end of the dialogue survives).
+
+    Stats: `{"rows": n, "truncated": rows cut, "tokens": total ids, "completion_tokens": total supervised labels}`.
+    `source` only names the data in errors raised while rendering (e.g. a chat template that rejects a conversation).
+    """
+    bos_id, adds_bos = _bos_policy(tokenizer)
+    minimum = 2 if bos_id is None else 3
+    if max_seq_len < minimum:
+        raise ConfigError(
+            f"max_seq_len must be at least {minimum} (BOS, a prompt or completion token, EOS), got {max_seq_len}"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token", hint="use a tokenizer with an eos_token")
+    texts = [_render_or_fail(row, tokenizer, f"{source}: row {number}") for number, row in enumerate(rows, start=1)]
+    prompt_ids = _encode([prompt for prompt, _ in texts], tokenizer)
+    completion_ids = _encode([completion for _, completion in texts], tokenizer)
+    examples, truncated = [], 0
+    for prompt, completion in zip(prompt_ids, completion_ids):
+        lead, prompt = _split_bos(prompt, bos_id, adds_bos)
+        completion = completion + [tokenizer.eos_token_id]
+        kept_prompt, kept_completion = truncate_pair(prompt, completion, max_seq_len - len(lead))
+        truncated += len(kept_prompt) + len(kept_completion) < len(prompt) + len(completion)
+        examples.append(_example(lead + kept_prompt, kept_completion, completion_only))
+    stats = {
+        "rows": len(examples),
+        "truncated": truncated,
+        "tokens": sum(len(example["input_ids"]) for example in examples),
+        "completion_tokens": sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in examples),
+    }
+    return examples, stats
+
+
+def truncate_pair(prompt: list[int], completion: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Cut (prompt, completion-with-EOS) to `budget` tokens by the policy in `tokenize_sft`'s docstring."""
+    if len(prompt) + len(completion) <= budget:
+        return prompt, completion
+    kept_completion = completion[: min(len(completion), max(budget // 2, budget - len(prompt)))]
+    prompt_budget = budget - len(kept_completion)
+    kept_prompt = prompt[len(prompt) - prompt_budget :] if prompt_budget > 0 else []
+    return kept_prompt, kept_completion
+
+
+def _bos_policy(tokenizer: Any) -> tuple[int | None, bool]:
+    """(BOS id or None, whether the tokenizer itself adds BOS, i.e. the model expects it)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return None, False
+    with_special = tokenizer("x").input_ids[:1]
+    without_special = tokenizer("x", add_special_tokens=False).input_ids[:1]
+    return bos_id, with_special == [bos_id] and without_special != [bos_id]
+
+
+def _split_bos(prompt: list[int], bos_id: int | None, adds_bos: bool) -> tuple[list[int], list[int]]:
+    """(leading BOS to keep, prompt without it): a BOS the chat template wrote is kept, never truncated or doubled."""
+    if bos_id is not None and prompt[:1] == [bos_id]:
+        return [bos_id], prompt[1:]
+    return ([bos_id] if adds_bos and bos_id is not None else []), prompt
+
+
+def _render_or_fail(row: dict, tokenizer: Any, where: str) -> tuple[str, str]:
+    if "messages" not in row:
+        return render(row, tokenizer)
+    try:
+        return render(row, tokenizer)
+    except Exception as error:  # noqa: BLE001 - jinja raises its own types when a template rejects a conversation
+        raise DataError(
+            f"{where}: field 'messages' was rejected by the tokenizer's chat template ({error})",
+            hint="check the roles come in the order this model's chat template expects (e.g. user/assistant turns)",
+        ) from error
+
+
+def _encode(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _example(prompt: list[int], completion: list[int], completion_only: bool) -> dict:
+    input_ids = prompt + completion
+    labels = [IGNORE_INDEX] * len(prompt) + completion if completion_only else list(input_ids)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example: `input_ids` with `pad_id`, `attention_mask` 1/0, `labels` -100."""
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for index, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[index, :length] = torch.tensor(example["input_ids"], dtype=torch.long)
+        attention_mask[index, :length] = 1
+        labels[index, :length] = torch.tensor(example["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,136 @@
+"""Every shipped YAML and every README command composes; config mistakes are caught with the key's name."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+
+from conftest import REPO
+from rlhf_cli.cli import STAGES, conf_dir
+from rlhf_cli.config import SCHEMAS, SFTConfig, finalize, register_configs
+from rlhf_cli.errors import ConfigError
+
+CONF = REPO / "conf"
+
+
+def _compose(stage: str, overrides: list[str]):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=stage, overrides=overrides)
+
+
+def _finalize(stage: str, overrides: list[str], tmp_path: Path):
+    return finalize(_compose(stage, [*overrides, f"run_dir={tmp_path}"]))
+
+
+def test_conf_dir_is_the_checkout_conf():
+    assert conf_dir() == CONF
+
+
+def test_every_stage_has_a_schema_and_a_yaml():
+    assert set(STAGES) == set(SCHEMAS)
+    for stage in STAGES:
+        assert (CONF / f"{stage}.yaml").is_file()
+
+
+GROUP_OPTIONS = sorted((g.name, y.stem) for g in CONF.iterdir() if g.is_dir() for y in g.glob("*.yaml"))
+REQUIRED_EXTRA = {("data", "hh_sft"): ["data.path=x.jsonl"]}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_shipped_yaml_composes(stage, group, option, tmp_path):
+    cfg = _finalize(stage, [f"{group}={option}", *REQUIRED_EXTRA.get((group, option), [])], tmp_path)
+    assert cfg.stage == stage
+
+
+def test_defaults_are_the_dataclass_defaults(tmp_path):
+    cfg = _finalize("sft", [], tmp_path)
+    assert isinstance(cfg, SFTConfig)
+    default = SFTConfig()
+    assert cfg.optim == default.optim and cfg.train == default.train and cfg.data.toy == default.data.toy
+    assert cfg.model.name_or_path == "builtin:tiny" and cfg.model.trust_remote_code is False
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """(stage, overrides) of every `rlhf ...`/`-m rlhf_cli ...` command in the README's code blocks."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("#")[0].strip()
+            m = re.search(r"(?:^|/|\s)(?:rlhf|-m rlhf_cli)\s+(\S+)(.*)$", line)
+            if not m or m.group(1) not in STAGES:
+                continue
+            words = [w for w in shlex.split(m.group(2)) if "=" in w and not w.startswith("-")]
+            # a sweep value a,b composes as its first value
+            commands.append((m.group(1), [re.sub(r"=([^,]*),.*$", r"=\1", w) for w in words]))
+    return commands
+
+
+def test_readme_has_commands_to_check():
+    assert len(_readme_commands()) >= 8
+
+
+@pytest.mark.parametrize("stage,overrides", _readme_commands(), ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+def test_every_readme_command_composes(stage, overrides, tmp_path):
+    cfg = _finalize(stage, overrides, tmp_path)
+    for word in overrides:
+        key, value = word.split("=", 1)
+        if "." in key and "/" not in key and not key.startswith("hydra"):
+            obj = cfg
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            assert str(obj) == value or obj == type(obj)(value) or str(obj).endswith(Path(value).name)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
+    assert command in readme.split("\n## ")[0] and command in ci
+
+
+def test_misspelled_key_names_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose("sft", ["optim.lrr=1e-3"])
+    assert "optim.lrr" in str(err.value) + str(err.value.__cause__)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose("sft", ["train.max_steps=many"])
+    assert "train.max_steps" in str(err.value) + str(err.value.__cause__)
+
+
+def test_missing_required_value_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="data.path"):
+        _finalize("sft", ["data=hh_sft"], tmp_path)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.schedule=exp", "optim.schedule"), ("train.max_steps=0", "train.max_steps"),
+    ("train.examples_per_step=30", "train.examples_per_step"), ("data.toy.label_noise=0.7", "label_noise"),
+    ("logger=wandb", "logger"), ("optim.lr=-1", "optim.lr"),
+])
+def test_rule_violations_name_the_key(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        _finalize("sft", [override], tmp_path)
+
+
+def test_relative_paths_become_absolute_once(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = _finalize("sft", ["data.path=d.jsonl", "root=out", "model.name_or_path=./m"], tmp_path)
+    assert cfg.data.path == str(tmp_path / "d.jsonl")
+    assert cfg.root == str(tmp_path / "out")
+    assert cfg.model.name_or_path == str(tmp_path / "m")
+    hub = _finalize("sft", ["model.name_or_path=Qwen/Qwen2.5-0.5B"], tmp_path)
+    assert hub.model.name_or_path == "Qwen/Qwen2.5-0.5B"
