@@ -69,6 +69,20 @@ def _report(console: Console, exc: BaseException) -> None:
     console.print("[yellow]hint:[/yellow] `rlhf <stage> --cfg job` shows every valid key and its value", highlight=False, soft_wrap=True)
 
 
+def _job_dir_naming(args: list[str]) -> str:
+    """Name multirun job directories after the swept keys only (optim.lr=0.001), not every fixed override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed = ["experiment", "root", "overwrite", "resume", "logger"]
+    words = [a for a in args if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(words)
+    except Exception:  # noqa: BLE001 - Hydra reports the bad override itself, with a better message
+        return "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(fixed) + "]"
+    fixed += [o.get_key_element() for o in parsed if not o.is_sweep_override()]
+    return "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(dict.fromkeys(fixed)) + "]"
+
+
 def run_stage(stage: str, args: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -79,6 +93,8 @@ def run_stage(stage: str, args: list[str]) -> int:
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     if not OmegaConf.has_resolver("rlhf_stage_help"):
         OmegaConf.register_new_resolver("rlhf_stage_help", lambda name: STAGES[name][1])
+    if "-m" in args or "--multirun" in args:
+        args = [*args, _job_dir_naming(args)]
     if os.environ.get("RANK", "0") != "0":
         args = [*args, "hydra.output_subdir=null"]  # under torchrun only rank 0 writes Hydra's files
 
@@ -97,7 +113,8 @@ def run_stage(stage: str, args: list[str]) -> int:
             failed.append(exc)
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
-    sys.argv = [f"rlhf {stage}", *args]
+    completing = "-sc" in args or "--shell-completion" in args
+    sys.argv = ["rlhf" if completing else f"rlhf {stage}", *args]  # completion registers itself for `rlhf`
     try:
         task()
     except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs right here
@@ -108,6 +125,26 @@ def run_stage(stage: str, args: list[str]) -> int:
     for exc in failed:
         _report(Console(stderr=True), exc)
     return EXIT_USER_ERROR if failed else 0
+
+
+def _complete(argv: list[str], console: Console) -> int:
+    """Shell completion. `rlhf <stage> -sc install=bash` installs Hydra's script for `rlhf`; the script then calls
+    `rlhf -sc query=bash` with the whole line in COMP_LINE: complete the stage name, or hand the line (minus the
+    stage word) to that stage's Hydra completion."""
+    line = os.environ.get("COMP_LINE", "")
+    point = int(os.environ.get("COMP_POINT", len(line)))
+    words = line[:point].split(" ")
+    if len(words) <= 2:  # still typing the stage
+        prefix = words[1] if len(words) == 2 else ""
+        console.print(" ".join(name for name in STAGES if name.startswith(prefix)), highlight=False)
+        return 0
+    stage = words[1]
+    if stage not in STAGES:
+        return 0
+    cut = line.index(stage) + len(stage) + 1
+    os.environ["COMP_LINE"] = line[:line.index(stage)] + line[cut:]
+    os.environ["COMP_POINT"] = str(max(0, point - len(stage) - 1))
+    return run_stage(stage, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print(__version__)
         return 0
+    if argv[0] in ("-sc", "--shell-completion"):
+        return _complete(argv, console)
     stage = argv[0]
     if stage not in STAGES:
         err = Console(stderr=True)

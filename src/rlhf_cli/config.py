@@ -8,6 +8,7 @@ runs on, checks required values and cross-field rules, and makes every path abso
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -146,9 +147,12 @@ def register_configs() -> None:
 
 
 def _slug(text: str, num: Any = 0) -> str:
-    """Directory name for one multirun job: its overrides, made filesystem-safe (or `job<N>` when there are none)."""
-    text = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(text)).strip("_")[:120]
-    return text or f"job{num}"
+    """Directory name for one multirun job: its swept overrides made filesystem-safe (`job<N>` when there are none;
+    long names keep a readable head and a hash, so two jobs never share a directory)."""
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(text)).strip("_")
+    if len(safe) > 100:
+        safe = f"{safe[:80]}-{hashlib.sha1(str(text).encode()).hexdigest()[:10]}"
+    return safe or f"job{num}"
 
 
 if not OmegaConf.has_resolver("rlhf_slug"):

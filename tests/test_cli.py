@@ -1,0 +1,122 @@
+"""The `rlhf` command as a user runs it: dispatch, Hydra flags, errors with exit code 2, the run directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import FAST_SFT, run_cli
+
+pytestmark = pytest.mark.slow
+RLHF = Path(sys.executable).parent / "rlhf"
+
+
+def _one_error(proc, *needles):
+    """Exit 2, a message naming each needle, no traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_console_script_lists_the_stages(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([str(RLHF), "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "sft" in proc.stdout and "fine-tune" in proc.stdout
+    assert run_cli([], tmp_path).stdout == proc.stdout  # bare `rlhf` shows the same
+
+
+def test_unknown_stage_lists_valid_ones(tmp_path):
+    _one_error(run_cli(["sfx"], tmp_path), "unknown stage 'sfx'", "sft")
+
+
+def test_stage_help_and_cfg(tmp_path):
+    helped = run_cli(["sft", "--help"], tmp_path)
+    assert helped.returncode == 0
+    assert "model: " in helped.stdout and "tiny" in helped.stdout and "optim:" in helped.stdout
+    cfg = run_cli(["sft", "--cfg", "job", "optim.lr=0.02"], tmp_path)
+    assert cfg.returncode == 0 and "lr: 0.02" in cfg.stdout and "max_steps:" in cfg.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("optim.lrr=3e-4", ["optim.lrr"]),
+    ("train.max_steps=many", ["train.max_steps", "many"]),
+    ("data=hh_sft", ["data.path"]),
+    ("model=nope", ["model/nope", "tiny"]),
+    ("train.examples_per_step=30", ["train.examples_per_step"]),
+])
+def test_config_mistakes_are_one_message_and_exit_2(override, needles, tmp_path):
+    proc = run_cli(["sft", override], tmp_path)
+    _one_error(proc, *needles)
+    assert not (tmp_path / "runs" / "default" / "sft" / "model").exists()
+
+
+def test_run_writes_the_run_directory_then_refuses_to_overwrite(tmp_path):
+    proc = run_cli(["sft", "experiment=demo", *FAST_SFT], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "demo" / "sft"
+    for name in ("manifest.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "model", "checkpoints", ".hydra"):
+        assert (run_dir / name).exists(), name
+    assert not (tmp_path / "outputs").exists()  # Hydra's files live inside the run directory
+    assert "sft summary" in proc.stdout and "examples_per_step 16 = micro_batch_size 8 x grad_accum_steps 2" in proc.stdout
+    before = (run_dir / "manifest.json").read_text()
+
+    again = run_cli(["sft", "experiment=demo", *FAST_SFT], tmp_path)
+    _one_error(again, "already holds a finished sft artifact", "overwrite=true")
+    assert (run_dir / "manifest.json").read_text() == before
+
+    replaced = run_cli(["sft", "experiment=demo", "overwrite=true", *FAST_SFT, "train.max_steps=12"], tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((run_dir / "manifest.json").read_text())["metrics"]["steps"] == 12
+
+
+def test_multirun_sweep_gives_one_artifact_per_job(tmp_path):
+    proc = run_cli(["sft", "-m", "experiment=sweep", "optim.lr=1e-3,3e-3", *FAST_SFT, "train.max_steps=8"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p for p in (tmp_path / "runs" / "sweep" / "sft").iterdir() if (p / "manifest.json").exists())
+    assert [p.name for p in jobs] == ["optim.lr=0.001", "optim.lr=0.003"]  # named after the swept key only
+    lrs = [json.loads((p / "manifest.json").read_text())["config"]["optim"]["lr"] for p in jobs]
+    assert lrs == [1e-3, 3e-3]
+    a, b = (load_file(p / "model" / "model.safetensors") for p in jobs)
+    assert any(not (a[k] == b[k]).all() for k in a)
+
+
+def test_bad_data_file_is_one_message_and_exit_2(tmp_path):
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"\n')
+    proc = run_cli(["sft", f"data.path={data}", *FAST_SFT], tmp_path)
+    _one_error(proc, "demos.jsonl", "row 2")
+    assert not (tmp_path / "runs" / "default" / "sft" / "manifest.json").exists()
+
+
+def test_missing_model_is_one_message_and_exit_2(tmp_path):
+    proc = run_cli(["sft", f"model.name_or_path={tmp_path / 'no-such-model'}", *FAST_SFT], tmp_path)
+    _one_error(proc, "no-such-model")
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    proc = run_cli(["sft", "experiment=tb", "logger=tensorboard", *FAST_SFT, "train.max_steps=8"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "runs" / "tb" / "sft" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_shell_completion_completes_stages_and_keys(tmp_path):
+    script = run_cli(["sft", "-sc", "install=bash"], tmp_path)
+    assert script.returncode == 0 and "hydra_bash_completion rlhf" in script.stdout
+    stage = run_cli(["-sc", "query=bash"], tmp_path, env={"COMP_LINE": "rlhf s", "COMP_POINT": "6"})
+    assert stage.stdout.split() == ["sft"]
+    key = run_cli(["-sc", "query=bash"], tmp_path, env={"COMP_LINE": "rlhf sft optim.l", "COMP_POINT": "16"})
+    assert key.returncode == 0 and key.stdout.split() == ["optim.lr="]
+
+
+def test_hydra_info_flag(tmp_path):
+    proc = run_cli(["sft", "--info"], tmp_path)
+    assert proc.returncode == 0 and "Config search path" in proc.stdout

@@ -1,0 +1,103 @@
+"""Resume after a real kill reproduces an uninterrupted run; DDP on 2 CPU processes matches 1 process; a
+checkpoint written by 2 processes resumes on 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST_SFT, run_cli
+
+pytestmark = pytest.mark.slow
+
+LONG = [*FAST_SFT, "train.max_steps=300", "train.checkpoint_every=20", "train.eval_every=100",
+        "train.keep_checkpoints=3", "train.num_samples=0"]
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path):
+    straight = run_cli(["sft", "experiment=straight", *LONG], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    run_dir = tmp_path / "runs" / "killed" / "sft"
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", "sft", "experiment=killed", *LONG], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step-40" / "state.json").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # a real kill: no exception handlers, no cleanup
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run_dir / "manifest.json").exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
+                    if (p / "state.json").exists())
+    assert killed_at < 300
+
+    refused = run_cli(["sft", "experiment=killed", *LONG], tmp_path)
+    assert refused.returncode == 2 and "resume=true" in refused.stderr
+
+    resumed = run_cli(["sft", "experiment=killed", "resume=true", *LONG], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{killed_at}'}" in resumed.stdout.replace("\n", "")
+
+    a, b = _weights(tmp_path / "runs" / "straight" / "sft"), _weights(run_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # no step logged twice after the resume
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "rlhf_cli", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+
+
+def test_ddp_two_processes_match_one_and_resume_on_one(tmp_path):
+    ddp = _torchrun(["sft", "experiment=ddp", *FAST_SFT], tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "x world_size 2" in ddp.stdout
+    ddp_dir = tmp_path / "runs" / "ddp" / "sft"
+    manifest = json.loads((ddp_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 24
+    assert ddp.stdout.count("sft summary") == 1  # only rank 0 prints
+
+    single = run_cli(["sft", "experiment=single", *FAST_SFT], tmp_path)
+    assert single.returncode == 0, single.stderr
+    a, b = _weights(ddp_dir), _weights(tmp_path / "runs" / "single" / "sft")
+    # same global batch and loss normalisation: equal up to float summation order
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert any(not torch.equal(a[k], _weights_init(tmp_path)[k]) for k in a)
+
+    # the 2-process checkpoint at step 12 continues on 1 process to the same end point
+    resumed_dir = tmp_path / "runs" / "ws1" / "sft" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(ddp_dir / "checkpoints" / "step-12", resumed_dir / "step-12")
+    resumed = run_cli(["sft", "experiment=ws1", "resume=true", *FAST_SFT], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(step 12)" in resumed.stdout
+    c = _weights(tmp_path / "runs" / "ws1" / "sft")
+    assert all(torch.allclose(a[k], c[k], atol=1e-4) for k in a)
+
+
+def _weights_init(tmp_path: Path) -> dict:
+    from rlhf_cli.config import ModelConfig
+    from rlhf_cli.models.loading import resolve
+
+    return load_file(Path(resolve(ModelConfig())) / "model.safetensors")
