@@ -20,15 +20,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from rich.table import Table
 
 from rlhf_cli import artifacts
 from rlhf_cli.config import SFTConfig, to_dict
 from rlhf_cli.data import toy
 from rlhf_cli.data.loading import load_rows
-from rlhf_cli.data.sft import collate_sft, normalize_sft_rows, tokenize_sft
+from rlhf_cli.data.sft import collate_sft, normalize_sft_rows, render, tokenize_sft
 from rlhf_cli.data.splits import holdout
 from rlhf_cli.engine import checkpoint, device as dev, dist
 from rlhf_cli.engine.logging import MetricsLog, console, metrics_text, progress_bar, summary_table
+from rlhf_cli.engine.optim import build_optimizer, build_scheduler
 from rlhf_cli.errors import ConfigError, DataError
 from rlhf_cli.models.loading import load_causal_lm
 
@@ -61,13 +63,13 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + d.rank)
 
-    # ---- model and data ------------------------------------------------------------------------------------
+    # ---- data rows (validated before anything heavy loads), then model and tokens --------------------------
+    train_rows, eval_rows, source = load_sft_rows(cfg)
     if d.is_main:  # rank 0 builds/caches the built-in model first; the others then load it
         model, tokenizer, model_info = load_causal_lm(cfg.model, device)
     dist.barrier(d)
     if not d.is_main:
         model, tokenizer, model_info = load_causal_lm(cfg.model, device)
-    train_rows, eval_rows, source = load_sft_rows(cfg)
     train_set, train_stats = tokenize_sft(train_rows, tokenizer, cfg.data.max_seq_len, cfg.train.completion_only,
                                          source=source)
     eval_set, eval_stats = tokenize_sft(eval_rows, tokenizer, cfg.data.max_seq_len, cfg.train.completion_only,
@@ -99,8 +101,6 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
               f"{total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps")
 
     # ---- optimizer, DDP, resume ----------------------------------------------------------------------------
-    from rlhf_cli.engine.optim import build_optimizer, build_scheduler
-
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     step, first_eval = 0, None
@@ -253,8 +253,6 @@ def _to(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def sample_responses(model, tokenizer, cfg: SFTConfig, eval_rows: list[dict], device) -> list[dict]:
     """Sample (temperature 1, no top-k/top-p) for up to 64 held-out prompts; gold scores on the built-in task."""
-    from rlhf_cli.data.sft import render
-
     prompts = [render(r, tokenizer)[0] for r in eval_rows[:64]]
     if not prompts or cfg.train.num_samples <= 0:
         return []
@@ -279,8 +277,6 @@ def sample_responses(model, tokenizer, cfg: SFTConfig, eval_rows: list[dict], de
 
 
 def _show_summary(con, metrics: dict, samples: list[dict], num_shown: int, run_dir: Path, wall: float) -> None:
-    from rich.table import Table
-
     shown = {k: v for k, v in metrics.items() if v is not None}
     shown["wall_seconds"] = wall
     shown["artifact"] = str(run_dir / "model")
