@@ -124,3 +124,9 @@ def test_bad_data_row_names_file_row_and_field(tmp_path):
         sft.run(cfg)
     assert "demos.jsonl" in str(err.value) and "row 2" in str(err.value) and "completion" in str(err.value)
     assert not artifacts.is_finished(tmp_path / "sft")
+
+
+def test_epochs_set_the_run_length(tmp_path):
+    # 256 rows / 16 per step = 16 steps per epoch; 1.5 epochs -> 24 steps
+    cfg = compose_stage("sft", [*FAST_SFT, "train.epochs=1.5", "train.max_steps=999"], tmp_path / "sft")
+    assert sft.run(cfg)["steps"] == 24
