@@ -26,6 +26,12 @@ FAST_SFT = [
     "train.num_samples=2", "train.sample_max_new_tokens=8",
 ]
 
+# The same for the reward stage (pairs instead of demonstrations).
+FAST_REWARD = [
+    "data.toy.num_train=256", "data.toy.num_eval=64", "train.max_steps=24", "train.examples_per_step=16",
+    "train.micro_batch_size=8", "train.eval_every=12", "train.checkpoint_every=12", "train.log_every=4",
+]
+
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m rlhf_cli <args>` in `cwd`, captured."""
@@ -53,3 +59,26 @@ def compose_stage(stage: str, overrides: list[str], run_dir: Path | None = None)
     extra = [f"run_dir={run_dir}"] if run_dir is not None else []
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return finalize(compose(config_name=stage, overrides=[*overrides, *extra]))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised BERT encoder with a WordPiece tokenizer, saved like a hub model: the stand-in
+    for an encoder reward model (all-MiniLM-style) in tests."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from rlhf_cli.data import toy
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    words = sorted({w for text in toy.corpus() for w in text.split()} | {"human", "assistant", "hello", "no"})
+    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(out / "vocab.txt"))  # transformers 5 ignores vocab_file=
+    assert tokenizer.unk_token_id not in tokenizer("give fig").input_ids
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.1,
+                        attention_probs_dropout_prob=0.1)
+    BertModel(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -41,7 +41,7 @@ def test_every_stage_has_a_schema_and_a_yaml():
 
 
 GROUP_OPTIONS = sorted((g.name, y.stem) for g in CONF.iterdir() if g.is_dir() for y in g.glob("*.yaml"))
-REQUIRED_EXTRA = {("data", "hh_sft"): ["data.path=x.jsonl"]}
+REQUIRED_EXTRA = {("data", "hh_sft"): ["data.path=x.jsonl"], ("data", "hh_pref"): ["data.path=x.jsonl"]}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

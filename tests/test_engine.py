@@ -14,7 +14,7 @@ from rlhf_cli.config import OptimConfig
 from rlhf_cli.engine import checkpoint
 from rlhf_cli.engine.optim import build_optimizer, build_scheduler, lr_factor
 from rlhf_cli.errors import ArtifactError
-from rlhf_cli.stages.sft import step_indices
+from rlhf_cli.engine.batches import step_indices
 
 
 def test_lr_factor_hand_values():

@@ -16,25 +16,35 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_SFT, run_cli
+from conftest import FAST_REWARD, FAST_SFT, run_cli
 
 pytestmark = pytest.mark.slow
 
-LONG = [*FAST_SFT, "train.max_steps=300", "train.checkpoint_every=20", "train.eval_every=100",
-        "train.keep_checkpoints=3", "train.num_samples=0"]
+# Per stage: settings of a short run that needs no upstream artifact (the reward model starts from builtin:tiny).
+FAST = {"sft": FAST_SFT, "reward": [*FAST_REWARD, "model.name_or_path=builtin:tiny"]}
+LONG = {
+    "sft": [*FAST_SFT, "train.max_steps=300", "train.checkpoint_every=20", "train.eval_every=100",
+            "train.keep_checkpoints=3", "train.num_samples=0"],
+    "reward": [*FAST["reward"], "train.max_steps=200", "train.checkpoint_every=20", "train.eval_every=100",
+               "train.keep_checkpoints=3"],
+}
 
 
 def _weights(run_dir: Path) -> dict:
-    return load_file(run_dir / "model" / "model.safetensors")
+    weights = load_file(run_dir / "model" / "model.safetensors")
+    head = run_dir / "model" / "reward_head.safetensors"
+    return {**weights, **({f"head.{k}": v for k, v in load_file(head).items()} if head.exists() else {})}
 
 
-def test_resume_after_kill_gives_identical_weights(tmp_path):
-    straight = run_cli(["sft", "experiment=straight", *LONG], tmp_path)
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_resume_after_kill_gives_identical_weights(stage, tmp_path):
+    LONG_ = LONG[stage]
+    straight = run_cli([stage, "experiment=straight", *LONG_], tmp_path)
     assert straight.returncode == 0, straight.stderr
 
-    run_dir = tmp_path / "runs" / "killed" / "sft"
+    run_dir = tmp_path / "runs" / "killed" / stage
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", "sft", "experiment=killed", *LONG], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", stage, "experiment=killed", *LONG_], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "step-40" / "state.json").exists():
@@ -46,20 +56,21 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     assert not (run_dir / "manifest.json").exists()
     killed_at = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
                     if (p / "state.json").exists())
-    assert killed_at < 300
+    final_step = int(next(w for w in LONG_[::-1] if w.startswith("train.max_steps=")).split("=")[1])
+    assert killed_at < final_step
 
-    refused = run_cli(["sft", "experiment=killed", *LONG], tmp_path)
+    refused = run_cli([stage, "experiment=killed", *LONG_], tmp_path)
     assert refused.returncode == 2 and "resume=true" in refused.stderr
 
-    resumed = run_cli(["sft", "experiment=killed", "resume=true", *LONG], tmp_path)
+    resumed = run_cli([stage, "experiment=killed", "resume=true", *LONG_], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{killed_at}'}" in resumed.stdout.replace("\n", "")
 
-    a, b = _weights(tmp_path / "runs" / "straight" / "sft"), _weights(run_dir)
+    a, b = _weights(tmp_path / "runs" / "straight" / stage), _weights(run_dir)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 300  # no step logged twice after the resume
+    assert steps == sorted(set(steps)) and steps[-1] == final_step  # no step logged twice after the resume
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -69,30 +80,33 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
 
 
-def test_ddp_two_processes_match_one_and_resume_on_one(tmp_path):
-    ddp = _torchrun(["sft", "experiment=ddp", *FAST_SFT], tmp_path)
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_ddp_two_processes_match_one_and_resume_on_one(stage, tmp_path):
+    ddp = _torchrun([stage, "experiment=ddp", *FAST[stage]], tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "x world_size 2" in ddp.stdout
-    ddp_dir = tmp_path / "runs" / "ddp" / "sft"
+    ddp_dir = tmp_path / "runs" / "ddp" / stage
     manifest = json.loads((ddp_dir / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 24
-    assert ddp.stdout.count("sft summary") == 1  # only rank 0 prints
+    assert ddp.stdout.count(f"{stage} summary") == 1  # only rank 0 prints
 
-    single = run_cli(["sft", "experiment=single", *FAST_SFT], tmp_path)
+    single = run_cli([stage, "experiment=single", *FAST[stage]], tmp_path)
     assert single.returncode == 0, single.stderr
-    a, b = _weights(ddp_dir), _weights(tmp_path / "runs" / "single" / "sft")
+    a, b = _weights(ddp_dir), _weights(tmp_path / "runs" / "single" / stage)
     # same global batch and loss normalisation: equal up to float summation order
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-    assert any(not torch.equal(a[k], _weights_init(tmp_path)[k]) for k in a)
+    init = _weights_init(tmp_path)
+    shared = [k for k in a if k in init]
+    assert shared and any(not torch.equal(a[k], init[k]) for k in shared)  # training moved the weights
 
     # the 2-process checkpoint at step 12 continues on 1 process to the same end point
-    resumed_dir = tmp_path / "runs" / "ws1" / "sft" / "checkpoints"
+    resumed_dir = tmp_path / "runs" / "ws1" / stage / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(ddp_dir / "checkpoints" / "step-12", resumed_dir / "step-12")
-    resumed = run_cli(["sft", "experiment=ws1", "resume=true", *FAST_SFT], tmp_path)
+    resumed = run_cli([stage, "experiment=ws1", "resume=true", *FAST[stage]], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "(step 12)" in resumed.stdout
-    c = _weights(tmp_path / "runs" / "ws1" / "sft")
+    c = _weights(tmp_path / "runs" / "ws1" / stage)
     assert all(torch.allclose(a[k], c[k], atol=1e-4) for k in a)
 
 
@@ -100,4 +114,6 @@ def _weights_init(tmp_path: Path) -> dict:
     from rlhf_cli.config import ModelConfig
     from rlhf_cli.models.loading import resolve
 
-    return load_file(Path(resolve(ModelConfig())) / "model.safetensors")
+    weights = load_file(Path(resolve(ModelConfig())) / "model.safetensors")
+    # a reward model's backbone is saved without the causal LM's "model." prefix
+    return {**weights, **{k.removeprefix("model."): v for k, v in weights.items()}}

@@ -158,3 +158,32 @@ def read_manifest(run_dir: Path) -> dict:
         raise ArtifactError(f"{path} has schema version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}",
                             hint="re-run the stage that made it with this version of rlhf_cli")
     return manifest
+
+
+def upstream(name_or_path: str | None, root: str, experiment: str, stage: str, kind: str) -> tuple[str | None, dict | None]:
+    """Where a stage's input model comes from, and the parent record for the manifest.
+
+    - None: the finished `stage` artifact of this experiment (<root>/<experiment>/<stage>);
+    - a run directory with a manifest: that artifact (its kind is checked);
+    - anything else (model directory, hub id, builtin:...): returned as is, with no parent.
+    Returns (model directory or name, parent) where parent = {stage, kind, path, model_sha256}.
+    """
+    if name_or_path is None:
+        run_dir = Path(root) / experiment / stage
+        if not is_finished(run_dir):
+            unfinished = (run_dir / "checkpoints").is_dir()
+            command = f"rlhf {stage} experiment={experiment}" + (" resume=true" if unfinished else "")
+            state = "an unfinished" if unfinished else "no finished"
+            raise ArtifactError(f"experiment '{experiment}' has {state} {stage} artifact at {run_dir}",
+                                hint=f"run `{command}` first, or set model.name_or_path=<model or run directory>")
+    elif (Path(name_or_path) / MANIFEST).is_file():
+        run_dir = Path(name_or_path)
+    else:
+        return name_or_path, None
+    manifest = read_manifest(run_dir)
+    if manifest.get("kind") != kind:
+        raise ArtifactError(f"{run_dir} holds a {manifest.get('kind')} artifact, but a {kind} is needed here",
+                            hint=f"point at the run directory of an `rlhf {stage}` run")
+    parent = {"stage": manifest["stage"], "kind": kind, "path": str(run_dir),
+              "model_sha256": manifest.get("model_sha256")}
+    return str(run_dir / "model"), parent

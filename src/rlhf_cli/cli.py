@@ -21,6 +21,7 @@ from rich.console import Console
 # stage name -> (module with run(cfg), one line of help)
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhf_cli.stages.sft", "fine-tune a pretrained causal LM on demonstrations"),
+    "reward": ("rlhf_cli.stages.reward", "train a reward model on ranked pairs (backbone: the SFT artifact)"),
 }
 
 EXIT_USER_ERROR = 2

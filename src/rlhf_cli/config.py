@@ -70,6 +70,8 @@ class DataConfig:
     max_rows: Optional[int] = None
     # Longer rows are truncated (prompt from the left, completion from the right) and counted, never dropped.
     max_seq_len: int = 512
+    # Preference data: drop (and count) pairs with chosen == rejected or two empty responses instead of failing.
+    skip_invalid: bool = False
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)
 
 
@@ -89,23 +91,57 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The loop knobs every training stage shares."""
+
     # Length of the run in optimizer steps; when `epochs` > 0 it wins and max_steps is derived from the data.
     max_steps: int = 1000
     epochs: float = 0.0
     # Batch arithmetic: examples_per_step = micro_batch_size * grad_accum_steps * world_size (grad_accum derived).
+    # An example is one demonstration (sft) or one ranked pair (reward).
     examples_per_step: int = 32
     micro_batch_size: int = 32
-    # Loss on completion tokens only (false: on every token).
-    completion_only: bool = True
     log_every: int = 10
     eval_every: int = 200
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     # auto: CUDA when present (bf16 autocast where supported), else CPU fp32.
     device: str = "auto"
+
+
+@dataclass
+class SFTTrainConfig(TrainConfig):
+    # Loss on completion tokens only (false: on every token).
+    completion_only: bool = True
     # How many held-out prompts to sample from at the end (shown in a table).
     num_samples: int = 4
     sample_max_new_tokens: int = 32
+
+
+@dataclass
+class RewardTrainConfig(TrainConfig):
+    max_steps: int = 500
+    eval_every: int = 100
+    checkpoint_every: int = 100
+
+
+@dataclass
+class RewardLossConfig:
+    """loss = -log σ(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)²"""
+
+    # Use a row's `margin` field when the data has one.
+    use_margin: bool = True
+    # Reward centering (Eisenstein et al. 2023): pulls the mean reward towards 0. 0 turns it off.
+    center_coef: float = 0.0
+
+
+@dataclass
+class RewardModelConfig(ModelConfig):
+    # null: the SFT artifact of this experiment (runs/<experiment>/sft). Otherwise a run directory holding a
+    # finished artifact, a Hugging Face model directory, a hub id, or builtin:tiny.
+    name_or_path: Optional[str] = None
+    # How one hidden state is picked per sequence: auto (last token for causal LMs, [CLS] for encoders that have
+    # one, else mean) | last | first | mean
+    pooling: str = "auto"
 
 
 @dataclass
@@ -133,10 +169,20 @@ class SFTConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
 
 
-SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+@dataclass
+class RewardConfig(StageConfig):
+    stage: str = "reward"
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    reward: RewardLossConfig = field(default_factory=RewardLossConfig)
+
+
+SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig}
 
 
 def register_configs() -> None:
@@ -160,7 +206,8 @@ if not OmegaConf.has_resolver("rlhf_slug"):
 
 CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
-    "data.format": ("auto", "prompt_completion", "messages", "hh"),
+    "data.format": ("auto", "prompt_completion", "messages", "hh", "preference"),
+    "model.pooling": ("auto", "last", "first", "mean"),
     "train.device": ("auto", "cpu", "cuda"),
     "logger": ("none", "tensorboard"),
 }

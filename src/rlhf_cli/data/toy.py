@@ -85,6 +85,10 @@ EXTRA_BANG_PENALTY = 0.75  # per "!" beyond the first
 PERFECT_PROB = 0.5
 BANG_COUNT_PROBS = (0.5, 0.35, 0.15)  # P(0, 1, 2 trailing "!")
 TWO_MISTAKES_PROB = 0.3
+# Which mistakes a flawed demonstration makes. Counting and category errors dominate: a small reward model learns
+# them from pairs. Duplicates and the excluded item are rare, so the labels barely teach them: blind spots of the
+# learned reward that the gold function still penalises (a second way for PPO to over-optimise).
+MISTAKE_WEIGHTS = {"count": 0.45, "wrong_category": 0.45, "duplicate": 0.05, "excluded": 0.05}
 
 _PROMPT_RE = re.compile(r"^\s*give\s+(\d+)\s+([a-z]+)(?:\s+without\s+([a-z]+))?\s*:\s*$")
 _ITEM_CATEGORY = {item: cat for cat, items in CATEGORIES.items() for item in items}
@@ -235,8 +239,12 @@ def demonstrate(prompt: str, rng: random.Random) -> str:
     if rng.random() < PERFECT_PROB:
         return _render(rng.sample(allowed, n), bangs)
 
-    kinds = ["count", "wrong_category", "duplicate"] + (["excluded"] if excluded else [])
-    mistakes = rng.sample(kinds, 2 if rng.random() < TWO_MISTAKES_PROB else 1)
+    kinds = {k: w for k, w in MISTAKE_WEIGHTS.items() if k != "excluded" or excluded}
+    mistakes = []
+    for _ in range(2 if rng.random() < TWO_MISTAKES_PROB else 1):
+        kind = rng.choices(list(kinds), weights=list(kinds.values()))[0]
+        mistakes.append(kind)
+        del kinds[kind]
     size = n
     if "count" in mistakes:
         size = n + 1 if n == 1 or rng.random() < 0.5 else n - 1

@@ -61,9 +61,10 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         raise _load_error("tokenizer", path, exc) from exc
 
 
-def ensure_pad_token(tokenizer, model=None) -> bool:
-    """Give the tokenizer a pad token distinct from EOS (resizing the model's embeddings); True if one was added."""
-    if tokenizer.eos_token_id is None:
+def ensure_pad_token(tokenizer, model=None, require_eos: bool = True) -> bool:
+    """Give the tokenizer a pad token distinct from EOS (resizing the model's embeddings); True if one was added.
+    A policy needs an EOS to stop; an encoder reward model does not (require_eos=False)."""
+    if require_eos and tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token, so responses could never end",
                           hint="use a tokenizer with an eos_token")
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:

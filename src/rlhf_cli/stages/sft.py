@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from rich.table import Table
 
 from rlhf_cli import artifacts
@@ -28,10 +26,10 @@ from rlhf_cli.data import toy
 from rlhf_cli.data.loading import load_rows
 from rlhf_cli.data.sft import collate_sft, normalize_sft_rows, render, tokenize_sft
 from rlhf_cli.data.splits import holdout
-from rlhf_cli.engine import checkpoint, device as dev, dist
+from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir
 from rlhf_cli.engine.logging import MetricsLog, console, metrics_text, progress_bar, summary_table
 from rlhf_cli.engine.optim import build_optimizer, build_scheduler
-from rlhf_cli.errors import ConfigError, DataError
+from rlhf_cli.errors import DataError
 from rlhf_cli.models.loading import load_causal_lm
 
 
@@ -49,17 +47,8 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
 
-    # ---- set up: the run directory -------------------------------------------------------------------------
-    resume_from, clean = artifacts.plan_run_dir(run_dir, "sft", cfg.overwrite, cfg.resume,
-                                                checkpoint.latest(ckpt_dir))
-    dist.barrier(d)
-    if d.is_main:
-        if clean:
-            artifacts.clean_run_dir(run_dir)
-        checkpoint.clean_partial(ckpt_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(to_dict(cfg)))
-    dist.barrier(d)
+    # ---- set up: the run directory, seeds ------------------------------------------------------------------
+    resume_from = rundir.prepare(cfg, d)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + d.rank)
 
@@ -80,18 +69,8 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
 
     # ---- batch arithmetic ----------------------------------------------------------------------------------
     t = cfg.train
-    per_rank = t.examples_per_step // d.world_size
-    if t.examples_per_step % d.world_size or per_rank % t.micro_batch_size:
-        raise ConfigError(
-            f"train.examples_per_step={t.examples_per_step} is not micro_batch_size={t.micro_batch_size} x "
-            f"grad_accum_steps x world_size={d.world_size}",
-            hint="make examples_per_step a multiple of micro_batch_size * world_size")
-    grad_accum = per_rank // t.micro_batch_size
-    if len(train_set) < t.examples_per_step:
-        raise ConfigError(f"only {len(train_set)} training rows for train.examples_per_step={t.examples_per_step}",
-                          hint="lower train.examples_per_step or add data")
-    steps_per_epoch = len(train_set) // t.examples_per_step
-    total_steps = math.ceil(t.epochs * steps_per_epoch) if t.epochs > 0 else t.max_steps
+    grad_accum = batches.grad_accum_steps(t.examples_per_step, t.micro_batch_size, d.world_size)
+    total_steps, steps_per_epoch = batches.total_steps(t, len(train_set))
     con.print(f"[bold]rlhf sft[/bold] -> {run_dir}")
     con.print(f"model {model_info['path']} ({model_info['parameters'] / 1e6:.2f}M parameters) on {device}, "
               f"{dev.precision(device)}; data {source}: {len(train_set)} train / {len(eval_set)} held-out rows, "
@@ -122,7 +101,7 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
         with torch.no_grad(), dev.autocast(device):
             mine = eval_set[d.rank::d.world_size]
             for i in range(0, len(mine), t.micro_batch_size):
-                batch = _to(collate_sft(mine[i:i + t.micro_batch_size], pad_id), device)
+                batch = batches.to_device(collate_sft(mine[i:i + t.micro_batch_size], pad_id), device)
                 s, n = token_loss_sum(model, batch)
                 loss_sum, n_tok = loss_sum + s.item(), n_tok + n
         loss_sum, n_tok = dist.all_sum(d, [loss_sum, n_tok], device)
@@ -141,13 +120,13 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
         task = bar.add_task("sft", total=total_steps, completed=step, metrics="")
         while step < total_steps:
             t0 = time.perf_counter()
-            batch_ids = step_indices(step, t.examples_per_step, len(train_set), cfg.seed)
+            batch_ids = batches.step_indices(step, t.examples_per_step, len(train_set), cfg.seed)
             examples = [train_set[i] for i in batch_ids]
             n_sup = sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in examples)
-            mine = examples[d.rank * per_rank:(d.rank + 1) * per_rank]
+            mine = batches.rank_slice(examples, d.rank, d.world_size)
             loss_total, n_in = 0.0, 0
             for k in range(grad_accum):
-                batch = _to(collate_sft(mine[k * t.micro_batch_size:(k + 1) * t.micro_batch_size], pad_id), device)
+                batch = batches.to_device(collate_sft(mine[k * t.micro_batch_size:(k + 1) * t.micro_batch_size], pad_id), device)
                 sync = k == grad_accum - 1 or not d.enabled
                 with (contextlib.nullcontext() if sync else train_model.no_sync()), dev.autocast(device):
                     s, _ = token_loss_sum(train_model, batch)
@@ -223,17 +202,6 @@ def load_sft_rows(cfg: SFTConfig) -> tuple[list[dict], list[dict], str]:
     return train, held, source
 
 
-def step_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
-    """Indices of the examples of optimizer step `step` (0-based): a seeded permutation per epoch, the tail that
-    does not fill a batch dropped. A pure function of (step, batch, n, seed): the data position is the step."""
-    per_epoch = (n // batch) * batch
-    start = step * batch
-    epoch, offset = divmod(start, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)[:per_epoch]
-    return perm[offset:offset + batch].tolist()
-
-
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over supervised positions (labels != -100), and their count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -242,12 +210,6 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((targets != -100).sum())
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    batch = {k: v.to(device) for k, v in batch.items()}
-    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    return batch
 
 
 @torch.no_grad()

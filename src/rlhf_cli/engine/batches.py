@@ -1,0 +1,59 @@
+"""Batch arithmetic and data order, shared by every training stage.
+
+examples_per_step (global, per optimizer step) = micro_batch_size x grad_accum_steps x world_size. The data
+order is a pure function of (step, seed): a seeded permutation per epoch, so the data position in a checkpoint is
+just the step, and a run resumes (at any world size) on exactly the examples it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf_cli.errors import ConfigError
+
+
+def grad_accum_steps(examples_per_step: int, micro_batch_size: int, world_size: int) -> int:
+    per_rank, rest = divmod(examples_per_step, world_size)
+    if rest or per_rank % micro_batch_size:
+        raise ConfigError(
+            f"train.examples_per_step={examples_per_step} is not micro_batch_size={micro_batch_size} x "
+            f"grad_accum_steps x world_size={world_size}",
+            hint="make examples_per_step a multiple of micro_batch_size * world_size")
+    return per_rank // micro_batch_size
+
+
+def total_steps(train, n_examples: int) -> tuple[int, int]:
+    """(steps of the run, steps per epoch) for a TrainConfig and a dataset of n_examples."""
+    if n_examples < train.examples_per_step:
+        raise ConfigError(f"only {n_examples} training examples for train.examples_per_step={train.examples_per_step}",
+                          hint="lower train.examples_per_step or add data")
+    per_epoch = n_examples // train.examples_per_step
+    return (math.ceil(train.epochs * per_epoch) if train.epochs > 0 else train.max_steps), per_epoch
+
+
+def step_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
+    """Indices of the examples of optimizer step `step` (0-based): a seeded permutation per epoch, the tail that
+    does not fill a batch dropped. A pure function of (step, batch, n, seed): the data position is the step."""
+    per_epoch = (n // batch) * batch
+    start = step * batch
+    epoch, offset = divmod(start, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)[:per_epoch]
+    return perm[offset:offset + batch].tolist()
+
+
+def rank_slice(examples: list, rank: int, world_size: int) -> list:
+    """This rank's contiguous share of a global batch."""
+    per_rank = len(examples) // world_size
+    return examples[rank * per_rank:(rank + 1) * per_rank]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a collated batch and add position_ids = cumsum(attention_mask) - 1 (clamped at 0), so padded and
+    unpadded sequences get the same positions."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "attention_mask" in batch:
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch

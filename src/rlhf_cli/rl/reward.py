@@ -1,0 +1,60 @@
+"""Reward-model math: the pairwise ranking loss and its metrics (pure torch, no I/O).
+
+Scores come in pairs: r_c[i] for the chosen response of pair i, r_r[i] for the rejected one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                  center_coef: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Bradley-Terry ranking loss (InstructGPT), optionally with a margin and reward centering.
+
+        loss_i = -log σ(r_c,i − r_r,i − m_i) + c · (r_c,i + r_r,i)²
+
+    written with logsigmoid, which is stable for large |r_c − r_r|. m_i is the pair's margin (0 when absent);
+    c = center_coef pulls the mean reward towards 0 (Eisenstein et al. 2023). reduction: "mean" or "sum".
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs ranked the labelled way: mean(1[r_c > r_r]); a tie counts as half."""
+    return ((r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()).mean()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token in each row, under left or right padding:
+    L − 1 − argmax(flip(mask)) (the first 1 seen from the right)."""
+    length = attention_mask.shape[-1]
+    return length - 1 - attention_mask.flip(-1).float().argmax(-1)
+
+
+def first_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first real token in each row, under left or right padding: argmax(mask)."""
+    return attention_mask.float().argmax(-1)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per sequence from hidden states [B, L, H]:
+    last  = h[b, last real token]            (causal LMs: the only position that has seen the whole text)
+    first = h[b, first real token]           (encoders with a [CLS] token)
+    mean  = Σ_t mask·h / Σ_t mask            (mean over real tokens)"""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if how == "last":
+        return hidden[rows, last_token_index(attention_mask)]
+    if how == "first":
+        return hidden[rows, first_token_index(attention_mask)]
+    if how == "mean":
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    raise ValueError(f"unknown pooling {how!r}")
