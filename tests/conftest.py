@@ -82,3 +82,10 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+# A few seconds of PPO: 16 prompts per rollout, 2 minibatches of 8, short responses.
+FAST_PPO = [
+    "ppo.prompts_per_rollout=16", "ppo.num_mini_batches=2", "train.micro_batch_size=8",
+    "train.rollout_micro_batch_size=16", "ppo.response_length=8", "ppo.num_ppo_epochs=2", "train.max_steps=4",
+    "train.checkpoint_every=2", "train.sample_every=2",
+]

@@ -81,7 +81,7 @@ def test_multirun_sweep_gives_one_artifact_per_job(tmp_path):
     proc = run_cli(["sft", "-m", "experiment=sweep", "optim.lr=1e-3,3e-3", *FAST_SFT, "train.max_steps=8"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     jobs = sorted(p for p in (tmp_path / "runs" / "sweep" / "sft").iterdir() if (p / "manifest.json").exists())
-    assert [p.name for p in jobs] == ["optim.lr=0.001", "optim.lr=0.003"]  # named after the swept key only
+    assert [p.name for p in jobs] == ["optim.lr-0.001", "optim.lr-0.003"]  # named after the swept key only
     lrs = [json.loads((p / "manifest.json").read_text())["config"]["optim"]["lr"] for p in jobs]
     assert lrs == [1e-3, 3e-3]
     a, b = (load_file(p / "model" / "model.safetensors") for p in jobs)

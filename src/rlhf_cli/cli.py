@@ -22,6 +22,7 @@ from rich.console import Console
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhf_cli.stages.sft", "fine-tune a pretrained causal LM on demonstrations"),
     "reward": ("rlhf_cli.stages.reward", "train a reward model on ranked pairs (backbone: the SFT artifact)"),
+    "ppo": ("rlhf_cli.stages.ppo", "optimise the SFT policy against the reward model with PPO"),
 }
 
 EXIT_USER_ERROR = 2

@@ -145,6 +145,71 @@ class RewardModelConfig(ModelConfig):
 
 
 @dataclass
+class PPOAlgoConfig:
+    """PPO for language models (names as in TRL / InstructGPT; see ../shared/ppo-notes.md and the README)."""
+
+    # KL penalty to the frozen reference, per token: r_t = -kl_coef * kl_t, plus the score on the last token.
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 = logp - logp_ref | k3 = (r - 1) - log r, r = p_ref / p
+    # Adaptive KL controller (Ziegler et al.): steer the per-sequence KL towards kl_target over kl_horizon samples.
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    # A response that hit response_length without a stop token gets its score lowered by this much (0: off).
+    missing_eos_penalty: float = 1.0
+    # Scale scores to mean 0 / std 1 with the reward artifact's held-out statistics.
+    normalize_scores: bool = False
+    # Clip scores to [-score_clip, score_clip] after normalisation (null: no clipping).
+    score_clip: Optional[float] = None
+    # Rollout: plain temperature sampling (no top-k/top-p or other logits processors), at most response_length
+    # new tokens, stopped at EOS. The same temperature divides the logits at rollout, for the reference and in
+    # training.
+    response_length: int = 16
+    temperature: float = 1.0
+    # Batch arithmetic: each iteration samples prompts_per_rollout responses (over all processes), then runs
+    # num_ppo_epochs passes over them in num_mini_batches minibatches (one optimizer step each); a minibatch is
+    # split into micro-batches of train.micro_batch_size per process (gradient accumulation).
+    prompts_per_rollout: int = 64
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 2
+
+
+@dataclass
+class PPOTrainConfig:
+    # PPO iterations (one rollout + its update each).
+    max_steps: int = 60
+    micro_batch_size: int = 32
+    # Forward passes over rollouts (generation, reference, reward, value) use this many sequences at a time.
+    rollout_micro_batch_size: int = 64
+    log_every: int = 1
+    # Write a few prompt/response/score rows to samples.jsonl every N iterations.
+    sample_every: int = 10
+    checkpoint_every: int = 10
+    # PPO keeps more checkpoints than the other stages: `rlhf eval` draws the over-optimisation curve from them.
+    keep_checkpoints: int = 6
+    device: str = "auto"
+
+
+@dataclass
+class PPOModelConfig:
+    # The policy (and its frozen reference): null = the SFT artifact of this experiment; else a run directory,
+    # a causal-LM directory or hub id.
+    policy: Optional[str] = None
+    # The reward model (and the value model's initialisation): null = this experiment's reward artifact.
+    reward: Optional[str] = None
+    # The value model's initialisation when it should not be the reward model (a reward artifact's run directory).
+    value: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
 class StageConfig:
     """Knobs every stage shares."""
 
@@ -182,7 +247,18 @@ class RewardConfig(StageConfig):
     reward: RewardLossConfig = field(default_factory=RewardLossConfig)
 
 
-SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig}
+@dataclass
+class PPOConfig(StageConfig):
+    stage: str = "ppo"
+    model: PPOModelConfig = field(default_factory=PPOModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, schedule="linear",
+                                                                   min_lr_ratio=0.0))
+    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+
+
+SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
 
 
 def register_configs() -> None:
@@ -195,7 +271,7 @@ def register_configs() -> None:
 def _slug(text: str, num: Any = 0) -> str:
     """Directory name for one multirun job: its swept overrides made filesystem-safe (`job<N>` when there are none;
     long names keep a readable head and a hash, so two jobs never share a directory)."""
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(text)).strip("_")
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_")
     if len(safe) > 100:
         safe = f"{safe[:80]}-{hashlib.sha1(str(text).encode()).hexdigest()[:10]}"
     return safe or f"job{num}"
@@ -208,6 +284,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "data.format": ("auto", "prompt_completion", "messages", "hh", "preference"),
     "model.pooling": ("auto", "last", "first", "mean"),
+    "ppo.kl_estimator": ("k1", "k3"),
     "train.device": ("auto", "cpu", "cuda"),
     "logger": ("none", "tensorboard"),
 }
@@ -239,12 +316,15 @@ def _check(cfg: Any) -> None:
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
     train = getattr(cfg, "train", None)
-    if train is not None and train.examples_per_step % train.micro_batch_size:
+    if train is not None and hasattr(train, "examples_per_step") and train.examples_per_step % train.micro_batch_size:
         raise ConfigError(
             f"train.examples_per_step={train.examples_per_step} is not a multiple of "
             f"train.micro_batch_size={train.micro_batch_size}",
             hint="examples_per_step = micro_batch_size x grad_accum_steps x world_size",
         )
+    ppo = getattr(cfg, "ppo", None)
+    if ppo is not None:
+        _check_ppo(ppo, cfg.train)
     data = getattr(cfg, "data", None)
     if data is not None and data.path is None and data.format != "auto":
         raise ConfigError(f"data.path is required with data.format={data.format} (the built-in task has no file)",
@@ -253,6 +333,34 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"data.toy.label_noise={data.toy.label_noise} must be in [0, 0.5)")
     if data is not None and not 0.0 <= data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
+
+
+def _check_ppo(ppo: PPOAlgoConfig, train: PPOTrainConfig) -> None:
+    """Impossible PPO batch arithmetic and out-of-range knobs, caught at compose time."""
+    for key in ("prompts_per_rollout", "num_ppo_epochs", "num_mini_batches", "response_length", "temperature",
+                "cliprange", "cliprange_value", "kl_horizon", "kl_target"):
+        if getattr(ppo, key) <= 0:
+            raise ConfigError(f"ppo.{key}={getattr(ppo, key)} must be > 0")
+    for key in ("kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty"):
+        if getattr(ppo, key) < 0:
+            raise ConfigError(f"ppo.{key}={getattr(ppo, key)} must be >= 0")
+    if not (0 <= ppo.gamma <= 1 and 0 <= ppo.lam <= 1):
+        raise ConfigError(f"ppo.gamma={ppo.gamma} and ppo.lam={ppo.lam} must lie in [0, 1]")
+    if ppo.prompts_per_rollout % ppo.num_mini_batches:
+        raise ConfigError(
+            f"ppo.prompts_per_rollout={ppo.prompts_per_rollout} does not split into "
+            f"ppo.num_mini_batches={ppo.num_mini_batches} equal minibatches",
+            hint="make prompts_per_rollout a multiple of num_mini_batches")
+    minibatch = ppo.prompts_per_rollout // ppo.num_mini_batches
+    if minibatch % train.micro_batch_size:
+        raise ConfigError(
+            f"a minibatch of {minibatch} sequences (prompts_per_rollout / num_mini_batches) is not a multiple of "
+            f"train.micro_batch_size={train.micro_batch_size}",
+            hint="minibatch = micro_batch_size x grad_accum_steps x world_size")
+    for key in ("max_steps", "micro_batch_size", "rollout_micro_batch_size", "log_every", "sample_every",
+                "checkpoint_every", "keep_checkpoints"):
+        if getattr(train, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(train, key)} must be > 0")
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -277,7 +385,9 @@ def finalize(cfg: DictConfig) -> Any:
     obj.root = str(Path(obj.root).expanduser().resolve())
     obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())
     if hasattr(obj, "model"):
-        obj.model.name_or_path = _absolute(obj.model.name_or_path)
+        for key in ("name_or_path", "policy", "reward", "value"):
+            if hasattr(obj.model, key):
+                setattr(obj.model, key, _absolute(getattr(obj.model, key)))
     if hasattr(obj, "data"):
         obj.data.path = _absolute(obj.data.path)
         obj.data.eval_path = _absolute(obj.data.eval_path)

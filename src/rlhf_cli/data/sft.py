@@ -289,3 +289,16 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[index, :length] = 1
         labels[index, :length] = torch.tensor(example["labels"], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def encode_prompts(prompts: list[str], tokenizer: Any, max_len: int) -> tuple[list[list[int]], int]:
+    """Prompt ids for generation, laid out as in training (BOS by `tokenize_sft`'s rule, no EOS), each kept to its
+    last `max_len` tokens (the end of a dialogue matters most). Returns (ids, number of prompts cut)."""
+    bos_id, adds_bos = _bos_policy(tokenizer)
+    out, cut = [], 0
+    for ids in _encode(prompts, tokenizer):
+        lead, body = _split_bos(ids, bos_id, adds_bos)
+        budget = max(1, max_len - len(lead))
+        cut += len(body) > budget
+        out.append(lead + body[len(body) - budget:] if len(body) > budget else lead + body)
+    return out, cut

@@ -79,17 +79,23 @@ def ensure_pad_token(tokenizer, model=None, require_eos: bool = True) -> bool:
     return True
 
 
-def load_causal_lm(cfg: ModelConfig, device: torch.device):
-    """(model, tokenizer, info) for a causal LM; fp32 master weights (bf16 autocast is applied by the engine)."""
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(cfg: ModelConfig, device: torch.device, dropout: bool = True):
+    """(model, tokenizer, info) for a causal LM; fp32 master weights (bf16 autocast is applied by the engine).
+    dropout=False zeroes every dropout probability (PPO's policy and reference must be deterministic)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
     path = resolve(cfg)
     tokenizer = load_tokenizer(cfg, path)
     try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        if not dropout:
+            from rlhf_cli.models.reward import no_dropout
+
+            no_dropout(config)
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
-            dtype=torch.float32,
+            path, config=config, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True, dtype=torch.float32,
         )
     except (OSError, ValueError) as exc:
         raise _load_error("model", path, exc) from exc

@@ -35,7 +35,7 @@ def auto_pooling(model_type: str, tokenizer) -> str:
     return "first" if getattr(tokenizer, "cls_token", None) is not None else "mean"
 
 
-def _no_dropout(config) -> None:
+def no_dropout(config) -> None:
     """Zero every dropout probability in a transformers config (hidden, attention, classifier, ...)."""
     for key, value in list(config.to_dict().items()):
         if "dropout" in key and isinstance(value, float):
@@ -61,11 +61,15 @@ class RewardModel(torch.nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """One score per sequence [B] read at the pooled position, or (per_token=True, PPO's value model on a causal
+        backbone) the head applied at every position [B, L]."""
         kwargs = {}
         if not self.is_encoder:  # padded and unpadded sequences get the same positions
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if per_token:
+            return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
         pooled = pool(hidden, attention_mask, self.pooling)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1)
 
@@ -78,7 +82,7 @@ class RewardModel(torch.nn.Module):
 
         try:
             config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-            _no_dropout(config)
+            no_dropout(config)
             backbone = AutoModel.from_pretrained(path, config=config, revision=revision, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code, dtype=torch.float32)
         except (OSError, ValueError) as exc:
@@ -114,7 +118,7 @@ class RewardModel(torch.nn.Module):
                                 hint="point at the model/ directory of a finished `rlhf reward` run")
         meta = json.loads((directory / CONFIG_FILE).read_text())
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-        _no_dropout(config)
+        no_dropout(config)
         backbone = AutoModel.from_pretrained(directory, config=config, use_safetensors=True,
                                              trust_remote_code=trust_remote_code, dtype=torch.float32)
         model = cls(backbone, meta["pooling"], meta["pad_token_id"], meta["is_encoder"], meta.get("score_stats"))

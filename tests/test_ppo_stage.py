@@ -1,0 +1,177 @@
+"""`rlhf ppo` on the tiny model: the notes' numerical details at the stage level, the artifact, hand-off errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
+from rlhf_cli import artifacts
+from rlhf_cli.config import ModelConfig, PPOAlgoConfig
+from rlhf_cli.errors import ArtifactError
+from rlhf_cli.models.loading import load_causal_lm
+from rlhf_cli.models.reward import RewardModel
+from rlhf_cli.rl import ppo as rl
+from rlhf_cli.stages import ppo, reward, sft
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Experiment `demo` with finished SFT and reward artifacts."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["experiment=demo", f"root={root}"]
+    sft.run(compose_stage("sft", [*FAST_SFT, *common, "train.max_steps=150"], root / "demo" / "sft"))
+    reward.run(compose_stage("reward", [*FAST_REWARD, *common, "train.max_steps=40"], root / "demo" / "reward"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(root):
+    cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}"], root / "demo" / "ppo")
+    return ppo.run(cfg), root / "demo" / "ppo"
+
+
+@pytest.fixture(scope="module")
+def roles(root):
+    policy, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=str(root / "demo" / "sft" / "model")),
+                                          torch.device("cpu"), dropout=False)
+    rm = RewardModel.from_pretrained(root / "demo" / "reward" / "model").eval()
+    return policy.eval(), tokenizer, rm
+
+
+def _rollout(policy, tokenizer, n=12, seed=0, **algo):
+    from rlhf_cli.data import toy
+    from rlhf_cli.data.sft import encode_prompts
+
+    p = PPOAlgoConfig(response_length=8, **algo)
+    prompts = [r["prompt"] for r in toy.prompt_rows(n, 0, "train")]
+    ids, _ = encode_prompts(prompts, tokenizer, 64)
+    torch.manual_seed(seed)
+    return ppo.rollout(policy, ids, p, 64, tokenizer.pad_token_id, tokenizer.eos_token_id, torch.device("cpu")), p
+
+
+def test_artifact_and_parents(trained, root):
+    metrics, run_dir = trained
+    manifest = artifacts.read_manifest(run_dir)
+    assert manifest["stage"] == "ppo" and manifest["kind"] == "policy" and metrics["iterations"] == 4
+    assert [p["stage"] for p in manifest["parents"]] == ["sft", "reward"]
+    assert manifest["parents"][1]["model_sha256"] == artifacts.read_manifest(root / "demo" / "reward")["model_sha256"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape[1] > 3
+
+
+def test_every_iteration_logs_the_notes_metrics(trained):
+    _, run_dir = trained
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    needed = {"score", "kl", "rlhf_reward", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "value_loss",
+              "explained_variance", "response_length", "stop_rate", "kl_coef", "rollout_tokens_per_s",
+              "update_tokens_per_s", "gold", "policy_loss"}
+    assert all(needed <= set(r) for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2, 4} and {"prompt", "response", "score", "gold"} <= set(samples[0])
+
+
+def test_first_minibatch_ratio_is_one_and_approx_kl_zero(roles):
+    policy, tokenizer, rm = roles
+    value = rm  # the value model: a causal reward model, as PPO initialises it
+    roll, p = _rollout(policy, tokenizer)
+    with torch.inference_mode():
+        roll["logprobs"] = ppo.response_logprobs(policy, roll, p.temperature, 64)
+        roll["values"] = ppo.response_values(value, roll, 64)
+    roll = {k: v.clone() for k, v in roll.items()}
+    adv = torch.randn_like(roll["mask"]) * roll["mask"]
+    _, stats = ppo.ppo_loss(policy, value, roll, torch.arange(6), adv, roll["values"], p)
+    assert stats["approx_kl"].item() < 1e-12 and stats["clipfrac"].item() == 0.0
+    # a different temperature in training than at rollout is exactly the mistake this catches
+    _, wrong = ppo.ppo_loss(policy, value, roll, torch.arange(6), adv, roll["values"],
+                            PPOAlgoConfig(response_length=8, temperature=0.7))
+    assert wrong["approx_kl"].item() > 1e-4
+
+
+def test_rollout_truncates_after_eos_and_ignores_the_models_generation_config(roles):
+    policy, tokenizer, _ = roles
+    policy.generation_config.top_k = 1  # a hub model may ship such defaults: the rollout must not use them
+    policy.generation_config.repetition_penalty = 3.0
+    try:
+        first, _ = _rollout(policy, tokenizer, n=32, seed=0)
+        second, _ = _rollout(policy, tokenizer, n=32, seed=1)
+    finally:
+        policy.generation_config.top_k, policy.generation_config.repetition_penalty = 50, 1.0
+    # top_k=1 honoured would make sampling greedy: two seeds would give the same responses
+    assert not torch.equal(first["response"], second["response"])
+    resp, mask, eos = first["response"], first["mask"], tokenizer.eos_token_id
+    assert first["ended"].any()
+    for row, m, ended in zip(resp, mask, first["ended"]):
+        n = int(m.sum())
+        if ended:
+            assert row[n - 1] == eos and (row[:n - 1] != eos).all()
+        else:
+            assert n == resp.shape[1]
+        assert (row[n:] == tokenizer.pad_token_id).all()
+
+
+def test_score_is_read_at_the_last_real_token(roles):
+    policy, tokenizer, rm = roles
+    roll, _ = _rollout(policy, tokenizer)
+    with torch.inference_mode():
+        scores = ppo.score_responses(rm, roll, tokenizer, tokenizer, True, 64, 512)
+        for i in range(len(scores)):
+            real = roll["input_ids"][i][roll["attention_mask"][i].bool()]  # prompt + response up to EOS, no pads
+            alone = rm(real[None], torch.ones_like(real)[None])
+            assert alone.item() == pytest.approx(scores[i].item(), abs=1e-5)
+
+
+def test_values_are_read_where_each_response_token_is_predicted(roles):
+    policy, tokenizer, rm = roles
+    roll, _ = _rollout(policy, tokenizer)
+    with torch.inference_mode():
+        values = ppo.response_values(rm, roll, 64)
+        width = roll["prompt"].shape[1]
+        i = 0
+        real = roll["input_ids"][i][roll["attention_mask"][i].bool()]
+        n_prompt = int(roll["prompt_mask"][i].sum())
+        per_token = rm(real[None], torch.ones_like(real)[None], per_token=True)[0]
+        n_resp = int(roll["mask"][i].sum())
+        # the value of response token t sits at the position that predicts it: prompt length - 1 + t
+        assert torch.allclose(values[i, :n_resp], per_token[n_prompt - 1:n_prompt - 1 + n_resp], atol=1e-5)
+        assert (values[i, n_resp:] == 0).all() and width >= n_prompt
+
+
+def test_missing_reward_artifact_names_the_command(tmp_path, root):
+    cfg = compose_stage("ppo", [*FAST_PPO, f"root={tmp_path}", "experiment=x",
+                                f"model.policy={root / 'demo' / 'sft'}"], tmp_path / "x" / "ppo")
+    with pytest.raises(ArtifactError) as err:
+        ppo.run(cfg)
+    assert "rlhf reward experiment=x" in err.value.hint
+
+
+def test_wrong_kind_is_refused(tmp_path, root):
+    cfg = compose_stage("ppo", [*FAST_PPO, f"model.reward={root / 'demo' / 'sft'}", "experiment=demo",
+                                f"root={root}"], tmp_path / "p")
+    with pytest.raises(ArtifactError, match="policy artifact, but a reward_model is needed"):
+        ppo.run(cfg)
+
+
+def test_adaptive_kl_moves_the_coefficient(root):
+    cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", "ppo.adaptive_kl=true",
+                                "ppo.kl_target=0.01", "ppo.kl_horizon=100", "train.max_steps=3"],
+                        root / "demo" / "ppo_adaptive")
+    ppo.run(cfg)
+    rows = [json.loads(line) for line in (root / "demo" / "ppo_adaptive" / "metrics.jsonl").read_text().splitlines()]
+    coefs = [r["kl_coef"] for r in rows]
+    assert coefs[0] == 0.05 and coefs[-1] != coefs[0]
+
+
+def test_impossible_batch_arithmetic_fails_at_compose_time(tmp_path):
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_mini_batches"):
+        compose_stage("ppo", ["ppo.prompts_per_rollout=10", "ppo.num_mini_batches=3"], tmp_path)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        compose_stage("ppo", ["ppo.prompts_per_rollout=16", "ppo.num_mini_batches=2", "train.micro_batch_size=3"],
+                      tmp_path)
