@@ -15,6 +15,8 @@ from rlhf_cli.errors import ArtifactError
 from rlhf_cli.models.loading import load_causal_lm
 from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.rl import ppo as rl
+from rlhf_cli.engine import rollout as rollout_mod
+from rlhf_cli.engine.rollout import rollout
 from rlhf_cli.stages import ppo, reward, sft
 
 
@@ -50,7 +52,7 @@ def _rollout(policy, tokenizer, n=12, seed=0, **algo):
     prompts = [r["prompt"] for r in toy.prompt_rows(n, 0, "train")]
     ids, _ = encode_prompts(prompts, tokenizer, 64)
     torch.manual_seed(seed)
-    return ppo.rollout(policy, ids, p, 64, tokenizer.pad_token_id, tokenizer.eos_token_id, torch.device("cpu")), p
+    return rollout(policy, ids, p.response_length, p.temperature, 64, tokenizer.pad_token_id, tokenizer.eos_token_id, torch.device("cpu")), p
 
 
 def test_artifact_and_parents(trained, root):
@@ -81,8 +83,8 @@ def test_first_minibatch_ratio_is_one_and_approx_kl_zero(roles):
     value = rm  # the value model: a causal reward model, as PPO initialises it
     roll, p = _rollout(policy, tokenizer)
     with torch.inference_mode():
-        roll["logprobs"] = ppo.response_logprobs(policy, roll, p.temperature, 64)
-        roll["values"] = ppo.response_values(value, roll, 64)
+        roll["logprobs"] = rollout_mod.response_logprobs(policy, roll, p.temperature, 64)
+        roll["values"] = rollout_mod.response_values(value, roll, 64)
     roll = {k: v.clone() for k, v in roll.items()}
     adv = torch.randn_like(roll["mask"]) * roll["mask"]
     _, stats = ppo.ppo_loss(policy, value, roll, torch.arange(6), adv, roll["values"], p)
@@ -119,7 +121,7 @@ def test_score_is_read_at_the_last_real_token(roles):
     policy, tokenizer, rm = roles
     roll, _ = _rollout(policy, tokenizer)
     with torch.inference_mode():
-        scores = ppo.score_responses(rm, roll, tokenizer, tokenizer, True, 64, 512)
+        scores = rollout_mod.score_responses(rm, roll, tokenizer, tokenizer, True, 64, 512)
         for i in range(len(scores)):
             real = roll["input_ids"][i][roll["attention_mask"][i].bool()]  # prompt + response up to EOS, no pads
             alone = rm(real[None], torch.ones_like(real)[None])
@@ -130,7 +132,7 @@ def test_values_are_read_where_each_response_token_is_predicted(roles):
     policy, tokenizer, rm = roles
     roll, _ = _rollout(policy, tokenizer)
     with torch.inference_mode():
-        values = ppo.response_values(rm, roll, 64)
+        values = rollout_mod.response_values(rm, roll, 64)
         width = roll["prompt"].shape[1]
         i = 0
         real = roll["input_ids"][i][roll["attention_mask"][i].bool()]
