@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_REWARD, FAST_SFT, run_cli
+from conftest import FAST_PPO, FAST_REWARD, FAST_SFT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,17 @@ LONG = {
             "train.keep_checkpoints=3", "train.num_samples=0"],
     "reward": [*FAST["reward"], "train.max_steps=200", "train.checkpoint_every=20", "train.eval_every=100",
                "train.keep_checkpoints=3"],
+    "ppo": [*FAST_PPO, "train.max_steps=40", "train.checkpoint_every=2", "train.keep_checkpoints=3"],
 }
+
+
+def _upstream(stage: str, tmp_path: Path) -> list[str]:
+    """PPO needs a reward artifact: a short reward run on builtin:tiny (the policy is builtin:tiny itself)."""
+    if stage != "ppo":
+        return []
+    made = run_cli(["reward", "experiment=base", *FAST["reward"]], tmp_path)
+    assert made.returncode == 0, made.stderr
+    return ["model.policy=builtin:tiny", f"model.reward={tmp_path / 'runs' / 'base' / 'reward'}"]
 
 
 def _weights(run_dir: Path) -> dict:
@@ -36,9 +46,9 @@ def _weights(run_dir: Path) -> dict:
     return {**weights, **({f"head.{k}": v for k, v in load_file(head).items()} if head.exists() else {})}
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_resume_after_kill_gives_identical_weights(stage, tmp_path):
-    LONG_ = LONG[stage]
+    LONG_ = [*LONG[stage], *_upstream(stage, tmp_path)]
     straight = run_cli([stage, "experiment=straight", *LONG_], tmp_path)
     assert straight.returncode == 0, straight.stderr
 
@@ -47,7 +57,8 @@ def test_resume_after_kill_gives_identical_weights(stage, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", stage, "experiment=killed", *LONG_], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "step-40" / "state.json").exists():
+    kill_after = 4 if stage == "ppo" else 40
+    while not (run_dir / "checkpoints" / f"step-{kill_after}" / "state.json").exists():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.01)
@@ -57,6 +68,7 @@ def test_resume_after_kill_gives_identical_weights(stage, tmp_path):
     killed_at = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
                     if (p / "state.json").exists())
     final_step = int(next(w for w in LONG_[::-1] if w.startswith("train.max_steps=")).split("=")[1])
+    assert killed_at >= kill_after
     assert killed_at < final_step
 
     refused = run_cli([stage, "experiment=killed", *LONG_], tmp_path)
@@ -117,3 +129,21 @@ def _weights_init(tmp_path: Path) -> dict:
     weights = load_file(Path(resolve(ModelConfig())) / "model.safetensors")
     # a reward model's backbone is saved without the causal LM's "model." prefix
     return {**weights, **{k.removeprefix("model."): v for k, v in weights.items()}}
+
+
+def test_ppo_on_two_processes_and_its_checkpoint_on_one(tmp_path):
+    upstream = _upstream("ppo", tmp_path)
+    fast = [*FAST_PPO, "train.micro_batch_size=4", *upstream]  # minibatch 8 = 4 x 1 x 2 processes
+    ddp = _torchrun(["ppo", "experiment=ddp", *fast], tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "world_size 2" in ddp.stdout and ddp.stdout.count("ppo summary") == 1
+    ddp_dir = tmp_path / "runs" / "ddp" / "ppo"
+    rows = [json.loads(line) for line in (ddp_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    resumed_dir = tmp_path / "runs" / "ws1" / "ppo" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(ddp_dir / "checkpoints" / "step-2", resumed_dir / "step-2")
+    resumed = run_cli(["ppo", "experiment=ws1", "resume=true", *fast], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(step 2," in resumed.stdout
+    assert json.loads((tmp_path / "runs" / "ws1" / "ppo" / "manifest.json").read_text())["metrics"]["iterations"] == 4

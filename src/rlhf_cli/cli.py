@@ -23,15 +23,18 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhf_cli.stages.sft", "fine-tune a pretrained causal LM on demonstrations"),
     "reward": ("rlhf_cli.stages.reward", "train a reward model on ranked pairs (backbone: the SFT artifact)"),
     "ppo": ("rlhf_cli.stages.ppo", "optimise the SFT policy against the reward model with PPO"),
+    "eval": ("rlhf_cli.stages.eval", "compare policies on held-out prompts: score, gold, KL, win rate"),
+    "pipeline": ("rlhf_cli.stages.pipeline", "sft -> reward -> ppo -> eval for one experiment (stage.key=value)"),
 }
+NOT_HYDRA = {"pipeline"}  # dispatches to the other stages itself
 
 EXIT_USER_ERROR = 2
 
 
 def conf_dir() -> Path:
-    """conf/ shipped inside the wheel, else the checkout's top-level conf/ (editable installs, source trees)."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+    from rlhf_cli.config import conf_dir as where
+
+    return where()
 
 
 def _usage(console: Console) -> None:
@@ -149,6 +152,17 @@ def _complete(argv: list[str], console: Console) -> int:
     return run_stage(stage, argv)
 
 
+def _run_plain(stage: str, args: list[str]) -> int:
+    """A command that is not a Hydra app (pipeline): same error contract, exit 2 for user mistakes."""
+    try:
+        return importlib.import_module(STAGES[stage][0]).main(args)
+    except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs right here
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _is_user_error(exc):
+            raise
+        _report(Console(stderr=True), exc)
+        return EXIT_USER_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     console = Console()
@@ -169,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                   highlight=False, soft_wrap=True)
         err.print("[yellow]hint:[/yellow] rlhf --help", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
+    if stage in NOT_HYDRA:
+        return _run_plain(stage, argv[1:])
     return run_stage(stage, argv[1:])
 
 

@@ -23,6 +23,12 @@ from rlhf_cli.errors import ConfigError
 BUILTIN_TINY = "builtin:tiny"
 
 
+def conf_dir() -> Path:
+    """conf/ shipped inside the wheel, else the checkout's top-level conf/ (editable installs, source trees)."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+
+
 @dataclass
 class TinyModelConfig:
     """Size of the built-in tiny Llama (used when `model.name_or_path=builtin:tiny`)."""
@@ -259,6 +265,36 @@ class PPOConfig(StageConfig):
 
 
 SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    """`rlhf eval`: sample every policy on the same held-out prompts and compare them (see stages/eval.py)."""
+
+    stage: str = "eval"
+    # Run directories of finished sft/ppo runs, Hugging Face causal-LM directories or hub ids, or builtin:tiny;
+    # the first is the baseline of the win rate. Empty: this experiment's SFT policy, then its PPO policy.
+    policies: list[str] = field(default_factory=list)
+    # The reward model that scores the responses: null = this experiment's reward artifact.
+    reward: Optional[str] = None
+    # The policy the KL is measured against: null = this experiment's SFT artifact.
+    reference: Optional[str] = None
+    # Held-out prompts: the built-in task's eval split (cycled when more are asked for), else data.eval_path or
+    # data.path (the first num_prompts).
+    num_prompts: int = 256
+    # Sampling, as in PPO: plain temperature sampling, at most response_length new tokens, stopped at EOS.
+    response_length: int = 16
+    temperature: float = 1.0
+    # Sequences per forward pass.
+    micro_batch_size: int = 64
+    # auto: CUDA when present, else CPU.
+    device: str = "auto"
+    # Also evaluate the checkpoints a PPO run kept (checkpoints/step-N/): the over-optimisation curve.
+    checkpoints: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+SCHEMAS["eval"] = EvalConfig
 
 
 def register_configs() -> None:

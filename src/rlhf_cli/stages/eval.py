@@ -1,0 +1,301 @@
+"""`rlhf eval`: compare policies on held-out prompts (the measurement after stage 3 of InstructGPT).
+
+Reads top to bottom: set up (resolve every model before anything loads, check that the policies share the
+reference's tokenizer, load the reference and the reward model, encode the held-out prompts), loop over policies
+(one seeded rollout each, then per-prompt numbers; for a PPO run directory also its kept checkpoints), save
+(eval.json, the tables).
+
+Every policy answers the same prompts, one response each, sampled with the same seed (`torch.manual_seed(seed)`
+before each rollout) as PPO samples: plain temperature sampling with the KV cache, at most response_length
+tokens, everything after EOS dropped. Per prompt:
+- score: the reward model's score of prompt + response (the proxy PPO optimised; re-tokenised text when the
+  reward model's tokenizer is not the policy's);
+- gold: the built-in task's hidden gold score (data.path=null only), what the proxy stands in for;
+- kl: sum over response tokens of logp_policy - logp_ref (k1), both at the sampling temperature, on the policy's
+  own samples: an unbiased estimate of the sequence-level KL(policy || reference);
+- response_length: response tokens (EOS included); stop_rate: 1 if the response ended with EOS;
+- win_rate: 1 if score > the first policy's score on that prompt, 0.5 on a tie, else 0.
+Each metric is reported as the mean over prompts with its standard error std / sqrt(n) (sample std, n prompts).
+
+Over-optimisation curve (Gao et al. 2022): a PPO run directory keeps `train.keep_checkpoints` checkpoints
+(checkpoints/step-N/policy.safetensors); once the policy itself is measured, each is loaded into its module
+(safetensors, through engine.checkpoint) and evaluated like a policy, giving (KL, proxy score, gold score) per
+step, with the reference (the SFT policy) as step 0 at KL 0. As the KL grows the proxy keeps rising while gold
+rises, then falls: the reward model is being exploited.
+
+eval.json is a report, not a model artifact: a re-run replaces it (there is no overwrite=true to pass).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from rich.table import Table
+
+from rlhf_cli import artifacts
+from rlhf_cli.config import EvalConfig, ModelConfig, _absolute, to_dict
+from rlhf_cli.data import toy
+from rlhf_cli.data.loading import load_rows
+from rlhf_cli.data.prompts import prompt_texts
+from rlhf_cli.data.sft import encode_prompts
+from rlhf_cli.engine import checkpoint, device as dev
+from rlhf_cli.engine.logging import console, fmt, metrics_text, progress_bar, summary_table
+from rlhf_cli.engine.rollout import response_logprobs, rollout, score_responses
+from rlhf_cli.errors import ArtifactError, ConfigError
+from rlhf_cli.models.loading import load_causal_lm, load_tokenizer
+from rlhf_cli.models.reward import RewardModel
+
+NUM_SAMPLES = 4  # responses per policy kept in eval.json, to read what the numbers mean
+
+
+def run(cfg: EvalConfig) -> dict:
+    check_config(cfg)
+    con = console(True)
+    run_dir = Path(cfg.run_dir)
+    device = dev.pick(cfg.device)
+
+    # ---- set up: every model resolved before anything loads (a missing one names the command to run, in the
+    # pipeline's order: sft, reward, ppo), then tokenizers checked, then the reference and the reward model -----
+    reference_path, _ = find_upstream(cfg.reference, cfg, "sft", "policy", "reference")
+    reward_path, _ = find_upstream(cfg.reward, cfg, "reward", "reward_model", "reward")
+    policies = resolve_policies(cfg)
+    reference_tokenizer = load_tokenizer(ModelConfig(name_or_path=reference_path))
+    for pol in policies:
+        other = load_tokenizer(ModelConfig(name_or_path=pol["model"]))
+        if not same_tokenizer(reference_tokenizer, other):
+            raise ArtifactError(
+                f"policy {pol['name']} does not share the reference's tokenizer ({pol['model']}: vocab "
+                f"{len(other)}, eos {other.eos_token_id}; reference {reference_path}: vocab "
+                f"{len(reference_tokenizer)}, eos {reference_tokenizer.eos_token_id})",
+                hint="the KL to the reference is per token, so every policy must use the reference's tokenizer: "
+                     "pass reference=<the SFT run directory the policies started from>")
+    reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), device, dropout=False)
+    reference.eval().requires_grad_(False)
+    reward_model = RewardModel.from_pretrained(reward_path).to(device).eval().requires_grad_(False)
+    reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=reward_path), reward_path)
+    same_tokens = same_tokenizer(tokenizer, reward_tokenizer)
+    with_gold = cfg.data.path is None
+
+    # held-out prompts, the run directory
+    prompts, source = load_prompts(cfg, tokenizer)
+    prompt_ids, prompts_cut = encode_prompts(prompts, tokenizer, cfg.data.max_seq_len - cfg.response_length)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(to_dict(cfg)))
+    curve_points = {pol["name"]: ppo_checkpoints(pol) if cfg.checkpoints else [] for pol in policies}
+    distinct = {pol["model"] for pol in policies} | {str(path) for pts in curve_points.values() for _, path in pts}
+    distinct |= {reference_path} if any(curve_points.values()) else set()
+    con.print(f"[bold]rlhf eval[/bold] -> {run_dir}")
+    con.print(f"{len(policies)} policies (baseline {policies[0]['name']}) on {len(prompts)} held-out prompts from "
+              f"{source} ({prompts_cut} cut to {cfg.data.max_seq_len - cfg.response_length} tokens): one response "
+              f"each, seed {cfg.seed}, temperature {cfg.temperature}, at most {cfg.response_length} tokens; {device}")
+    con.print(f"reward {reward_path} ({'same tokens' if same_tokens else 're-tokenised text'}), KL to the "
+              f"reference {reference_path}")
+
+    # ---- loop over policies (and a PPO run's checkpoints) --------------------------------------------------
+    labels = {reference_path: "reference", **{pol["model"]: pol["name"] for pol in policies}}
+    evaluated: dict[str, tuple[dict, list]] = {}  # model path -> (per-prompt tensors, samples): each runs once
+    results, curves, baseline = [], {}, None
+    with progress_bar(con) as bar:
+        task = bar.add_task("eval", total=len(distinct), metrics="")
+
+        def measure(key: str, model) -> tuple[dict, list]:
+            if key not in evaluated:
+                evaluated[key] = evaluate(model, reference, reward_model, prompt_ids, tokenizer, reward_tokenizer,
+                                          same_tokens, with_gold, cfg, device)
+                means = {k: float(v.mean()) for k, v in evaluated[key][0].items() if k in ("score", "gold", "kl")}
+                bar.update(task, advance=1, metrics=f"{labels[key]}: {metrics_text(means)}")
+            return evaluated[key]
+
+        for pol in policies:
+            model = None
+            if pol["model"] not in evaluated:
+                model, _, _ = load_causal_lm(ModelConfig(name_or_path=pol["model"]), device, dropout=False)
+            per_prompt, samples = measure(pol["model"], model)
+            baseline = per_prompt["score"] if baseline is None else baseline
+            results.append({k: pol[k] for k in ("name", "path", "model", "stage")}
+                           | summarise(per_prompt, baseline) | {"samples": samples})
+            if not curve_points[pol["name"]]:
+                continue
+            # the over-optimisation curve: the reference as step 0, then every kept checkpoint. The policy's own
+            # numbers are cached, so its module (the same architecture) takes each checkpoint's weights in turn.
+            curve = [{"step": 0, "model": reference_path} | summarise(measure(reference_path, reference)[0], baseline)]
+            if model is None:  # its numbers came from the cache: load it for the architecture
+                model, _, _ = load_causal_lm(ModelConfig(name_or_path=pol["model"]), device, dropout=False)
+            for step, path in curve_points[pol["name"]]:
+                checkpoint.load(path, {"policy": model}, restore_rng=False)
+                labels[str(path)] = f"{pol['name']} step {step}"
+                curve.append({"step": step, "model": str(path)} | summarise(measure(str(path), model)[0], baseline))
+            curves[pol["name"]] = curve
+            del model
+
+    # ---- save: eval.json (replaced on every run), the tables ----------------------------------------------
+    report = {
+        "stage": "eval",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "experiment": cfg.experiment,
+        "baseline": policies[0]["name"],
+        "reference": reference_path,
+        "reward_model": reward_path,
+        "reward_same_tokenizer": same_tokens,
+        "prompts": {"source": source, "count": len(prompts), "cut": prompts_cut},
+        "policies": results,
+        "curves": curves,
+        "config": to_dict(cfg),
+        "versions": artifacts.package_versions(),
+    }
+    artifacts.write_text_atomic(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    show_tables(con, report, with_gold, run_dir)
+    return report
+
+
+# ---- set up -----------------------------------------------------------------------------------------------------
+
+def check_config(cfg: EvalConfig) -> None:
+    """The eval knobs' rules (the other stages' rules live in config._check, which knows no eval keys)."""
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r} is not one of auto, cpu, cuda", hint="set device=auto")
+    for key in ("num_prompts", "response_length", "temperature", "micro_batch_size"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")
+    if cfg.response_length >= cfg.data.max_seq_len:
+        raise ConfigError(f"response_length={cfg.response_length} leaves no room for the prompt in "
+                          f"data.max_seq_len={cfg.data.max_seq_len}", hint="raise data.max_seq_len")
+    if any(not p.strip() for p in cfg.policies):
+        raise ConfigError("policies holds an empty entry", hint="policies=[runs/demo/sft,runs/demo/ppo]")
+
+
+def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key: str) -> tuple[str, dict | None]:
+    """artifacts.upstream with the path made absolute (against the cwd), and a hint naming eval's own key."""
+    path = _absolute(name)
+    if path is not None and Path(path).is_absolute() and not Path(path).exists():
+        raise ArtifactError(f"{key}: {path} does not exist",
+                            hint="pass a finished run directory, a model directory, a hub id or builtin:tiny")
+    try:
+        return artifacts.upstream(path, cfg.root, cfg.experiment, stage, kind)
+    except ArtifactError as exc:
+        if exc.hint:
+            exc.hint = exc.hint.replace("model.name_or_path=<model or run directory>", f"{key}=<run directory>")
+        raise
+
+
+def resolve_policies(cfg: EvalConfig) -> list[dict]:
+    """Each policy: name (as shown), path (as given, made absolute), model (what from_pretrained loads), stage
+    and run_dir when it is a finished run directory. Default: this experiment's sft and ppo artifacts."""
+    if cfg.policies:  # (name, path, the stage a wrong-kind hint points at)
+        specs = [(spec, spec, "ppo") for spec in cfg.policies]
+    else:
+        specs = [(f"{cfg.experiment}/{stage}", None, stage) for stage in ("sft", "ppo")]
+    policies, names = [], set()
+    for name, spec, stage in specs:
+        path = _absolute(spec)
+        if path is not None and Path(path).is_dir() and not (Path(path) / artifacts.MANIFEST).is_file() \
+                and not (Path(path) / "config.json").is_file():
+            raise ArtifactError(f"policy {name}: {path} holds neither a finished artifact (no "
+                                f"{artifacts.MANIFEST}) nor a Hugging Face model (no config.json)",
+                                hint="finish that run first (`rlhf <stage> ... resume=true`), or pass a finished run "
+                                     "directory, a model directory or builtin:tiny")
+        model, parent = find_upstream(path, cfg, stage, "policy", "policies")
+        name = name if name not in names else f"{name} #{len(policies) + 1}"
+        names.add(name)
+        policies.append({"name": name, "path": parent["path"] if parent else path, "model": model,
+                         "stage": parent["stage"] if parent else None,
+                         "run_dir": parent["path"] if parent else None})
+    return policies
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
+
+
+def load_prompts(cfg: EvalConfig, tokenizer) -> tuple[list[str], str]:
+    """Held-out prompts: the built-in task's eval split, or the first num_prompts of data.eval_path / data.path."""
+    if cfg.data.path is None:
+        rows = toy.prompt_rows(cfg.num_prompts, cfg.data.toy.seed, "eval")
+        return [r["prompt"] for r in rows], "the built-in task's held-out split"
+    rows, source = load_rows(cfg.data.eval_path or cfg.data.path, cfg.data.split, cfg.data.max_rows)
+    return prompt_texts(rows, source, tokenizer)[:cfg.num_prompts], source
+
+
+def ppo_checkpoints(pol: dict) -> list[tuple[int, Path]]:
+    """(step, directory) of the kept checkpoints of a PPO run directory that hold the policy's weights, oldest
+    first (none for other policies)."""
+    if pol["stage"] != "ppo":
+        return []
+    root = Path(pol["run_dir"]) / "checkpoints"
+    return [(s, root / f"step-{s}") for s in checkpoint.list_steps(root)
+            if (root / f"step-{s}" / "policy.safetensors").is_file()]
+
+
+# ---- one policy -------------------------------------------------------------------------------------------------
+
+def evaluate(model, reference, reward_model, prompt_ids, tokenizer, reward_tokenizer, same_tokens: bool,
+             with_gold: bool, cfg: EvalConfig, device) -> tuple[dict, list]:
+    """Per-prompt numbers of one policy (1-D CPU tensors: score, gold, kl, response_length, stop_rate) and the
+    first few samples. The seed is reset first, so every policy draws the same random numbers."""
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    micro = cfg.micro_batch_size
+    roll = rollout(model, prompt_ids, cfg.response_length, cfg.temperature, micro, tokenizer.pad_token_id,
+                   tokenizer.eos_token_id, device)
+    with torch.inference_mode():
+        logp = response_logprobs(model, roll, cfg.temperature, micro)
+        ref_logp = response_logprobs(reference, roll, cfg.temperature, micro)
+        scores = score_responses(reward_model, roll, tokenizer, reward_tokenizer, same_tokens, micro,
+                                 cfg.data.max_seq_len)
+    mask = roll["mask"]
+    texts = zip(roll["prompt_text"], roll["response_text"])
+    gold = {"gold": torch.tensor([toy.gold_score(p, r) for p, r in texts], dtype=torch.float64)} if with_gold else {}
+    per_prompt = {"score": scores.float().cpu(), **gold, "kl": ((logp - ref_logp) * mask).sum(1).cpu(),
+                  "response_length": mask.sum(1).cpu(), "stop_rate": roll["ended"].float().cpu()}
+    samples = [{"prompt": roll["prompt_text"][i], "response": roll["response_text"][i],
+                "score": float(per_prompt["score"][i]),
+                **({"gold": float(per_prompt["gold"][i])} if with_gold else {})}
+               for i in range(min(NUM_SAMPLES, len(prompt_ids)))]
+    return per_prompt, samples
+
+
+def summarise(per_prompt: dict, baseline: torch.Tensor) -> dict:
+    """Mean and standard error (sample std / sqrt(n)) of every per-prompt number, plus the win rate against the
+    baseline's scores on the same prompts (ties count half)."""
+    score = per_prompt["score"]
+    wins = (score > baseline).double() + 0.5 * (score == baseline).double()
+    out = {}
+    for key, values in {**per_prompt, "win_rate": wins}.items():
+        v = values.double()
+        out[key] = float(v.mean())
+        out[f"{key}_se"] = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
+    return out
+
+
+# ---- save -------------------------------------------------------------------------------------------------------
+
+def _pm(row: dict, key: str) -> str:
+    """mean ± standard error, the error to two significant digits."""
+    return f"{fmt(row[key])} ± {row[key + '_se']:.2g}"
+
+
+def show_tables(con, report: dict, with_gold: bool, run_dir: Path) -> None:
+    table = Table(title=f"eval: {report['prompts']['count']} held-out prompts, one response each (mean ± standard "
+                        f"error)", title_justify="left")
+    columns = ["policy", "score", *(["gold"] if with_gold else []), "KL", "length", "stop rate",
+               f"win rate vs {report['baseline']}"]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for row in report["policies"]:
+        table.add_row(row["name"], _pm(row, "score"), *([_pm(row, "gold")] if with_gold else []), _pm(row, "kl"),
+                      fmt(row["response_length"]), fmt(row["stop_rate"]), _pm(row, "win_rate"))
+    con.print(table)
+    for name, curve in report["curves"].items():
+        table = Table(title=f"over-optimisation curve of {name} (step 0: the reference)", title_justify="left")
+        for col in ("step", "KL", "proxy (reward model)", *(["gold"] if with_gold else [])):
+            table.add_column(col, justify="right")
+        for point in curve:
+            table.add_row(str(point["step"]), _pm(point, "kl"), _pm(point, "score"),
+                          *([_pm(point, "gold")] if with_gold else []))
+        con.print(table)
+    con.print(summary_table("report", {"eval.json": str(run_dir / "eval.json")}))

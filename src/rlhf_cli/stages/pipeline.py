@@ -1,0 +1,169 @@
+"""`rlhf pipeline`: sft -> reward -> ppo -> eval for one experiment, in one command.
+
+    rlhf pipeline experiment=exp2 sft.optim.lr=3e-4 ppo.kl_coef=0.1
+
+An override with a stage's prefix goes to that stage: `sft.optim.lr=3e-4` reaches `rlhf sft` as `optim.lr=3e-4`;
+one whose remainder is not a top-level key of the stage keeps its prefix, so `ppo.kl_coef=0.1` reaches `rlhf ppo`
+as `ppo.kl_coef=0.1`. An override without a prefix (`experiment=`, `root=`, `seed=`, `logger=`) goes to every
+stage. `stages=sft,reward` runs a subset.
+
+Every stage's config is composed and checked before the first one starts. A stage whose artifact is finished
+with the same config is reused; one finished with a different config stops the pipeline with the keys that
+differ (pass overwrite=true, or pick another experiment); an interrupted one is resumed. Each stage runs in its
+own process (stages talk only through their artifacts on disk), so re-running the same command after a crash
+continues where it stopped. `rlhf eval` always runs again: it is a report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from rlhf_cli import artifacts
+from rlhf_cli.config import SCHEMAS, conf_dir, finalize, register_configs, to_dict
+from rlhf_cli.engine.logging import console
+from rlhf_cli.errors import ArtifactError, ConfigError
+
+ORDER = ("sft", "reward", "ppo", "eval")
+GROUPS = ("model", "data", "optim")
+# Keys that say how to run, not what to train: a difference in them does not make an artifact stale.
+RUN_KEYS = {"run_dir", "root", "resume", "overwrite", "logger", "experiment"}
+HELP = __doc__
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(stages to run, overrides per stage) from the pipeline's words, by the prefix rule above."""
+    stages = list(ORDER)
+    per_stage: dict[str, list[str]] = {s: [] for s in ORDER}
+    for word in args:
+        if word.startswith("-"):
+            raise ConfigError(f"rlhf pipeline does not take {word}",
+                              hint="sweep one stage at a time: rlhf <stage> -m key=a,b")
+        if "=" not in word:
+            raise ConfigError(f"'{word}' is not key=value", hint="e.g. rlhf pipeline experiment=exp2 ppo.kl_coef=0.1")
+        key, value = word.split("=", 1)
+        if key == "stages":
+            stages = [s for s in value.strip("[]").split(",") if s]
+            unknown = [s for s in stages if s not in ORDER]
+            if unknown:
+                raise ConfigError(f"stages={value}: unknown {', '.join(unknown)}", hint=f"choose from {', '.join(ORDER)}")
+            continue
+        stage, _, rest = key.partition(".")
+        if stage in ORDER and rest:
+            top = {f.name for f in fields(SCHEMAS[stage])} | set(GROUPS)
+            per_stage[stage].append(f"{rest}={value}" if rest.split(".")[0] in top else word)
+        else:
+            for s in ORDER:
+                per_stage[s].append(word)
+    return [s for s in ORDER if s in stages], per_stage
+
+
+def compose(stage: str, overrides: list[str]):
+    """The typed config `rlhf <stage> <overrides>` would run with (checked, paths absolute)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name=stage, overrides=[*overrides, "run_dir=."])
+    GlobalHydra.instance().clear()
+    obj = finalize(cfg)
+    obj.run_dir = str(Path(obj.root) / obj.experiment / stage)
+    return obj
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def stale_keys(manifest_config: dict, cfg) -> list[str]:
+    """Keys whose value differs between a finished artifact's config and the one the pipeline would run."""
+    old, new = _flat(manifest_config), _flat(to_dict(cfg))
+    return sorted(k for k in set(old) | set(new) if k.split(".")[0] not in RUN_KEYS and old.get(k) != new.get(k))
+
+
+def main(args: list[str]) -> int:
+    con = console(True)
+    if any(a in ("-h", "--help") for a in args):
+        con.print(HELP, markup=False)
+        return 0
+    stages, per_stage = split_overrides(args)
+    configs = {s: compose(s, per_stage[s]) for s in stages}  # every mistake surfaces before anything runs
+    overwrite = {s: configs[s].overwrite for s in stages}
+
+    plan = {}
+    for stage in stages:
+        run_dir = Path(configs[stage].run_dir)
+        if stage != "eval" and artifacts.is_finished(run_dir) and not overwrite[stage]:
+            stale = stale_keys(artifacts.read_manifest(run_dir)["config"], configs[stage])
+            if stale:
+                raise ArtifactError(
+                    f"{run_dir} was made with a different config ({', '.join(stale[:6])}"
+                    f"{' ...' if len(stale) > 6 else ''})",
+                    hint="pass overwrite=true (or <stage>.overwrite=true) to retrain it, or pick another experiment=")
+            plan[stage] = "reuse"
+        else:
+            plan[stage] = "run"
+        if plan[stage] == "run" and overwrite[stage] is False and stage != "eval":
+            per_stage[stage].append("resume=true")  # an interrupted run continues
+
+    results = {}
+    for stage in stages:
+        run_dir = Path(configs[stage].run_dir)
+        if plan[stage] == "reuse":
+            con.print(f"[bold]{stage}[/bold]: reusing the finished artifact in {run_dir}")
+            results[stage] = ("reused", run_dir)
+            continue
+        con.rule(f"rlhf {stage}")
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "rlhf_cli", stage, *per_stage[stage]])
+        if proc.returncode != 0:
+            con.print(f"[bold red]pipeline stopped:[/bold red] rlhf {stage} exited with {proc.returncode}; "
+                      f"fix it and run the same command again to continue from there")
+            return proc.returncode
+        results[stage] = (f"ran in {time.perf_counter() - started:.0f} s", run_dir)
+    _summary(con, results)
+    return 0
+
+
+def _summary(con, results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="pipeline", title_justify="left")
+    for col in ("stage", "status", "headline", "run directory"):
+        table.add_column(col)
+    for stage, (status, run_dir) in results.items():
+        table.add_row(stage, status, _headline(stage, run_dir), str(run_dir))
+    con.print(table)
+
+
+def _headline(stage: str, run_dir: Path) -> str:
+    """One line of the numbers that matter for each stage."""
+    try:
+        if stage == "eval":
+            report = json.loads((run_dir / "eval.json").read_text())
+            parts = []
+            for p in report["policies"]:
+                gold = f" gold {p['gold']:.3g}±{p['gold_se']:.2g}" if p.get("gold") is not None else ""
+                parts.append(f"{p['stage'] or p['name']}: score {p['score']:.3g}{gold} kl {p['kl']:.3g}")
+            return "; ".join(parts)
+        m = artifacts.read_manifest(run_dir)["metrics"]
+    except (OSError, ValueError, KeyError, ArtifactError):
+        return ""
+    if stage == "sft":
+        return f"held-out loss {m['eval_loss_start']:.3g} -> {m['eval_loss']:.3g}"
+    if stage == "reward":
+        return f"held-out accuracy {m['eval_accuracy']:.3g}"
+    return f"score {m.get('first_score', 0):.3g} -> {m.get('final_score', 0):.3g}, kl {m.get('final_kl', 0):.3g}"

@@ -1,0 +1,67 @@
+"""`rlhf pipeline`: override routing, stale-artifact detection, and the whole chain end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FAST_PPO, FAST_REWARD, FAST_SFT, run_cli
+from rlhf_cli.errors import ConfigError
+from rlhf_cli.stages.pipeline import compose, split_overrides, stale_keys
+
+
+def test_prefixed_overrides_reach_their_stage():
+    stages, per = split_overrides(["experiment=exp2", "sft.optim.lr=3e-4", "ppo.kl_coef=0.1", "ppo.optim.lr=1e-5",
+                                   "reward.data=hh_pref", "eval.num_prompts=8"])
+    assert stages == ["sft", "reward", "ppo", "eval"]
+    assert per["sft"] == ["experiment=exp2", "optim.lr=3e-4"]
+    assert per["ppo"] == ["experiment=exp2", "ppo.kl_coef=0.1", "optim.lr=1e-5"]  # kl_coef lives under ppo.
+    assert per["reward"] == ["experiment=exp2", "data=hh_pref"]
+    assert per["eval"] == ["experiment=exp2", "num_prompts=8"]
+
+
+def test_stage_subset_and_bad_words():
+    assert split_overrides(["stages=sft,reward"])[0] == ["sft", "reward"]
+    with pytest.raises(ConfigError, match="unknown bogus"):
+        split_overrides(["stages=sft,bogus"])
+    with pytest.raises(ConfigError, match="-m"):
+        split_overrides(["-m", "sft.optim.lr=1,2"])
+    with pytest.raises(ConfigError, match="key=value"):
+        split_overrides(["sft"])
+
+
+def test_compose_checks_every_stage_before_running(tmp_path):
+    cfg = compose("ppo", ["experiment=x", f"root={tmp_path}", "ppo.kl_coef=0.1"])
+    assert cfg.ppo.kl_coef == 0.1 and cfg.run_dir == str(tmp_path / "x" / "ppo")
+
+
+def test_stale_keys_ignore_how_a_run_was_launched(tmp_path):
+    from rlhf_cli.config import to_dict
+
+    cfg = compose("sft", [f"root={tmp_path}"])
+    same = to_dict(cfg) | {"resume": True, "run_dir": "/elsewhere"}
+    assert stale_keys(same, cfg) == []
+    changed = to_dict(compose("sft", [f"root={tmp_path}", "optim.lr=0.5"]))
+    assert stale_keys(changed, cfg) == ["optim.lr"]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_reuses_and_refuses_stale(tmp_path):
+    fast = [*[f"sft.{w}" for w in FAST_SFT], *[f"reward.{w}" for w in FAST_REWARD],
+            *[f"ppo.{w}" for w in FAST_PPO], "eval.num_prompts=16", "eval.response_length=8"]
+    proc = run_cli(["pipeline", "experiment=p", *fast], tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exp = tmp_path / "runs" / "p"
+    for stage in ("sft", "reward", "ppo"):
+        assert (exp / stage / "manifest.json").is_file()
+    report = json.loads((exp / "eval" / "eval.json").read_text())
+    assert len(report["policies"]) == 2
+    assert "pipeline" in proc.stdout
+
+    again = run_cli(["pipeline", "experiment=p", *fast], tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing the finished artifact") == 3
+
+    stale = run_cli(["pipeline", "experiment=p", *fast, "ppo.kl_coef=0.3"], tmp_path)
+    assert stale.returncode == 2 and "ppo.kl_coef" in stale.stderr and "overwrite=true" in stale.stderr
