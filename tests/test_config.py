@@ -99,6 +99,13 @@ def test_readme_has_commands_to_check():
 
 @pytest.mark.parametrize("stage,overrides", _readme_commands(), ids=lambda x: " ".join(x) if isinstance(x, list) else x)
 def test_every_readme_command_composes(stage, overrides, tmp_path):
+    if stage == "pipeline":  # routed to each stage, every stage composed
+        from rlhf_cli.stages.pipeline import compose, split_overrides
+
+        stages, per_stage = split_overrides(overrides)
+        for s in stages:
+            compose(s, per_stage[s])
+        return
     cfg = _finalize(stage, overrides, tmp_path)
     for word in overrides:
         key, value = word.split("=", 1)

@@ -177,3 +177,28 @@ def test_impossible_batch_arithmetic_fails_at_compose_time(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch_size"):
         compose_stage("ppo", ["ppo.prompts_per_rollout=16", "ppo.num_mini_batches=2", "train.micro_batch_size=3"],
                       tmp_path)
+
+
+def test_encoder_reward_model_gets_retokenised_text_and_a_causal_value_model(root, tiny_bert_dir):
+    bert_rm = root / "demo" / "reward_bert"
+    reward.run(compose_stage("reward", [*FAST_REWARD, "experiment=demo", f"root={root}",
+                                        f"model.name_or_path={tiny_bert_dir}", "train.max_steps=4"], bert_rm))
+    cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", f"model.reward={bert_rm}",
+                                "train.max_steps=2"], root / "demo" / "ppo_bert")
+    metrics = ppo.run(cfg)
+    manifest = artifacts.read_manifest(root / "demo" / "ppo_bert")
+    assert manifest["ppo"]["same_tokenizer_as_reward"] is False and metrics["iterations"] == 2
+    rows = [json.loads(line) for line in (root / "demo" / "ppo_bert" / "samples.jsonl").read_text().splitlines()]
+    # the scores the run logged are the encoder's scores of the decoded texts
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
+
+    rm = RewardModel.from_pretrained(bert_rm / "model").eval()
+    tok = AutoTokenizer.from_pretrained(bert_rm / "model")
+    examples, _ = tokenize_pairs([{"prompt": r["prompt"], "chosen": r["response"], "rejected": r["response"]}
+                                  for r in rows[:2]], tok, 512, encoder=True)
+    batch = collate_pairs(examples, tok.pad_token_id)
+    with torch.no_grad():
+        again = rm(batch["input_ids"][:2], batch["attention_mask"][:2])
+    assert again.tolist() == pytest.approx([r["score"] for r in rows[:2]], abs=1e-4)

@@ -114,6 +114,10 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
                                 restore_rng=False)
         step, kl_coef, first = state["step"], state["kl_coef"], state.get("first")
         con.print(f"resumed from {resume_from} (step {step}, kl_coef {kl_coef:.4g})")
+        samples = run_dir / "samples.jsonl"
+        if d.is_main and samples.exists():  # those iterations run again: drop what they wrote
+            kept = [x for x in samples.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+            artifacts.write_text_atomic(samples, "".join(x + "\n" for x in kept))
     train_policy, train_value = policy, value_model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -312,4 +316,13 @@ def _show_summary(con, first: dict, last: dict, run_dir: Path) -> None:
         if key in last:
             table.add_row(key, f"{first.get(key, float('nan')):.4g}", f"{last[key]:.4g}")
     con.print(table)
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()[-4:]]
+    if samples:
+        shown = Table(title=f"samples (iteration {samples[-1]['step']})", title_justify="left")
+        for col in ("prompt", "response", "score", *(["gold"] if "gold" in samples[0] else [])):
+            shown.add_column(col, justify="right" if col in ("score", "gold") else "left")
+        for row in samples:
+            cells = [row["prompt"][-60:], row["response"][:80], f"{row['score']:.3g}"]
+            shown.add_row(*cells, *([f"{row['gold']:.3g}"] if "gold" in row else []))
+        con.print(shown)
     con.print(summary_table("artifact", {"policy": str(run_dir / "model"), "samples": str(run_dir / "samples.jsonl")}))
