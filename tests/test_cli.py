@@ -92,7 +92,7 @@ def test_bad_data_file_is_one_message_and_exit_2(tmp_path):
     data = tmp_path / "demos.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"\n')
     proc = run_cli(["sft", f"data.path={data}", *FAST_SFT], tmp_path)
-    _one_error(proc, "demos.jsonl", "row 2")
+    _one_error(proc, "demos.jsonl", "line 2")
     assert not (tmp_path / "runs" / "default" / "sft" / "manifest.json").exists()
 
 

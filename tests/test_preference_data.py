@@ -21,6 +21,7 @@ from rlhf_cli.data.preference import (
     render_pair,
     tokenize_pairs,
 )
+from rlhf_cli.data.loading import load_rows
 from rlhf_cli.errors import ConfigError, DataError
 
 SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -356,6 +357,20 @@ def test_no_rows_is_not_an_error():
     assert normalize_preference_rows([], SOURCE) == (
         [], {"rows": 0, "dropped_identical": 0, "dropped_empty": 0, "empty_response": 0}
     )
+
+
+def test_rows_of_a_file_are_named_by_line_even_after_a_dropped_pair(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [text_pair("p", "a", "b"), text_pair("p", "a", "a"), {"prompt": "p", "chosen": "a"}]
+    path.write_text(f"{json.dumps(rows[0])}\n\n{json.dumps(rows[1])}\n  \n{json.dumps(rows[2])}\n")
+    loaded, source = load_rows(str(path))
+    with pytest.raises(DataError) as caught:
+        normalize_preference_rows(loaded, source)
+    identical = "fields 'chosen' and 'rejected' are identical: the pair carries no preference"
+    assert caught.value.message == f"{path}: line 3: {identical}"
+    with pytest.raises(DataError) as caught:
+        normalize_preference_rows(loaded, source, skip_invalid=True)
+    assert caught.value.message == f"{path}: line 5: field 'rejected' is missing"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

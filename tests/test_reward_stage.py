@@ -106,10 +106,10 @@ def test_hh_pairs_on_the_shared_file(hh_file, tiny_bert_dir, tmp_path):
 
 
 @pytest.mark.parametrize("rows,needles", [
-    ([{"prompt": "p", "chosen": "a", "rejected": "a"}], ["row 1", "identical", "data.skip_invalid=true"]),
-    ([{"prompt": "p", "chosen": "a"}], ["row 1", "rejected"]),
-    ([{"prompt": "p", "chosen": 3, "rejected": "b"}], ["row 1", "chosen"]),
-    ([{"prompt": "p", "chosen": " ", "rejected": ""}], ["row 1", "empty"]),
+    ([{"prompt": "p", "chosen": "a", "rejected": "a"}], ["line 1", "identical", "data.skip_invalid=true"]),
+    ([{"prompt": "p", "chosen": "a"}], ["line 1", "rejected"]),
+    ([{"prompt": "p", "chosen": 3, "rejected": "b"}], ["line 1", "chosen"]),
+    ([{"prompt": "p", "chosen": " ", "rejected": ""}], ["line 1", "empty"]),
 ])
 def test_bad_pairs_name_file_row_and_field(rows, needles, tmp_path, tiny_bert_dir):
     path = tmp_path / "pairs.jsonl"

@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from rlhf_cli.data.loading import load_rows
 from rlhf_cli.data.sft import collate_sft, normalize_sft_rows, render, tokenize_sft
 from rlhf_cli.errors import ConfigError, DataError
 
@@ -155,6 +156,27 @@ def test_normalize_rejects_a_row_that_is_not_an_object():
         normalize_sft_rows(["just a string"], SOURCE)  # type: ignore[list-item]
 
 
+def write_lines(path: Path, lines: list[str]) -> Path:
+    """Write `lines` as a (possibly gzipped) text file, one a line."""
+    text = "".join(line + "\n" for line in lines)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.jsonl.gz"])
+def test_normalize_names_the_files_line_after_blank_and_whitespace_lines(tmp_path, name):
+    good = json.dumps({"prompt": "p", "completion": "c"})
+    path = write_lines(tmp_path / name, [good, "", "  \t", good, "", json.dumps({"prompt": "no completion"}), good])
+    rows, source = load_rows(str(path))
+    with pytest.raises(DataError) as caught:
+        normalize_sft_rows(rows, source)
+    assert caught.value.message == f"{path}: line 6: field 'completion' is missing"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # render
 
@@ -183,6 +205,18 @@ def test_template_rejecting_a_conversation_is_a_data_error():
         tokenize_sft(rows, strict, max_seq_len=16, source=SOURCE)
     assert caught.value.message.startswith(f"{SOURCE}: row 2: field 'messages' was rejected by the tokenizer's chat")
     assert "Conversation roles must alternate" in caught.value.message
+
+
+def test_template_rejection_names_the_files_line_or_the_rows_position_in_a_split(tmp_path):
+    strict = make_tokenizer(chat_template="{{ raise_exception('Conversation roles must alternate') }}")
+    plain, chat_row = {"prompt": "w1", "completion": "w2"}, chat(("user", "hi"), ("assistant", "hello"))
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(plain), "", json.dumps(chat_row)])
+    rows, source = load_rows(str(path))
+    rows = normalize_sft_rows(rows, source)
+    with pytest.raises(DataError, match=f"^{path}: line 3: field 'messages' was rejected"):
+        tokenize_sft(rows, strict, max_seq_len=16, source=source)
+    with pytest.raises(DataError, match=f"^{path}: row 1: field 'messages' was rejected"):  # lines unknown in a split
+        tokenize_sft(rows[1:], strict, max_seq_len=16, source=source)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

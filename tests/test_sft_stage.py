@@ -122,7 +122,7 @@ def test_bad_data_row_names_file_row_and_field(tmp_path):
     cfg = compose_stage("sft", [*FAST_SFT, f"data.path={path}"], tmp_path / "sft")
     with pytest.raises(DataError) as err:
         sft.run(cfg)
-    assert "demos.jsonl" in str(err.value) and "row 2" in str(err.value) and "completion" in str(err.value)
+    assert "demos.jsonl" in str(err.value) and "line 2" in str(err.value) and "completion" in str(err.value)
     assert not artifacts.is_finished(tmp_path / "sft")
 
 

@@ -41,7 +41,7 @@ def split_transcript(text: str) -> tuple[str, str]:
 
 
 def hh_to_sft(row: dict, where: str) -> dict:
-    """`{"prompt", "completion"}` from the row's "chosen" transcript; `where` ("file: row N") prefixes errors."""
+    """`{"prompt", "completion"}` from the row's "chosen" transcript; `where` (e.g. "file: line N") prefixes errors."""
     prompt, completion = _split_field(row, "chosen", where)
     return {"prompt": prompt, "completion": completion}
 

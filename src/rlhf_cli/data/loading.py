@@ -9,11 +9,16 @@ Policy:
   (A plain "contains os.sep" rule would misread every `owner/name` hub id as a path.)
 - `datasets` reports a malformed JSON Lines file as "An error occurred while generating the dataset", with a pyarrow
   message underneath whose row counts from 0 within the chunk being parsed (line 250,001 of a 34 MB file came out as
-  "in row 64410"). When it fails on a json file we scan the file ourselves and report the first line (row) that is
+  "in row 64410"). When it fails on a json file we scan the file ourselves and report the first line that is
   not valid JSON or not a JSON object, or else the first field whose type changes between rows.
+- Every line of a json or csv file must be UTF-8: the first that is not is a DataError naming its line and column
+  (`datasets` fails on it without naming a line). The file is read once in binary for this before `datasets` runs.
 - A CSV row with more fields than the header is a DataError (pandas would silently turn the extras into an index).
-- Rows are numbered from 1 (a CSV's header is not a row) and, for JSON Lines, equal the line number as long as the
-  file has no blank lines in the middle (`datasets` skips blank lines, so each one shifts later rows by one).
+- Errors name a row where an editor shows it. A row of a JSON Lines or CSV file is "file: line N": the 1-based line
+  it starts on, blank and whitespace-only lines counted (`datasets` and pandas skip those, so a row's index is not its
+  line), a CSV's header being a line too. Any other row (a JSON array's element, parquet, a hub dataset) is
+  "source: row N", counting rows from 1. `load_rows` returns the lines in its `Source`; `row_location` gives the text.
+  Should our count of a file's rows ever differ from what `datasets` loaded, its rows are named "row N" instead.
 - `datasets` merges the schemas of all rows: a field missing from one row comes back as `None` in that row. Callers
   should treat `None` as "missing".
 - An empty file, or one with no rows, is a DataError. `max_rows` keeps the first N rows.
@@ -24,12 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import gzip
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +51,52 @@ BUILDERS = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _JSON_HINT = "each line of a .jsonl file must be one JSON object, e.g. {\"prompt\": \"...\", \"completion\": \"...\"}"
+_UTF8_HINT = "re-save the file as UTF-8 (most editors offer 'Save with Encoding'), or fix the bytes on that line"
 
 
-def load_rows(path: str, split: str = "train", max_rows: int | None = None) -> tuple[list[dict], str]:
-    """Return the rows of a local data file or hub dataset, and a human-readable source name.
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where loaded rows came from.
 
-    The source name is the absolute file path for a local file, or the hub name. See the module docstring for the
-    policy on paths, hub names and errors.
+    `name` (also `str(source)`) is a local file's absolute path or the hub dataset name. `lines` holds the 1-based
+    line each row starts on, for a JSON Lines or CSV file, and is None where rows are not lines (a JSON array,
+    parquet, a hub dataset). Its repr leaves the lines out: they may be millions.
+    """
+
+    name: str
+    lines: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def row_location(source: Source | str, index: int) -> str:
+    """Where row `index` (0-based) of the rows loaded from `source` is, for error messages.
+
+    "{file}: line N" when `source` knows its rows' lines, else "{source}: row {index + 1}", which is also the text for
+    a plain string naming rows built in memory (e.g. "rollout").
+    """
+    if isinstance(source, Source) and source.lines is not None:
+        return f"{source}: line {source.lines[index]}"
+    return f"{source}: row {index + 1}"
+
+
+def source_for(rows: list, source: Source | str) -> Source | str:
+    """`source` when `rows` are as many as the rows it loaded, else its bare name.
+
+    A Source's lines hold only for the rows it was loaded with, in order. A held-out split, or what is left after
+    dropping rows, has fewer rows; naming those by their bare source makes their errors "row N", counting `rows`.
+    """
+    if isinstance(source, Source) and source.lines is not None and len(source.lines) != len(rows):
+        return source.name
+    return source
+
+
+def load_rows(path: str, split: str = "train", max_rows: int | None = None) -> tuple[list[dict], Source]:
+    """Return the rows of a local data file or hub dataset, and where they came from.
+
+    The Source's name is the absolute file path for a local file, or the hub name; for a JSON Lines or CSV file it
+    also holds each row's line. See the module docstring for the policy on paths, hub names and errors.
     """
     if max_rows is not None and max_rows < 1:
         raise ConfigError(
@@ -59,8 +104,8 @@ def load_rows(path: str, split: str = "train", max_rows: int | None = None) -> t
         )
     file = Path(path).expanduser()
     if file.exists():
-        rows = _load_local(file, path, max_rows)
-        source = str(file.resolve())
+        rows, lines = _load_local(file, path, max_rows)
+        source = Source(str(file.resolve()), lines)
     elif _looks_like_path(path):
         raise DataError(
             f"{path}: file not found",
@@ -68,7 +113,7 @@ def load_rows(path: str, split: str = "train", max_rows: int | None = None) -> t
         )
     else:
         rows = _load_hub(path, split, max_rows)
-        source = path
+        source = Source(path)
     if not rows:
         raise DataError(f"{path}: the data has no rows", hint="point the data path at a file with at least one example")
     return rows, source
@@ -88,7 +133,8 @@ def _extension(name: str) -> str | None:
     return next((ext for ext in BUILDERS if lower.endswith(ext)), None)
 
 
-def _load_local(file: Path, shown: str, max_rows: int | None) -> list[dict]:
+def _load_local(file: Path, shown: str, max_rows: int | None) -> tuple[list[dict], tuple[int, ...] | None]:
+    """The file's first `max_rows` rows, and the line each starts on (None where rows are not lines)."""
     if file.is_dir():
         raise DataError(
             f"{shown}: is a folder, not a data file", hint="point the data path at one .jsonl/.json/.csv/.parquet file"
@@ -102,6 +148,7 @@ def _load_local(file: Path, shown: str, max_rows: int | None) -> list[dict]:
     builder = BUILDERS[ext]
     try:
         blank = _is_blank(file, builder)
+        lines = None if blank or builder == "parquet" else _row_lines(file, shown, builder)
     except (OSError, EOFError) as error:  # unreadable, or a corrupt/truncated .gz
         raise DataError(
             f"{shown}: cannot read the file ({error})", hint="check the file is complete and, for .gz, really gzipped"
@@ -109,7 +156,7 @@ def _load_local(file: Path, shown: str, max_rows: int | None) -> list[dict]:
     if blank:
         raise DataError(f"{shown}: the file is empty", hint="point the data path at a file with at least one example")
     try:
-        rows = _load_with_datasets(builder, str(file), max_rows)
+        rows, total = _load_with_datasets(builder, str(file), max_rows)
     except Exception as error:  # noqa: BLE001 - any failure here is about the user's file; diagnose it below
         raise _diagnose(file, shown, builder, error) from error
     if builder == "csv" and rows and any(key.startswith("__index_level_") for key in rows[0]):
@@ -117,20 +164,89 @@ def _load_local(file: Path, shown: str, max_rows: int | None) -> list[dict]:
         raise _find_csv_problem(file, shown) or DataError(
             f"{shown}: some rows have more fields than the header", hint="quote values that contain commas"
         )
-    return rows
+    if lines is None or len(lines) != total:  # not line-based, or a layout we do not count as datasets does
+        return rows, None
+    return rows, lines[: len(rows)]
+
+
+def _row_lines(file: Path, shown: str, builder: str) -> tuple[int, ...] | None:
+    """The line each row of a JSON Lines or CSV file starts on (None for a JSON array), checking every line is UTF-8."""
+    lines = _utf8_lines(file, shown)
+    if builder == "csv":
+        return _csv_row_lines(lines)
+    if _is_json_array_file(file):
+        _read_all(lines)
+        return None
+    return tuple(number for number, text in lines if text.strip())
+
+
+def _utf8_lines(file: Path, shown: str) -> Iterator[tuple[int, str]]:
+    """Each line of a (possibly gzipped) file as (1-based number, text); a DataError at the first that is not UTF-8.
+
+    Lines end at b"\n" only; the text keeps its line ending.
+    """
+    opener = gzip.open if file.name.lower().endswith(".gz") else open
+    with opener(file, "rb") as handle:  # type: ignore[operator]
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _not_utf8(shown, number, raw, error) from None
+
+
+def _not_utf8(shown: str, number: int, raw: bytes, error: UnicodeDecodeError) -> DataError:
+    """'line N is not valid UTF-8 (byte 0x.. at column C)': C counts characters, as an editor shows the column."""
+    column = len(raw[: error.start].decode("utf-8")) + 1
+    return DataError(
+        f"{shown}: line {number} is not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {column})",
+        hint=_UTF8_HINT,
+    )
+
+
+def _read_all(lines: Iterable[object]) -> None:
+    """Read `lines` to the end: reading `_utf8_lines` is what checks them."""
+    for _ in lines:
+        pass
+
+
+def _csv_row_lines(lines: Iterator[tuple[int, str]]) -> tuple[int, ...] | None:
+    """The line each CSV data row starts on (the header is not a row); None if Python's csv module cannot parse it.
+
+    All lines are read even then, so that every one is checked to be UTF-8.
+    """
+    try:
+        starts = [number for number, _ in _csv_records(text for _, text in lines)]
+    except csv.Error:
+        _read_all(lines)
+        return None
+    return tuple(starts[1:])
+
+
+def _csv_records(texts: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line it starts on, fields) of each CSV record, header included, skipping blank and whitespace-only lines.
+
+    pandas skips those lines too. csv.reader reads an empty line as [] and a whitespace-only one as one field of
+    whitespace; a line holding just "" is one empty field, a row (of missing values) for pandas as well.
+    """
+    reader = csv.reader(texts)
+    start = 1
+    for fields in reader:
+        blank = not fields or (len(fields) == 1 and fields[0] != "" and not fields[0].strip())
+        if not blank:
+            yield start, fields
+        start = reader.line_num + 1
 
 
 def _find_csv_problem(file: Path, shown: str) -> DataError | None:
     """The first CSV row with more fields than the header, if any."""
-    with _open_text(file) as handle:
-        reader = csv.reader(handle)
-        width = len(next(reader, []))
-        for number, fields in enumerate(reader, start=1):
-            if len(fields) > width:
-                return DataError(
-                    f"{shown}: row {number} has {len(fields)} fields but the header has {width}",
-                    hint="quote values that contain commas, or add the missing column names to the header",
-                )
+    records = _csv_records(text for _, text in _utf8_lines(file, shown))
+    width = len(next(records, (0, []))[1])
+    for number, fields in records:
+        if len(fields) > width:
+            return DataError(
+                f"{shown}: line {number} has {len(fields)} fields but the header has {width}",
+                hint="quote values that contain commas, or add the missing column names to the header",
+            )
     return None
 
 
@@ -144,12 +260,13 @@ def _is_blank(file: Path, builder: str) -> bool:
         return all(not line.strip() for line in lines)
 
 
-def _load_with_datasets(builder: str, data_file: str, max_rows: int | None) -> list[dict]:
+def _load_with_datasets(builder: str, data_file: str, max_rows: int | None) -> tuple[list[dict], int]:
+    """The first `max_rows` rows of the file, and how many rows it has in all."""
     import datasets
 
     with tempfile.TemporaryDirectory(prefix="rlhf_cli_data_") as cache_dir, _quiet_datasets():
         dataset = datasets.load_dataset(builder, data_files=data_file, split="train", cache_dir=cache_dir)
-        return _first_rows(dataset, max_rows)
+        return _first_rows(dataset, max_rows), len(dataset)
 
 
 def _load_hub(name: str, split: str, max_rows: int | None) -> list[dict]:
@@ -213,17 +330,16 @@ def _innermost_message(error: BaseException) -> str:
 
 
 def _find_json_problem(file: Path, shown: str) -> DataError | None:
-    """Scan a json/jsonl file: the first unparsable row, non-object row, or field whose type changes."""
+    """Scan a json/jsonl file: the first unparsable line, non-object line, or field whose type changes."""
     if _is_json_array_file(file):
         return _find_json_array_problem(file, shown)
-    types: dict[str, tuple[str, int]] = {}
-    with _open_text(file) as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            problem = _check_json_line(line, f"{shown}: row {number}", number, types)
-            if problem is not None:
-                return problem
+    types: dict[str, tuple[str, str]] = {}
+    for number, line in _utf8_lines(file, shown):
+        if not line.strip():
+            continue
+        problem = _check_json_line(line, shown, f"line {number}", types)
+        if problem is not None:
+            return problem
     return None
 
 
@@ -236,7 +352,9 @@ def _is_json_array_file(file: Path) -> bool:
     return first.lstrip().startswith("[")
 
 
-def _check_json_line(line: str, where: str, number: int, types: dict[str, tuple[str, int]]) -> DataError | None:
+def _check_json_line(line: str, shown: str, place: str, types: dict[str, tuple[str, str]]) -> DataError | None:
+    """The problem with one line of a JSON Lines file (`place` is "line N"), if any."""
+    where = f"{shown}: {place}"
     try:
         value = json.loads(line)
     except json.JSONDecodeError as error:
@@ -246,19 +364,20 @@ def _check_json_line(line: str, where: str, number: int, types: dict[str, tuple[
         )
     if not isinstance(value, dict):
         return DataError(f"{where} is not a JSON object (it is {_json_type(value)})", hint=_JSON_HINT)
-    return _check_field_types(value, where, number, types)
+    return _check_field_types(value, shown, place, types)
 
 
-def _check_field_types(row: dict, where: str, number: int, types: dict[str, tuple[str, int]]) -> DataError | None:
-    """Record each field's JSON type; report the first field whose type differs from an earlier row (nulls aside)."""
+def _check_field_types(row: dict, shown: str, place: str, types: dict[str, tuple[str, str]]) -> DataError | None:
+    """Record each field's JSON type and where (`place`, "line N" or "row N") it was first seen; report the first
+    field whose type differs from an earlier row's (nulls aside)."""
     for field, value in row.items():
         kind = _json_type(value)
         if kind == "null":
             continue
-        seen = types.setdefault(field, (kind, number))
+        seen = types.setdefault(field, (kind, place))
         if seen[0] != kind:
             return DataError(
-                f"{where}: field '{field}' is {kind} but row {seen[1]} has {seen[0]}",
+                f"{shown}: {place}: field '{field}' is {kind} but {seen[1]} has {seen[0]}",
                 hint=f"give '{field}' the same type in every row (e.g. quote numbers meant as text)",
             )
     return None
@@ -277,12 +396,11 @@ def _find_json_array_problem(file: Path, shown: str) -> DataError | None:
         )
     if not isinstance(value, list):
         return None
-    types: dict[str, tuple[str, int]] = {}
+    types: dict[str, tuple[str, str]] = {}
     for number, item in enumerate(value, start=1):
-        where = f"{shown}: row {number}"
         if not isinstance(item, dict):
-            return DataError(f"{where} is not a JSON object (it is {_json_type(item)})", hint=_JSON_HINT)
-        problem = _check_field_types(item, where, number, types)
+            return DataError(f"{shown}: row {number} is not a JSON object (it is {_json_type(item)})", hint=_JSON_HINT)
+        problem = _check_field_types(item, shown, f"row {number}", types)
         if problem is not None:
             return problem
     return None
@@ -304,7 +422,7 @@ def _json_type(value: object) -> str:
 
 @contextlib.contextmanager
 def _open_text(file: Path) -> Iterator[Any]:
-    """Open a possibly gzipped text file, decoding UTF-8 and replacing undecodable bytes."""
+    """Open a possibly gzipped text file, decoding UTF-8 and replacing undecodable bytes (`_utf8_lines` finds those)."""
     opener = gzip.open if file.name.lower().endswith(".gz") else open
     with opener(file, "rt", encoding="utf-8", errors="replace") as handle:  # type: ignore[operator]
         yield handle

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from rlhf_cli.data.hh import ASSISTANT, hh_to_preference
+from rlhf_cli.data.loading import Source, row_location, source_for
 from rlhf_cli.data.sft import _bos_policy, _check_message, _encode, _kind, _present, _split_bos, render, truncate_pair
 from rlhf_cli.errors import ConfigError, DataError
 
@@ -51,7 +52,7 @@ _SKIP_HINT = "fix the row, or set data.skip_invalid=true to drop such rows (they
 
 
 def normalize_preference_rows(
-    rows: list[dict], source: str, fmt: str = "auto", skip_invalid: bool = False
+    rows: list[dict], source: Source | str, fmt: str = "auto", skip_invalid: bool = False
 ) -> tuple[list[dict], dict]:
     """Validate `rows` and return them normalised, plus stats.
 
@@ -59,7 +60,8 @@ def normalize_preference_rows(
     "chosen": str, "rejected": str}` (chat; chosen/rejected are the assistant replies' contents), plus
     `"margin": float` when the row gives one; other fields are dropped.
 
-    Raise DataError naming `source`, the 1-based row and the field for: a missing field, a wrong type, malformed
+    Raise DataError naming the row (`loading.row_location`: its file and line, or "row N") and the field for: a
+    missing field, a wrong type, malformed
     messages, conversations that do not share a prompt, a margin that is not a finite number; and for invalid pairs
     (chosen == rejected, or both responses blank) unless `skip_invalid`, which drops and counts them instead.
     Stats: `{"rows": kept, "dropped_identical": k, "dropped_empty": k, "empty_response": kept pairs with one blank
@@ -69,8 +71,8 @@ def normalize_preference_rows(
         raise DataError(f"unknown preference data format '{fmt}'", hint=f"use one of: {', '.join(FORMATS)}")
     normalised: list[dict] = []
     stats = {"rows": 0, "dropped_identical": 0, "dropped_empty": 0, "empty_response": 0}
-    for number, row in enumerate(rows, start=1):
-        where = f"{source}: row {number}"
+    for index, row in enumerate(rows):
+        where = row_location(source, index)
         if not isinstance(row, dict):
             raise DataError(f"{where} is not an object (got {type(row).__name__})", hint=_HINTS["text"])
         row_fmt = fmt if fmt != "auto" else _detect_format(row, where)
@@ -258,7 +260,7 @@ def _conversation(row: dict, field: str) -> dict:
 
 
 def tokenize_pairs(
-    rows: list[dict], tokenizer: Any, max_seq_len: int, encoder: bool, *, source: str = "data"
+    rows: list[dict], tokenizer: Any, max_seq_len: int, encoder: bool, *, source: Source | str = "data"
 ) -> tuple[list[dict], dict]:
     """Tokenise normalised rows into `{"chosen_ids", "rejected_ids", "margin"}` examples, plus stats.
 
@@ -284,8 +286,8 @@ def tokenize_pairs(
     truncated when either side was.
 
     Stats: `{"pairs": n, "truncated": pairs cut, "tokens": total ids over both sides}`. `source` names the data in
-    errors raised while rendering (a chat template rejecting the prompt messages); their row numbers count the rows
-    given here, which are the file's rows only when normalising dropped none.
+    errors raised while rendering (a chat template rejecting the prompt messages): by file and line when `rows` are
+    all the rows it loaded, else as "row N" counting the rows given here (`loading.source_for`).
     """
     if encoder:
         layout = _encoder_layout(tokenizer)
@@ -304,7 +306,8 @@ def tokenize_pairs(
             )
         if tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token", hint="use a tokenizer with an eos_token")
-    texts = [_render_or_fail(row, tokenizer, f"{source}: row {number}") for number, row in enumerate(rows, start=1)]
+    named = source_for(rows, source)
+    texts = [_render_or_fail(row, tokenizer, row_location(named, index)) for index, row in enumerate(rows)]
     prompts = _encode([text[0] for text in texts], tokenizer)
     chosen = _encode([text[1] for text in texts], tokenizer)
     rejected = _encode([text[2] for text in texts], tokenizer)

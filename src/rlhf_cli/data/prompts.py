@@ -10,14 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf_cli.data import hh
+from rlhf_cli.data.loading import Source, row_location
 from rlhf_cli.data.sft import render
 from rlhf_cli.errors import DataError
 
 
-def prompt_texts(rows: list[dict], source: str, tokenizer: Any) -> list[str]:
+def prompt_texts(rows: list[dict], source: Source | str, tokenizer: Any) -> list[str]:
+    """The prompt text of each row; a DataError naming the row (`loading.row_location`) for a row without one."""
     texts = []
-    for number, row in enumerate(rows, start=1):
-        where = f"{source}: row {number}"
+    for index, row in enumerate(rows):
+        where = row_location(source, index)
         prompt = row.get("prompt")
         if isinstance(prompt, str) and prompt.strip():
             texts.append(prompt)

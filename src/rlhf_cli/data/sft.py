@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rlhf_cli.data.hh import hh_to_sft
+from rlhf_cli.data.loading import Source, row_location, source_for
 from rlhf_cli.errors import ConfigError, DataError
 
 FORMATS = ("auto", "prompt_completion", "messages", "hh")
@@ -37,18 +38,19 @@ _HINTS = {
 # Normalising
 
 
-def normalize_sft_rows(rows: list[dict], source: str, fmt: str = "auto") -> list[dict]:
+def normalize_sft_rows(rows: list[dict], source: Source | str, fmt: str = "auto") -> list[dict]:
     """Validate `rows` and return them as `{"prompt", "completion"}` or `{"messages"}` rows (other fields dropped).
 
-    Raise DataError naming `source`, the 1-based row and the field for: a missing field, a wrong type, an empty
+    Raise DataError naming the row (`loading.row_location`: its file and line, or "row N") and the field for: a
+    missing field, a wrong type, an empty
     (blank) completion or final assistant message, a chat not ending with an assistant message or with nothing
     before it, a role outside system/user/assistant. An empty HH reply is allowed (see `rlhf_cli.data.hh`).
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown SFT data format '{fmt}'", hint=f"use one of: {', '.join(FORMATS)}")
     normalised = []
-    for number, row in enumerate(rows, start=1):
-        where = f"{source}: row {number}"
+    for index, row in enumerate(rows):
+        where = row_location(source, index)
         if not isinstance(row, dict):
             raise DataError(f"{where} is not an object (got {type(row).__name__})", hint=_HINTS["prompt_completion"])
         row_fmt = fmt if fmt != "auto" else _detect_format(row, where)
@@ -173,7 +175,7 @@ def render(row: dict, tokenizer: Any) -> tuple[str, str]:
 
 
 def tokenize_sft(
-    rows: list[dict], tokenizer: Any, max_seq_len: int, completion_only: bool = True, *, source: str = "data"
+    rows: list[dict], tokenizer: Any, max_seq_len: int, completion_only: bool = True, *, source: Source | str = "data"
 ) -> tuple[list[dict], dict]:
     """Tokenise normalised rows into `{"input_ids", "labels"}` examples, plus stats.
 
@@ -193,7 +195,8 @@ def tokenize_sft(
     - The prompt keeps the remaining budget from its END (left truncation, so the end of the dialogue survives).
 
     Stats: `{"rows": n, "truncated": rows cut, "tokens": total ids, "completion_tokens": total supervised labels}`.
-    `source` only names the data in errors raised while rendering (e.g. a chat template that rejects a conversation).
+    `source` only names the data in errors raised while rendering (e.g. a chat template that rejects a conversation):
+    by file and line when `rows` are all the rows it loaded, else as "row N" counting `rows` (`loading.source_for`).
     """
     bos_id, adds_bos = _bos_policy(tokenizer)
     minimum = 2 if bos_id is None else 3
@@ -203,7 +206,8 @@ def tokenize_sft(
         )
     if tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token", hint="use a tokenizer with an eos_token")
-    texts = [_render_or_fail(row, tokenizer, f"{source}: row {number}") for number, row in enumerate(rows, start=1)]
+    named = source_for(rows, source)
+    texts = [_render_or_fail(row, tokenizer, row_location(named, index)) for index, row in enumerate(rows)]
     prompt_ids = _encode([prompt for prompt, _ in texts], tokenizer)
     completion_ids = _encode([completion for _, completion in texts], tokenizer)
     examples, truncated = [], 0
