@@ -150,6 +150,34 @@ def test_rule_violations_name_the_key(override, key, tmp_path):
         _finalize("sft", [override], tmp_path)
 
 
+@pytest.mark.parametrize("stage,override", [
+    ("sft", "optim.lr=nan"), ("sft", "optim.lr=inf"), ("reward", "optim.max_grad_norm=nan"),
+    ("ppo", "ppo.kl_coef=nan"), ("ppo", "ppo.temperature=inf"), ("ppo", "ppo.score_clip=nan"),
+    ("eval", "temperature=nan"),
+])
+def test_non_finite_numbers_are_refused_at_compose_time(stage, override, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key) + r"=(nan|inf) is not a finite number"):
+        _finalize(stage, [override], tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "team/a", "/tmp/abs", ".hidden", ".."])
+def test_experiment_must_be_one_safe_name(name, tmp_path):
+    with pytest.raises(ConfigError, match="is not a single name"):
+        _finalize("sft", [f"experiment={name}"], tmp_path)
+
+
+def test_config_diff_ignores_how_a_run_is_launched():
+    from rlhf_cli.config import config_diff, to_dict
+
+    a = to_dict(SFTConfig())
+    b = to_dict(SFTConfig(experiment="x", resume=True, logger="tensorboard"))
+    b["train"]["micro_batch_size"], b["train"]["checkpoint_every"] = 8, 5
+    assert config_diff(a, b) == {}
+    b["optim"]["lr"], b["model"]["name_or_path"] = 0.5, "/m"
+    assert config_diff(a, b) == {"model.name_or_path": ("builtin:tiny", "/m"), "optim.lr": (1e-3, 0.5)}
+
+
 def test_relative_paths_become_absolute_once(tmp_path, monkeypatch):
     (tmp_path / "d.jsonl").write_text("{}\n")
     monkeypatch.chdir(tmp_path)

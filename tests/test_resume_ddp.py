@@ -83,6 +83,20 @@ def test_resume_after_kill_gives_identical_weights(stage, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == final_step  # no step logged twice after the resume
+    # and what the summary, the manifest and the logs report is what the uninterrupted run reported
+    straight_dir = tmp_path / "runs" / "straight" / stage
+    assert _computed(_manifest_metrics(run_dir)) == _computed(_manifest_metrics(straight_dir))
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight_dir, run_dir)]
+    assert [_computed(r) for r in rows[1]] == [_computed(r) for r in rows[0]]
+
+
+def _manifest_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())["metrics"]
+
+
+def _computed(metrics: dict) -> dict:
+    """Metrics without the timing ones (how fast, not what was computed)."""
+    return {k: v for k, v in metrics.items() if k != "time" and not k.endswith("_per_s")}
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

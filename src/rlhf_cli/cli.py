@@ -4,13 +4,15 @@ The first word picks the stage; everything after it goes to Hydra untouched, so 
 `--help`, `--config-dir`, `hydra/launcher=...` and shell completion behave as Hydra users expect. A new stage slots
 in by adding one line to STAGES and one `conf/<stage>.yaml`.
 
-This is the only place that prints errors and decides the exit code: user mistakes (the project's exceptions, and
-Hydra's composition errors: a misspelled key, a wrong type) become one red line plus a hint and exit code 2; bugs
-keep their traceback.
+This is the only place that prints errors and decides the exit code: problems the user can fix (the project's
+exceptions, Hydra's composition errors such as a misspelled key or a wrong type, and a file system that refuses a
+write) become one red line plus a hint and exit code 2 (3 when training diverged, see errors.py); bugs keep their
+traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -29,6 +31,8 @@ STAGES: dict[str, tuple[str, str]] = {
 NOT_HYDRA = {"pipeline"}  # dispatches to the other stages itself
 
 EXIT_USER_ERROR = 2
+# A write the file system refused is the user's to fix (free space, permissions), not a bug.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
 def conf_dir() -> Path:
@@ -48,22 +52,43 @@ def _usage(console: Console) -> None:
     console.print("\n`rlhf <stage> --help` lists a stage's config groups and keys.")
 
 
+def _project_error(exc: BaseException):
+    """The project's own exception in exc's chain (a resolver's ConfigError arrives wrapped by OmegaConf), or a
+    file-system refusal turned into a StorageError; else None."""
+    from rlhf_cli.artifacts import write_failure
+    from rlhf_cli.errors import RlhfError, StorageError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, RlhfError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    refused = exc.errno in STORAGE_ERRNOS if isinstance(exc, OSError) else write_failure(exc) is not None
+    if refused:
+        return StorageError(f"could not write a file ({write_failure(exc)})",
+                            hint="check that the directory is writable and its disk has free space (or pick another "
+                                 "root=), then run again; finished artifacts and checkpoints are untouched")
+    return None
+
+
 def _is_user_error(exc: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from rlhf_cli.errors import RlhfError
+    return _project_error(exc) is not None or isinstance(exc, (HydraException, OmegaConfBaseException))
 
-    return isinstance(exc, (RlhfError, HydraException, OmegaConfBaseException))
+
+def _exit_code(exc: BaseException) -> int:
+    own = _project_error(exc)
+    return own.exit_code if own is not None else EXIT_USER_ERROR
 
 
 def _report(console: Console, exc: BaseException) -> None:
-    from rlhf_cli.errors import RlhfError
-
-    if isinstance(exc, RlhfError):
-        console.print(f"[bold red]{exc.kind}:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
-        if exc.hint:
-            console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False, soft_wrap=True)
+    own = _project_error(exc)
+    if own is not None:
+        console.print(f"[bold red]{own.kind}:[/bold red] {own.message}", highlight=False, soft_wrap=True)
+        if own.hint:
+            console.print(f"[yellow]hint:[/yellow] {own.hint}", highlight=False, soft_wrap=True)
         return
     # Hydra/OmegaConf composition errors: the wrapper says which override, the cause says which key and why.
     parts = [str(exc).strip()]
@@ -100,8 +125,6 @@ def run_stage(stage: str, args: list[str]) -> int:
         OmegaConf.register_new_resolver("rlhf_stage_help", lambda name: STAGES[name][1])
     if "-m" in args or "--multirun" in args:
         args = [*args, _job_dir_naming(args)]
-    if os.environ.get("RANK", "0") != "0":
-        args = [*args, "hydra.output_subdir=null"]  # under torchrun only rank 0 writes Hydra's files
 
     from rlhf_cli.errors import RlhfError
 
@@ -112,10 +135,11 @@ def run_stage(stage: str, args: list[str]) -> int:
         try:
             stage_cfg = finalize(cfg)  # config mistakes surface here, before torch or any model loads
             importlib.import_module(STAGES[stage][0]).run(stage_cfg)
-        except RlhfError as exc:
-            if wants_traceback:
+        except Exception as exc:  # noqa: BLE001 - the user's problems are collected, bugs go on up
+            own = _project_error(exc)
+            if wants_traceback or own is None:
                 raise
-            failed.append(exc)
+            failed.append(own)
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
     completing = "-sc" in args or "--shell-completion" in args
@@ -126,10 +150,10 @@ def run_stage(stage: str, args: list[str]) -> int:
         if wants_traceback or not _is_user_error(exc):
             raise
         _report(Console(stderr=True), exc)
-        return EXIT_USER_ERROR
+        return _exit_code(exc)
     for exc in failed:
         _report(Console(stderr=True), exc)
-    return EXIT_USER_ERROR if failed else 0
+    return max((exc.exit_code for exc in failed), default=0)
 
 
 def _complete(argv: list[str], console: Console) -> int:
@@ -160,7 +184,7 @@ def _run_plain(stage: str, args: list[str]) -> int:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _is_user_error(exc):
             raise
         _report(Console(stderr=True), exc)
-        return EXIT_USER_ERROR
+        return _exit_code(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ runs on, checks required values and cross-field rules, and makes every path abso
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -18,6 +19,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from rlhf_cli.artifacts import check_experiment, stage_dir
 from rlhf_cli.errors import ConfigError
 
 BUILTIN_TINY = "builtin:tiny"
@@ -112,6 +114,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # auto: CUDA when present (bf16 autocast where supported), else CPU fp32.
     device: str = "auto"
+    # An optimizer step whose loss or gradient norm is NaN/inf is skipped (no update) at most this many times over
+    # the run; one more stops the stage (exit code 3). 0: stop at the first.
+    max_skipped_steps: int = 0
 
 
 @dataclass
@@ -201,6 +206,9 @@ class PPOTrainConfig:
     # PPO keeps more checkpoints than the other stages: `rlhf eval` draws the over-optimisation curve from them.
     keep_checkpoints: int = 6
     device: str = "auto"
+    # An optimizer step whose loss or gradient norm is NaN/inf is skipped (no update) at most this many times over
+    # the run; one more stops the stage (exit code 3). 0: stop at the first.
+    max_skipped_steps: int = 0
 
 
 @dataclass
@@ -228,8 +236,14 @@ class StageConfig:
     seed: int = 0
     # Replace a finished artifact in run_dir (otherwise the stage refuses to overwrite it).
     overwrite: bool = False
-    # Continue an unfinished run from its latest checkpoint.
+    # Continue an unfinished run from its latest checkpoint (the config and data must be the ones it started with).
     resume: bool = False
+    # Resume even though the config or the training data differ from the interrupted run's (the differences are
+    # printed); e.g. a lower optim.lr after a divergence.
+    force_resume: bool = False
+    # How upstream models and checkpoints are checked against what was recorded when they were written: auto (names
+    # and sizes, plus a sha256 of the content when it is under 1 GiB) | full (always the sha256) | sizes.
+    artifact_check: str = "auto"
     # none | tensorboard (needs the `tensorboard` extra); metrics.jsonl is always written.
     logger: str = "none"
 
@@ -315,6 +329,8 @@ def _slug(text: str, num: Any = 0) -> str:
 
 if not OmegaConf.has_resolver("rlhf_slug"):
     OmegaConf.register_new_resolver("rlhf_slug", _slug)
+if not OmegaConf.has_resolver("rlhf_stage_dir"):  # Hydra's run directory: refuses unsafe experiment names
+    OmegaConf.register_new_resolver("rlhf_stage_dir", lambda root, exp, stage: str(stage_dir(root, exp, stage)))
 
 CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -323,7 +339,44 @@ CHOICES = {
     "ppo.kl_estimator": ("k1", "k3"),
     "train.device": ("auto", "cpu", "cuda"),
     "logger": ("none", "tensorboard"),
+    "artifact_check": ("auto", "full", "sizes"),
 }
+
+# Keys that say how to run, not what is trained: a difference in them neither makes a finished artifact stale
+# (`rlhf pipeline`) nor stops an interrupted run from resuming. Micro-batch sizes only split the same step.
+RUN_KEYS = ("run_dir", "root", "experiment", "resume", "overwrite", "force_resume", "logger", "artifact_check",
+            "train.device", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+            "train.sample_every", "train.micro_batch_size", "train.rollout_micro_batch_size")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for the keys that differ, RUN_KEYS aside."""
+    a, b = flatten(old), flatten(new)
+    changed = {}
+    for key in sorted(set(a) | set(b)):
+        if key in RUN_KEYS or key.split(".")[0] in RUN_KEYS:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            changed[key] = (a.get(key, "<absent>"), b.get(key, "<absent>"))
+    return changed
+
+
+def describe_diff(changed: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+    """optim.lr 0.001 -> 0.0001, train.max_steps 300 -> 600 (and 2 more)"""
+    parts = [f"{k} {old} -> {new}" for k, (old, new) in list(changed.items())[:limit]]
+    more = len(changed) - limit
+    return ", ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -332,8 +385,20 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float knob is a real number: `optim.lr=nan` or `inf` would only surface deep inside torch."""
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number", hint=f"set {key} to a real number")
+
+
 def _check(cfg: Any) -> None:
     """Cross-field rules that a type alone cannot express."""
+    _check_finite(cfg)
+    check_experiment(cfg.experiment)
     for key, allowed in CHOICES.items():
         try:
             value = _get(cfg, key)
@@ -369,6 +434,8 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"data.toy.label_noise={data.toy.label_noise} must be in [0, 0.5)")
     if data is not None and not 0.0 <= data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
+    if train is not None and getattr(train, "max_skipped_steps", 0) < 0:
+        raise ConfigError(f"train.max_skipped_steps={train.max_skipped_steps} must be >= 0")
 
 
 def _check_ppo(ppo: PPOAlgoConfig, train: PPOTrainConfig) -> None:

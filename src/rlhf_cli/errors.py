@@ -1,17 +1,21 @@
-"""The project's exceptions for user mistakes.
+"""The project's exceptions for problems a user can fix, and the exit code of each.
 
-Raise one of these when the *user* got something wrong (a config value, a data row, a missing upstream artifact).
-`rlhf_cli.cli` turns them into one red line plus a hint and exit code 2. Anything else is a bug and keeps its
-traceback.
+Raise one of these when the *user* got something wrong or must act (a config value, a data row, a missing or
+damaged artifact, a full disk, a run that diverged). `rlhf_cli.cli` turns them into one red line plus a hint and
+the class's exit code. Anything else is a bug and keeps its traceback.
+
+Exit codes: 0 success; 1 a bug (with its traceback); 2 a config, data, artifact or storage problem; 3 training
+diverged (a NaN or inf loss, gradient norm, score or KL).
 """
 
 from __future__ import annotations
 
 
 class RlhfError(Exception):
-    """A user mistake: `message` says what and where, `hint` says how to fix it."""
+    """A problem the user can fix: `message` says what and where, `hint` says how to fix it."""
 
     kind = "error"
+    exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -32,3 +36,16 @@ class DataError(RlhfError):
 
 class ArtifactError(RlhfError):
     kind = "artifact error"
+
+
+class StorageError(RlhfError):
+    """A file could not be written or read back: disk full, read-only directory, permissions."""
+
+    kind = "storage error"
+
+
+class DivergedError(RlhfError):
+    """Training produced a non-finite number; the stage stopped before it could reach the weights or a file."""
+
+    kind = "training diverged"
+    exit_code = 3

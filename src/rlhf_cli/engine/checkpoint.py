@@ -1,10 +1,14 @@
 """Checkpoints: the full training state under run_dir/checkpoints/step-N/, written atomically.
 
 A checkpoint holds every model being trained (safetensors), the optimizer and scheduler states, the RNG states, and
-a JSON `state` with the stage's counters (step, data position, ...). It is written to a hidden temporary directory
-and renamed into place, so a kill at any moment leaves either the old set of checkpoints or the new one, never a
-half-written step. Tensors are read back with `torch.load(weights_only=True)`, weights with safetensors. Nothing in
-it depends on the world size: only rank 0 writes, and every rank reads.
+a JSON `state` with the stage's counters (step, data position, ...), the run's config, and the name and size (and,
+when small, the sha256) of every file beside it. It is written to a hidden temporary directory and renamed into
+place, so a kill at any moment leaves either the old set of checkpoints or the new one, never a half-written step;
+a failed write (disk full, permissions) removes its temporary directory and says so in one message. Before a
+resume, `verify` checks the files against their record, so a damaged or altered checkpoint is refused by name
+instead of failing deep inside torch (or, worse, loading). Tensors are read back with
+`torch.load(weights_only=True)`, weights with safetensors. Nothing in it depends on the world size: only rank 0
+writes, and every rank reads.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from rlhf_cli import artifacts
+from rlhf_cli.errors import ArtifactError
+
+STATE = "state.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -43,24 +51,39 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(ckpt_root: Path, step: int, models: dict, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoint `step-<step>` atomically, then keep only the newest `keep`. Call on rank 0 only."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def save(ckpt_root: Path, step: int, models: dict, optimizer, scheduler, state: dict, keep: int,
+         check: str = "auto") -> Path:
+    """Write checkpoint `step-<step>` atomically, then keep only the newest `keep`. Call on rank 0 only.
+    A failed write leaves the earlier checkpoints as they were and raises a StorageError naming the last good one."""
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".step-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, model in models.items():
-        save_model(unwrap(model), str(tmp / f"{name}.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = rng_state()
-    rng["python"] = _py_state_to_json(rng["python"])
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():  # a re-run of a step after resume: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, model in models.items():
+            save_model(unwrap(model), str(tmp / f"{name}.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = rng_state()
+        rng["python"] = _py_state_to_json(rng["python"])
+        torch.save(rng, tmp / "rng.pt")
+        files = artifacts.file_sizes(tmp)
+        sha = artifacts.content_hash(tmp, list(files)) if artifacts.wants_full_check(sum(files.values()), check) else None
+        (tmp / STATE).write_text(artifacts.dumps({**state, "files": files, "sha256": sha}, indent=1))
+        if final.exists():  # a re-run of a step after resume: replace it, never leaving neither
+            os.rename(final, ckpt_root / f".step-{step}.old-{os.getpid()}")
+        os.rename(tmp, final)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if artifacts.write_failure(exc) is None:
+            raise
+        last = latest(ckpt_root)
+        raise artifacts.storage_error(
+            f"checkpoint step-{step}", exc,
+            hint=f"free space on that disk (or lower train.keep_checkpoints) or fix its permissions, then continue "
+                 f"with resume=true from {last if last else 'the start (no checkpoint was written yet)'}") from exc
+    shutil.rmtree(ckpt_root / f".step-{step}.old-{os.getpid()}", ignore_errors=True)
     for old in list_steps(ckpt_root)[:-keep]:
         shutil.rmtree(ckpt_root / f"step-{old}", ignore_errors=True)
     return final
@@ -73,7 +96,7 @@ def list_steps(ckpt_root: Path) -> list[int]:
     steps = []
     for child in ckpt_root.iterdir():
         m = _STEP.match(child.name)
-        if m and (child / "state.json").is_file():
+        if m and (child / STATE).is_file():
             steps.append(int(m.group(1)))
     return sorted(steps)
 
@@ -87,23 +110,55 @@ def clean_partial(ckpt_root: Path) -> None:
     """Remove the temporary directories a killed save left behind."""
     if ckpt_root.is_dir():
         for child in ckpt_root.iterdir():
-            if child.name.startswith(".step-"):
+            if child.name.startswith(".step-"):  # .step-N.tmp-<pid>, .step-N.old-<pid>
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def load(path: Path, models: dict, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
-    """Load a checkpoint into the given objects; returns its `state` dict."""
-    for name, model in models.items():
-        load_model(unwrap(model), str(path / f"{name}.safetensors"))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if restore_rng:
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        rng["python"] = _py_state_from_json(rng["python"])
-        set_rng_state(rng)
-    return json.loads((path / "state.json").read_text())
+def _damaged(path: Path, problem: str) -> ArtifactError:
+    earlier = [s for s in list_steps(path.parent) if f"step-{s}" != path.name]
+    fallback = (f"delete {path} to continue from step-{earlier[-1]}, the previous checkpoint, or start over"
+                if earlier else "start over")
+    return ArtifactError(f"checkpoint {path} is damaged: {problem}",
+                         hint=f"{fallback} with overwrite=true")
+
+
+def verify(path: Path, check: str = "auto") -> dict:
+    """A checkpoint's state, after checking its files against the names, sizes and sha256 recorded when it was
+    written (`artifacts.verify_files`); a damaged one raises ArtifactError naming the file and what to do."""
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, f"{STATE} cannot be read ({exc})") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _damaged(path, f"{STATE} holds no step counter")
+    files, sha = state.pop("files", None), state.pop("sha256", None)
+    if files is not None:  # checkpoints written before files were recorded have only what torch itself checks
+        problem = artifacts.verify_files(path, files, sha, check)
+        if problem:
+            raise _damaged(path, problem)
+    return state
+
+
+def load(path: Path, models: dict, optimizer=None, scheduler=None, restore_rng: bool = True,
+         check: str | None = None) -> dict:
+    """Load a checkpoint into the given objects; returns its `state` dict. `check` (auto | full | sizes) verifies
+    the files first; a file that does not load raises ArtifactError naming it."""
+    state = verify(path, check) if check else None
+    try:
+        for name, model in models.items():
+            load_model(unwrap(model), str(path / f"{name}.safetensors"))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if scheduler is not None:
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if restore_rng:
+            rng = torch.load(path / "rng.pt", weights_only=True)
+            rng["python"] = _py_state_from_json(rng["python"])
+            set_rng_state(rng)
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch and pickle each raise their own types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _damaged(path, f"it does not load ({first})") from exc
+    return state if state is not None else verify(path, "sizes")
 
 
 def _py_state_to_json(state) -> list:

@@ -1,10 +1,14 @@
-"""AdamW and the learning-rate schedule: linear warmup, then cosine or linear decay to lr * min_lr_ratio."""
+"""AdamW, the learning-rate schedule (linear warmup, then cosine or linear decay to lr * min_lr_ratio), and the
+optimizer step every stage takes."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+
+from rlhf_cli.engine.guard import Guard
 
 
 def build_optimizer(params, cfg) -> torch.optim.AdamW:
@@ -39,3 +43,31 @@ def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_schedule
         optimizer,
         lambda step: lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio),
     )
+
+
+def apply_hyperparameters(optimizer, scheduler, cfg) -> None:
+    """Set lr, betas, eps and weight decay from the config after a checkpoint's state was loaded, so a resumed run
+    follows its config (the same values in a plain resume; the new ones under force_resume=true) rather than the
+    values the saved optimizer and scheduler states carry. Groups as `build_optimizer` makes them: [decay, none]."""
+    for group in optimizer.param_groups:
+        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, initial_lr=cfg.lr)
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+
+
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float, guard: Guard, step: int, loss: float):
+    """Clip the gradients, step the optimizer and the schedule, zero the gradients; returns the gradient norm
+    before clipping. A NaN/inf loss or gradient norm (`guard.step_ok`) drops the update instead, or stops the stage
+    once train.max_skipped_steps is spent: the weights never see it. The schedule advances either way, so the
+    learning rate stays a function of the step. Returns None for a skipped step."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    ok = guard.step_ok(step, loss=loss, gradient_norm=grad_norm)
+    with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule moves before the weights
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        if ok:
+            optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm if ok else None

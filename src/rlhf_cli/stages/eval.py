@@ -28,7 +28,6 @@ eval.json is a report, not a model artifact: a re-run replaces it (there is no o
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from rlhf_cli.data import toy
 from rlhf_cli.data.loading import load_rows
 from rlhf_cli.data.prompts import prompt_texts
 from rlhf_cli.data.sft import encode_prompts
-from rlhf_cli.engine import checkpoint, device as dev
+from rlhf_cli.engine import checkpoint, device as dev, rundir
 from rlhf_cli.engine.logging import console, fmt, metrics_text, progress_bar, summary_table
 from rlhf_cli.engine.rollout import response_logprobs, rollout, score_responses
 from rlhf_cli.errors import ArtifactError, ConfigError
@@ -84,8 +83,13 @@ def run(cfg: EvalConfig) -> dict:
     # held-out prompts, the run directory
     prompts, source = load_prompts(cfg, tokenizer)
     prompt_ids, prompts_cut = encode_prompts(prompts, tokenizer, cfg.data.max_seq_len - cfg.response_length)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(to_dict(cfg)))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(to_dict(cfg)))
+        rundir.write_hydra_record(run_dir)
+    except OSError as exc:
+        raise artifacts.storage_error(f"the eval directory {run_dir}", exc,
+                                      hint="check that it is writable and the disk has free space") from exc
     curve_points = {pol["name"]: ppo_checkpoints(pol) if cfg.checkpoints else [] for pol in policies}
     distinct = {pol["model"] for pol in policies} | {str(path) for pts in curve_points.values() for _, path in pts}
     distinct |= {reference_path} if any(curve_points.values()) else set()
@@ -127,7 +131,7 @@ def run(cfg: EvalConfig) -> dict:
             if model is None:  # its numbers came from the cache: load it for the architecture
                 model, _, _ = load_causal_lm(ModelConfig(name_or_path=pol["model"]), device, dropout=False)
             for step, path in curve_points[pol["name"]]:
-                checkpoint.load(path, {"policy": model}, restore_rng=False)
+                checkpoint.load(path, {"policy": model}, restore_rng=False, check=cfg.artifact_check)
                 labels[str(path)] = f"{pol['name']} step {step}"
                 curve.append({"step": step, "model": str(path)} | summarise(measure(str(path), model)[0], baseline))
             curves[pol["name"]] = curve
@@ -142,13 +146,17 @@ def run(cfg: EvalConfig) -> dict:
         "reference": reference_path,
         "reward_model": reward_path,
         "reward_same_tokenizer": same_tokens,
-        "prompts": {"source": source, "count": len(prompts), "cut": prompts_cut},
+        "prompts": {"source": str(source), "count": len(prompts), "cut": prompts_cut},
         "policies": results,
         "curves": curves,
         "config": to_dict(cfg),
         "versions": artifacts.package_versions(),
     }
-    artifacts.write_text_atomic(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    try:
+        artifacts.write_text_atomic(run_dir / "eval.json", artifacts.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        raise artifacts.storage_error("eval.json", exc, hint="check that the eval directory is writable and the disk "
+                                                              "has free space") from exc
     show_tables(con, report, with_gold, run_dir)
     return report
 
@@ -176,7 +184,7 @@ def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key:
         raise ArtifactError(f"{key}: {path} does not exist",
                             hint="pass a finished run directory, a model directory, a hub id or builtin:tiny")
     try:
-        return artifacts.upstream(path, cfg.root, cfg.experiment, stage, kind)
+        return artifacts.upstream(path, cfg.root, cfg.experiment, stage, kind, cfg.artifact_check)
     except ArtifactError as exc:
         if exc.hint:
             exc.hint = exc.hint.replace("model.name_or_path=<model or run directory>", f"{key}=<run directory>")

@@ -24,14 +24,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import SCHEMAS, conf_dir, finalize, register_configs, to_dict
+from rlhf_cli.config import SCHEMAS, conf_dir, config_diff, finalize, register_configs, to_dict
 from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ArtifactError, ConfigError
 
 ORDER = ("sft", "reward", "ppo", "eval")
 GROUPS = ("model", "data", "optim")
-# Keys that say how to run, not what to train: a difference in them does not make an artifact stale.
-RUN_KEYS = {"run_dir", "root", "resume", "overwrite", "logger", "experiment"}
 HELP = __doc__
 
 
@@ -74,24 +72,14 @@ def compose(stage: str, overrides: list[str]):
         cfg = hydra_compose(config_name=stage, overrides=[*overrides, "run_dir=."])
     GlobalHydra.instance().clear()
     obj = finalize(cfg)
-    obj.run_dir = str(Path(obj.root) / obj.experiment / stage)
+    obj.run_dir = str(artifacts.stage_dir(obj.root, obj.experiment, stage))
     return obj
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def stale_keys(manifest_config: dict, cfg) -> list[str]:
-    """Keys whose value differs between a finished artifact's config and the one the pipeline would run."""
-    old, new = _flat(manifest_config), _flat(to_dict(cfg))
-    return sorted(k for k in set(old) | set(new) if k.split(".")[0] not in RUN_KEYS and old.get(k) != new.get(k))
+    """Keys whose value differs between a finished artifact's config and the one the pipeline would run
+    (config.RUN_KEYS, which say how to run rather than what to train, aside)."""
+    return list(config_diff(manifest_config, to_dict(cfg)))
 
 
 def main(args: list[str]) -> int:
@@ -106,6 +94,7 @@ def main(args: list[str]) -> int:
     plan = {}
     for stage in stages:
         run_dir = Path(configs[stage].run_dir)
+        artifacts.settle_if_possible(run_dir)
         if stage != "eval" and artifacts.is_finished(run_dir) and not overwrite[stage]:
             stale = stale_keys(artifacts.read_manifest(run_dir)["config"], configs[stage])
             if stale:

@@ -28,10 +28,12 @@ from rlhf_cli.data.loading import load_rows
 from rlhf_cli.data.prompts import prompt_texts
 from rlhf_cli.data.sft import encode_prompts
 from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir
+from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.rollout import (policy_logits, response_logprobs, response_values, rollout, score_responses,
                                     value_slice)
-from rlhf_cli.engine.logging import MetricsLog, console, metrics_text, progress_bar, summary_table
-from rlhf_cli.engine.optim import build_optimizer, build_scheduler
+from rlhf_cli.engine.logging import MetricsLog, append_jsonl, console, metrics_text, progress_bar, summary_table, \
+    truncate_jsonl
+from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
 from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models.loading import load_causal_lm, load_tokenizer
 from rlhf_cli.models.reward import RewardModel
@@ -53,13 +55,15 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
     p, t = cfg.ppo, cfg.train
 
     # ---- set up: upstream artifacts (checked before anything loads), run directory -------------------------
-    policy_path, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy")
+    check = cfg.artifact_check
+    policy_path, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy", check)
     reward_path, reward_parent = artifacts.upstream(cfg.model.reward, cfg.root, cfg.experiment, "reward",
-                                                    "reward_model")
+                                                    "reward_model", check)
     value_path = reward_path
     if cfg.model.value is not None:
-        value_path, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model")
-    resume_from = rundir.prepare(cfg, d)
+        value_path, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check)
+    plan = rundir.prepare(cfg, d)
+    work_dir = plan.work_dir
 
     # ---- the four roles ------------------------------------------------------------------------------------
     policy_cfg = ModelConfig(name_or_path=policy_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -84,6 +88,8 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
 
     # ---- prompts -------------------------------------------------------------------------------------------
     prompts, source = load_prompts(cfg, tokenizer)
+    data_sha256 = rundir.fingerprint(prompts)
+    rundir.check_data(plan, cfg, data_sha256, d)
     prompt_ids, prompts_cut = encode_prompts(prompts, tokenizer, cfg.data.max_seq_len - p.response_length)
     if p.prompts_per_rollout % d.world_size or (p.prompts_per_rollout // p.num_mini_batches) % (
             t.micro_batch_size * d.world_size):
@@ -108,27 +114,27 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
     params = list(policy.parameters()) + list(value_model.parameters())
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, optimizer_steps)
-    step, kl_coef, first = 0, p.kl_coef, None
-    if resume_from is not None:
-        state = checkpoint.load(resume_from, {"policy": policy, "value": value_model}, optimizer, scheduler,
+    step, kl_coef, first, last, skipped = 0, p.kl_coef, None, {}, 0
+    if plan.resume_from is not None:
+        state = checkpoint.load(plan.resume_from, {"policy": policy, "value": value_model}, optimizer, scheduler,
                                 restore_rng=False)
+        apply_hyperparameters(optimizer, scheduler, cfg.optim)
         step, kl_coef, first = state["step"], state["kl_coef"], state.get("first")
-        con.print(f"resumed from {resume_from} (step {step}, kl_coef {kl_coef:.4g})")
-        samples = run_dir / "samples.jsonl"
-        if d.is_main and samples.exists():  # those iterations run again: drop what they wrote
-            kept = [x for x in samples.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
-            artifacts.write_text_atomic(samples, "".join(x + "\n" for x in kept))
+        last, skipped = state.get("last", {}), state.get("skipped_steps", 0)
+        con.print(f"resumed from {plan.resume_from} (step {step}, kl_coef {kl_coef:.4g})")
+        if d.is_main:  # those iterations run again: drop what they wrote
+            truncate_jsonl(work_dir / "samples.jsonl", step)
+    guard = Guard("ppo", plan.checkpoints, cfg.optim.lr, t.max_skipped_steps, skipped, unit="iteration")
     train_policy, train_value = policy, value_model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
         train_policy, train_value = DDP(policy, device_ids=ids), DDP(value_model, device_ids=ids)
-    log = MetricsLog(run_dir, d.is_main, cfg.logger, resume_step=step if resume_from else None)
+    log = MetricsLog(work_dir, d.is_main, cfg.logger, resume_step=step if plan.resume_from else None)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     # ---- loop ----------------------------------------------------------------------------------------------
-    last = {}
     with progress_bar(con) as bar:
         task = bar.add_task("ppo", total=t.max_steps, completed=step, metrics="")
         while step < t.max_steps:
@@ -153,6 +159,7 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
             raw = raw.clone()
             policy.train()
             rollout_seconds = time.perf_counter() - t0
+            check_rollout(guard, step + 1, raw, roll, reward_path)
 
             # rewards and advantages
             mask = roll["mask"]
@@ -177,6 +184,7 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
                 perm = torch.randperm(local_rollout, generator=g)
                 for mb in range(p.num_mini_batches):
                     mb_idx = perm[mb * local_minibatch:(mb + 1) * local_minibatch]
+                    mb_loss = torch.zeros((), device=device)
                     for k in range(grad_accum):
                         idx = mb_idx[k * t.micro_batch_size:(k + 1) * t.micro_batch_size]
                         sync = k == grad_accum - 1 or not d.enabled
@@ -188,10 +196,9 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
                             loss, s = ppo_loss(train_policy, train_value, roll, idx, advantages, returns, p)
                             (loss / grad_accum).backward()
                         stats.append(s)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        mb_loss += loss.detach() / grad_accum
+                    mb_loss = dist.all_sum(d, [float(mb_loss)], device)[0] / d.world_size
+                    optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, guard, step + 1, mb_loss)
             update_seconds = time.perf_counter() - t1
 
             # metrics (over all ranks), KL controller, logs, samples, checkpoint
@@ -214,7 +221,7 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
                     "explained_variance": float(rl.explained_variance(roll["values"], returns, mask)),
                     "rollout_tokens_per_s": tok_sum / rollout_seconds,
                     "update_tokens_per_s": tok_sum * p.num_ppo_epochs / update_seconds,
-                    "lr": scheduler.get_last_lr()[0]}
+                    "lr": scheduler.get_last_lr()[0], **({"skipped_steps": guard.skipped} if guard.skipped else {})}
             if gold:
                 last["gold"] = gold_sum / n
             first = first or dict(last)
@@ -223,20 +230,22 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
             if step % t.log_every == 0 or step == t.max_steps:
                 log.log(step, last)
             if d.is_main and (step % t.sample_every == 0 or step == 1 or step == t.max_steps):
-                write_samples(run_dir, step, roll, raw, gold)
+                write_samples(work_dir, step, roll, raw, gold)
             bar.update(task, completed=step, metrics=metrics_text(
                 {"score": last["score"], "kl": last["kl"], **({"gold": last["gold"]} if gold else {}),
                  "len": last["response_length"], "approx_kl": last["approx_kl"], "clip": last["clipfrac"]}))
             if step % t.checkpoint_every == 0 or step == t.max_steps:
                 if d.is_main:
-                    checkpoint.save(run_dir / "checkpoints", step, {"policy": policy, "value": value_model},
-                                    optimizer, scheduler, {"step": step, "kl_coef": kl_coef, "first": first},
-                                    t.keep_checkpoints)
+                    checkpoint.save(plan.checkpoints, step, {"policy": policy, "value": value_model},
+                                    optimizer, scheduler,
+                                    {"step": step, "kl_coef": kl_coef, "first": first, "last": last,
+                                     "skipped_steps": guard.skipped, "config": to_dict(cfg),
+                                     "data_sha256": data_sha256}, t.keep_checkpoints, cfg.artifact_check)
                 dist.barrier(d)
     log.close()
 
     # ---- save: the policy artifact and a summary -----------------------------------------------------------
-    metrics = {"iterations": step, **{f"final_{k}": v for k, v in last.items()},
+    metrics = {"iterations": step, "skipped_steps": guard.skipped, **{f"final_{k}": v for k, v in last.items()},
                **{f"first_{k}": first[k] for k in ("score", "kl", "gold", "response_length", "stop_rate")
                   if first and k in first}}
     if d.is_main:
@@ -245,13 +254,14 @@ def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
             stage="ppo", kind="policy", config=to_dict(cfg), base_model=policy_path, tokenizer=tokenizer,
             metrics=metrics, parents=parents,
             extra={"ppo": {"reward_model": reward_path, "same_tokenizer_as_reward": same_tokens,
-                           "final_kl_coef": kl_coef}})
+                           "final_kl_coef": kl_coef},
+                   "data": {"source": str(source), "sha256": data_sha256, "prompts": len(prompts)}})
 
         def save(tmp: Path) -> None:
             policy.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        artifacts.publish(run_dir, save, manifest)
+        artifacts.publish(work_dir, save, manifest, run_dir)
         _show_summary(con, first or {}, last, run_dir)
     dist.barrier(d)
     return metrics
@@ -294,15 +304,27 @@ def _same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
 
 
+def check_rollout(guard: Guard, iteration: int, scores: torch.Tensor, roll: dict, reward_path: str) -> None:
+    """Stop before a non-finite score, log-prob or value turns into rewards, advantages and an update."""
+    guard.require_finite(iteration, "reward model's score", scores,
+                         hint=f"the reward model ({reward_path}) gives NaN/inf scores for these responses: check it, or "
+                              f"re-train it (`rlhf reward ... overwrite=true`)")
+    guard.require_finite(iteration, "reference log-prob", roll["ref_logprobs"],
+                         hint="the reference (the SFT policy) gives non-finite log-probs: check the SFT artifact")
+    guard.require_finite(iteration, "policy log-prob (and so the KL)", roll["logprobs"])
+    guard.require_finite(iteration, "value model's estimate", roll["values"])
+
+
 def write_samples(run_dir: Path, step: int, roll: dict, scores: torch.Tensor, gold: list[float] | None,
                   k: int = 4) -> None:
-    with (run_dir / "samples.jsonl").open("a") as f:
-        for i in range(min(k, len(roll["response_text"]))):
-            row = {"step": step, "prompt": roll["prompt_text"][i], "response": roll["response_text"][i],
-                   "score": float(scores[i])}
-            if gold:
-                row["gold"] = gold[i]
-            f.write(json.dumps(row) + "\n")
+    rows = []
+    for i in range(min(k, len(roll["response_text"]))):
+        row = {"step": step, "prompt": roll["prompt_text"][i], "response": roll["response_text"][i],
+               "score": float(scores[i])}
+        if gold:
+            row["gold"] = gold[i]
+        rows.append(row)
+    append_jsonl(run_dir / "samples.jsonl", rows)
 
 
 def _show_summary(con, first: dict, last: dict, run_dir: Path) -> None:

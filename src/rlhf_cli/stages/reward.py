@@ -24,8 +24,9 @@ from rlhf_cli.data.loading import load_rows
 from rlhf_cli.data.preference import collate_pairs, normalize_preference_rows, tokenize_pairs
 from rlhf_cli.data.splits import holdout
 from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir
+from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import MetricsLog, console, metrics_text, progress_bar, summary_table
-from rlhf_cli.engine.optim import build_optimizer, build_scheduler
+from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
 from rlhf_cli.models.loading import ensure_pad_token, load_tokenizer, quiet_transformers, resolve
 from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.rl.reward import pairwise_loss
@@ -45,16 +46,19 @@ def run(cfg: RewardConfig) -> dict:
 def _run(cfg: RewardConfig, d: dist.Dist, device: torch.device) -> dict:
     con = console(d.is_main)
     run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
 
-    # ---- set up: upstream artifact, run directory, seeds ----------------------------------------------------
-    backbone_path, parent = artifacts.upstream(cfg.model.name_or_path, cfg.root, cfg.experiment, "sft", "policy")
-    resume_from = rundir.prepare(cfg, d)
+    # ---- set up: upstream artifact, run directory (refused, resumed, replaced or fresh), seeds -------------
+    backbone_path, parent = artifacts.upstream(cfg.model.name_or_path, cfg.root, cfg.experiment, "sft", "policy",
+                                               cfg.artifact_check)
+    plan = rundir.prepare(cfg, d)
+    work_dir, ckpt_dir = plan.work_dir, plan.checkpoints
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the head's initialisation must match on every rank
 
     # ---- data rows (validated before anything heavy loads), then tokenizer, model, tokens -----------------
     train_rows, eval_rows, source, data_stats = load_pairs(cfg)
+    data_sha256 = rundir.fingerprint(train_rows, eval_rows)
+    rundir.check_data(plan, cfg, data_sha256, d)
     quiet_transformers()
     model_cfg = cfg.model
     if parent is None:
@@ -69,7 +73,7 @@ def _run(cfg: RewardConfig, d: dist.Dist, device: torch.device) -> dict:
     train_set, train_stats = tokenize_pairs(train_rows, tokenizer, cfg.data.max_seq_len, model.is_encoder,
                                             source=source)
     eval_set, eval_stats = tokenize_pairs(eval_rows, tokenizer, cfg.data.max_seq_len, model.is_encoder,
-                                          source=source)
+                                          source=f"{source} (held-out rows)")
     eval_gold = [toy.gold_score(r["prompt"], r["chosen"]) > toy.gold_score(r["prompt"], r["rejected"])
                  for r in eval_rows] if cfg.data.path is None else None
 
@@ -89,16 +93,20 @@ def _run(cfg: RewardConfig, d: dist.Dist, device: torch.device) -> dict:
     # ---- optimizer, DDP, resume ----------------------------------------------------------------------------
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    step = 0
-    if resume_from is not None:
-        step = checkpoint.load(resume_from, {"model": model}, optimizer, scheduler, restore_rng=d.is_main)["step"]
-        con.print(f"resumed from {resume_from} (step {step})")
+    step, last, held, skipped = 0, {}, {}, 0
+    if plan.resume_from is not None:
+        state = checkpoint.load(plan.resume_from, {"model": model}, optimizer, scheduler, restore_rng=d.is_main)
+        apply_hyperparameters(optimizer, scheduler, cfg.optim)
+        step, last, held, skipped = state["step"], state.get("last", {}), state.get("held", {}), state.get(
+            "skipped_steps", 0)
+        con.print(f"resumed from {plan.resume_from} (step {step})")
+    guard = Guard("reward", ckpt_dir, cfg.optim.lr, t.max_skipped_steps, skipped)
     train_model = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log = MetricsLog(run_dir, d.is_main, cfg.logger, resume_step=step if resume_from else None)
+    log = MetricsLog(work_dir, d.is_main, cfg.logger, resume_step=step if plan.resume_from else None)
     pad_id = tokenizer.pad_token_id
     margin_on = cfg.reward.use_margin
 
@@ -134,7 +142,6 @@ def _run(cfg: RewardConfig, d: dist.Dist, device: torch.device) -> dict:
         return out
 
     # ---- loop ----------------------------------------------------------------------------------------------
-    last, held = {}, {}
     pairs_seen, t_start = 0, time.perf_counter()
     with progress_bar(con) as bar:
         task = bar.add_task("reward", total=total_steps, completed=step, metrics="")
@@ -154,19 +161,19 @@ def _run(cfg: RewardConfig, d: dist.Dist, device: torch.device) -> dict:
                     (loss * d.world_size / t.examples_per_step).backward()
                 sums += torch.tensor([loss.item(), float((rc > rr).sum()), (rc - rr).sum().item()],
                                      dtype=torch.float64)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
             loss_sum, correct, margin = dist.all_sum(d, sums.tolist(), device)
+            n = t.examples_per_step
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, cfg.optim.max_grad_norm, guard,
+                                       step + 1, loss_sum / n)
+            step += 1
             dt = time.perf_counter() - t0
             pairs_seen += t.examples_per_step
-            n = t.examples_per_step
             last = {"loss": loss_sum / n, "accuracy": correct / n, "margin": margin / n,
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "pairs_per_s": n / dt}
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "pairs_per_s": n / dt,
+                    **({"skipped_steps": guard.skipped} if guard.skipped else {})}
             if step % t.eval_every == 0 or step == total_steps:
                 held = evaluate(eval_set, eval_gold) if eval_set else {}
+                guard.require_finite(step, "held-out loss", held.get("loss", 0.0))
                 last.update({f"eval_{k}": v for k, v in held.items()})
             if step % t.log_every == 0 or step % t.eval_every == 0 or step == total_steps:
                 log.log(step, last)
@@ -175,8 +182,10 @@ def _run(cfg: RewardConfig, d: dist.Dist, device: torch.device) -> dict:
                  "lr": last["lr"], "pairs/s": last["pairs_per_s"]}))
             if step % t.checkpoint_every == 0 or step == total_steps:
                 if d.is_main:
-                    checkpoint.save(ckpt_dir, step, {"model": model}, optimizer, scheduler, {"step": step},
-                                    t.keep_checkpoints)
+                    checkpoint.save(ckpt_dir, step, {"model": model}, optimizer, scheduler,
+                                    {"step": step, "last": last, "held": held, "skipped_steps": guard.skipped,
+                                     "config": to_dict(cfg), "data_sha256": data_sha256},
+                                    t.keep_checkpoints, cfg.artifact_check)
                 dist.barrier(d)
     wall = time.perf_counter() - t_start
     log.close()
@@ -194,7 +203,7 @@ def _run(cfg: RewardConfig, d: dist.Dist, device: torch.device) -> dict:
                "reward_std": model.score_stats["std"],
                "pairs_per_s": pairs_seen / wall if wall > 0 and pairs_seen else None,
                "train_pairs": len(train_set), "eval_pairs": len(eval_set),
-               "truncated_pairs": train_stats["truncated"] + eval_stats["truncated"]}
+               "truncated_pairs": train_stats["truncated"] + eval_stats["truncated"], "skipped_steps": guard.skipped}
     if cfg.data.path is None:
         metrics["label_noise_ceiling"] = toy.label_noise_ceiling(cfg.data.toy.label_noise)
     if d.is_main:
@@ -206,8 +215,9 @@ def _run(cfg: RewardConfig, d: dist.Dist, device: torch.device) -> dict:
             extra={"reward": {"pooling": model.pooling, "is_encoder": model.is_encoder,
                               "score_stats": model.score_stats},
                    "policy_tokenizer": tokenizer_match,
-                   "data": {"source": source, **data_stats, "truncated": metrics["truncated_pairs"]}})
-        artifacts.publish(run_dir, lambda tmp: model.save_pretrained(tmp, tokenizer), manifest)
+                   "data": {"source": str(source), "sha256": data_sha256, **data_stats,
+                            "truncated": metrics["truncated_pairs"]}})
+        artifacts.publish(work_dir, lambda tmp: model.save_pretrained(tmp, tokenizer), manifest, run_dir)
         shown = {k: v for k, v in metrics.items() if v is not None}
         shown.update({"wall_seconds": wall, "artifact": str(run_dir / "model")})
         con.print(summary_table("reward summary", shown))

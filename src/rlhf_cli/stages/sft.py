@@ -11,7 +11,6 @@ result does not depend on the world size.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from pathlib import Path
@@ -27,8 +26,9 @@ from rlhf_cli.data.loading import load_rows
 from rlhf_cli.data.sft import collate_sft, normalize_sft_rows, render, tokenize_sft
 from rlhf_cli.data.splits import holdout
 from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir
+from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import MetricsLog, console, metrics_text, progress_bar, summary_table
-from rlhf_cli.engine.optim import build_optimizer, build_scheduler
+from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
 from rlhf_cli.errors import DataError
 from rlhf_cli.models.loading import load_causal_lm
 
@@ -45,15 +45,17 @@ def run(cfg: SFTConfig) -> dict:
 def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
     con = console(d.is_main)
     run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
 
-    # ---- set up: the run directory, seeds ------------------------------------------------------------------
-    resume_from = rundir.prepare(cfg, d)
+    # ---- set up: the run directory (refused, resumed, replaced or fresh), seeds ----------------------------
+    plan = rundir.prepare(cfg, d)
+    work_dir, ckpt_dir = plan.work_dir, plan.checkpoints
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + d.rank)
 
     # ---- data rows (validated before anything heavy loads), then model and tokens --------------------------
     train_rows, eval_rows, source = load_sft_rows(cfg)
+    data_sha256 = rundir.fingerprint(train_rows, eval_rows)
+    rundir.check_data(plan, cfg, data_sha256, d)
     if d.is_main:  # rank 0 builds/caches the built-in model first; the others then load it
         model, tokenizer, model_info = load_causal_lm(cfg.model, device)
     dist.barrier(d)
@@ -62,7 +64,7 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
     train_set, train_stats = tokenize_sft(train_rows, tokenizer, cfg.data.max_seq_len, cfg.train.completion_only,
                                          source=source)
     eval_set, eval_stats = tokenize_sft(eval_rows, tokenizer, cfg.data.max_seq_len, cfg.train.completion_only,
-                                       source=source)
+                                       source=f"{source} (held-out rows)")
     if train_stats["completion_tokens"] == 0:
         raise DataError(f"{source}: no supervised tokens after tokenization",
                         hint="check data.max_seq_len and that completions are not empty")
@@ -82,17 +84,20 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
     # ---- optimizer, DDP, resume ----------------------------------------------------------------------------
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    step, first_eval = 0, None
-    if resume_from is not None:
-        state = checkpoint.load(resume_from, {"model": model}, optimizer, scheduler, restore_rng=d.is_main)
+    step, first_eval, last, eval_loss, skipped = 0, None, {}, None, 0
+    if plan.resume_from is not None:
+        state = checkpoint.load(plan.resume_from, {"model": model}, optimizer, scheduler, restore_rng=d.is_main)
+        apply_hyperparameters(optimizer, scheduler, cfg.optim)
         step, first_eval = state["step"], state.get("first_eval_loss")
-        con.print(f"resumed from {resume_from} (step {step})")
+        last, eval_loss, skipped = state.get("last", {}), state.get("eval_loss"), state.get("skipped_steps", 0)
+        con.print(f"resumed from {plan.resume_from} (step {step})")
+    guard = Guard("sft", ckpt_dir, cfg.optim.lr, t.max_skipped_steps, skipped)
     train_model = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log = MetricsLog(run_dir, d.is_main, cfg.logger, resume_step=step if resume_from else None)
+    log = MetricsLog(work_dir, d.is_main, cfg.logger, resume_step=step if plan.resume_from else None)
     pad_id = tokenizer.pad_token_id
 
     def evaluate() -> float:
@@ -110,11 +115,12 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
 
     if first_eval is None and eval_set:
         first_eval = evaluate()
+        guard.require_finite(0, "held-out loss", first_eval, hint="the model gives non-finite outputs before any "
+                             "training: check model.name_or_path")
+    eval_loss = first_eval if eval_loss is None else eval_loss
     model.train()
 
     # ---- loop ----------------------------------------------------------------------------------------------
-    last = {"loss": float("nan")}
-    eval_loss = first_eval
     tokens_seen, t_start = 0.0, time.perf_counter()
     with progress_bar(con) as bar:
         task = bar.add_task("sft", total=total_steps, completed=step, metrics="")
@@ -134,19 +140,17 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
                     (s * d.world_size / max(n_sup, 1)).backward()
                 loss_total += s.item()
                 n_in += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
             loss_total, n_in = dist.all_sum(d, [loss_total, float(n_in)], device)
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, cfg.optim.max_grad_norm, guard,
+                                       step + 1, loss_total / max(n_sup, 1))
+            step += 1
             dt = time.perf_counter() - t0
             tokens_seen += n_in
-            last = {"loss": loss_total / max(n_sup, 1), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                    "tokens_per_s": n_in / dt}
-            if step % t.eval_every == 0 or step == total_steps:
-                eval_loss = evaluate() if eval_set else float("nan")
-                last["eval_loss"] = eval_loss
+            last = {"loss": loss_total / max(n_sup, 1), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "tokens_per_s": n_in / dt, **({"skipped_steps": guard.skipped} if guard.skipped else {})}
+            if eval_set and (step % t.eval_every == 0 or step == total_steps):
+                eval_loss = last["eval_loss"] = evaluate()
+                guard.require_finite(step, "held-out loss", eval_loss)
             if step % t.log_every == 0 or "eval_loss" in last or step == total_steps:
                 log.log(step, last)
             bar.update(task, completed=step, metrics=metrics_text(
@@ -154,32 +158,35 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
             if step % t.checkpoint_every == 0 or step == total_steps:
                 if d.is_main:
                     checkpoint.save(ckpt_dir, step, {"model": model}, optimizer, scheduler,
-                                    {"step": step, "first_eval_loss": first_eval}, t.keep_checkpoints)
+                                    {"step": step, "first_eval_loss": first_eval, "eval_loss": eval_loss, "last": last,
+                                     "skipped_steps": guard.skipped, "config": to_dict(cfg),
+                                     "data_sha256": data_sha256}, t.keep_checkpoints, cfg.artifact_check)
                 dist.barrier(d)
     wall = time.perf_counter() - t_start
     log.close()
 
     # ---- save: samples, the artifact, a summary ------------------------------------------------------------
-    metrics = {"steps": step, "train_loss": last["loss"], "eval_loss_start": first_eval, "eval_loss": eval_loss,
+    metrics = {"steps": step, "train_loss": last.get("loss"), "eval_loss_start": first_eval, "eval_loss": eval_loss,
                "tokens_per_s": tokens_seen / wall if wall > 0 and tokens_seen else None,
-               "train_rows": len(train_set), "truncated_rows": train_stats["truncated"] + eval_stats["truncated"]}
+               "train_rows": len(train_set), "truncated_rows": train_stats["truncated"] + eval_stats["truncated"],
+               "skipped_steps": guard.skipped}
     if d.is_main:
         samples = sample_responses(model, tokenizer, cfg, eval_rows, device)
         if cfg.data.path is None:
             metrics["gold_score"] = sum(s["gold"] for s in samples) / len(samples) if samples else None
-        artifacts.write_text_atomic(run_dir / "samples.jsonl",
-                                    "".join(json.dumps(s) + "\n" for s in samples))
+        artifacts.write_text_atomic(work_dir / "samples.jsonl", "".join(artifacts.dumps(s) + "\n" for s in samples))
         manifest = artifacts.build_manifest(
             stage="sft", kind="policy", config=to_dict(cfg), base_model=cfg.model.name_or_path,
             tokenizer=tokenizer, metrics=metrics,
-            extra={"data": {"source": source, "train_rows": len(train_set), "eval_rows": len(eval_set),
-                            "truncated": train_stats["truncated"], "added_pad_token": model_info["added_pad_token"]}})
+            extra={"data": {"source": str(source), "sha256": data_sha256, "train_rows": len(train_set),
+                            "eval_rows": len(eval_set), "truncated": train_stats["truncated"],
+                            "added_pad_token": model_info["added_pad_token"]}})
 
         def save(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        artifacts.publish(run_dir, save, manifest)
+        artifacts.publish(work_dir, save, manifest, run_dir)
         _show_summary(con, metrics, samples, cfg.train.num_samples, run_dir, wall)
     dist.barrier(d)
     return metrics

@@ -1,0 +1,168 @@
+"""The same promises through the `rlhf` command: one message and the documented exit code for a refusal, a
+divergence, an unsafe experiment name, a full disk, a read-only run directory and a damaged checkpoint; finished
+artifacts (Hydra's record included) and the last good checkpoint survive each of them, and a killed replacement
+leaves the old artifact in place."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST_SFT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
+            and ".overwrite" not in p.relative_to(run_dir).parts}
+
+
+def _one_message(proc, code: int, *needles: str) -> None:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def _run_limited(args: list[str], cwd: Path, preexec) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, preexec_fn=preexec, env={**os.environ, "COLUMNS": "200"})
+
+
+@pytest.fixture
+def finished(tmp_path) -> Path:
+    proc = run_cli(["sft", "experiment=demo", *FAST_SFT], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "demo" / "sft"
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    return run_dir
+
+
+def test_refusals_and_failed_replacements_leave_the_artifact_and_its_hydra_record(finished, tmp_path):
+    before = _snapshot(finished)
+    _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "train.max_steps=12"], tmp_path), 2,
+                 "already holds a finished sft artifact")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", f"data.path={bad}"], tmp_path), 2,
+                 "completion")
+    _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "optim.lr=1e6"], tmp_path), 3,
+                 "training diverged", "optim.lr")
+    _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "optim.lr=nan"], tmp_path), 2,
+                 "optim.lr=nan is not a finite number")
+    assert _snapshot(finished) == before
+    ok = run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "train.max_steps=12"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "train.max_steps=12" in (finished / ".hydra" / "overrides.yaml").read_text()
+    assert json.loads((finished / "manifest.json").read_text())["metrics"]["steps"] == 12
+
+
+def test_divergence_exits_3_with_valid_metrics_and_no_artifact(tmp_path):
+    proc = run_cli(["sft", "experiment=nan", *FAST_SFT, "optim.lr=1e6", "train.log_every=1"], tmp_path)
+    _one_message(proc, 3, "training diverged: sft: the", "no checkpoint was written yet", "lower optim.lr")
+    run_dir = tmp_path / "runs" / "nan" / "sft"
+    assert not (run_dir / "manifest.json").exists() and not (run_dir / "model").exists()
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in metrics.jsonl"))
+
+
+@pytest.mark.parametrize("name", ["../../escape", "team/a", "/tmp/rlhf-abs-experiment"])
+def test_unsafe_experiment_names_write_nothing(name, tmp_path):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    _one_message(run_cli(["sft", f"experiment={name}", *FAST_SFT], work), 2, "is not a single name")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b"]
+    assert not Path("/tmp/rlhf-abs-experiment").exists()
+
+
+def _unfinished(tmp_path: Path) -> Path:
+    """runs/x/sft as a kill after checkpoint step-12 of 24 leaves it (made from a finished run, deterministically)."""
+    proc = run_cli(["sft", "experiment=straight", *FAST_SFT], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "x" / "sft"
+    shutil.copytree(tmp_path / "runs" / "straight" / "sft", run_dir)
+    (run_dir / "manifest.json").unlink()
+    shutil.rmtree(run_dir / "model")
+    shutil.rmtree(run_dir / "checkpoints" / "step-24")
+    return run_dir
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = _unfinished(tmp_path)
+    good = _snapshot(run_dir / "checkpoints")
+    limit = (run_dir / "checkpoints" / "step-12" / "optimizer.pt").stat().st_size // 2
+
+    def small_files():  # writes past `limit` bytes fail with EFBIG, as writes to a full disk fail with ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = _run_limited(["sft", "experiment=x", "resume=true", *FAST_SFT], tmp_path, small_files)
+    _one_message(proc, 2, "storage error: could not write checkpoint step-24", str(run_dir / "checkpoints" / "step-12"))
+    assert _snapshot(run_dir / "checkpoints") == good and not (run_dir / "manifest.json").exists()
+    resumed = run_cli(["sft", "experiment=x", "resume=true", *FAST_SFT], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = (tmp_path / "runs" / "straight" / "sft" / "model" / "model.safetensors").read_bytes()
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == a
+
+
+def _without_root_override():
+    """Drop the capabilities that let root write anywhere, so file permissions apply as to any user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_a_read_only_run_directory_is_one_message(finished, tmp_path):
+    before = _snapshot(finished)
+    for path in [finished, *finished.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o555)
+    try:
+        proc = _run_limited(["sft", "experiment=demo", "overwrite=true", *FAST_SFT], tmp_path,
+                            _without_root_override)
+    finally:
+        for path in [finished, *finished.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+    _one_message(proc, 2, "storage error", str(finished))
+    assert _snapshot(finished) == before
+
+
+def test_a_tampered_checkpoint_is_refused_on_resume(tmp_path):
+    run_dir = _unfinished(tmp_path)
+    (run_dir / "checkpoints" / "step-12" / "optimizer.pt").write_bytes(b"not a checkpoint")
+    _one_message(run_cli(["sft", "experiment=x", "resume=true", *FAST_SFT], tmp_path), 2,
+                 "artifact error: checkpoint", "step-12 is damaged", "optimizer.pt")
+
+
+def test_a_killed_replacement_leaves_the_old_artifact_usable(finished, tmp_path):
+    before = _snapshot(finished)
+    long = [*FAST_SFT, "train.max_steps=300", "train.checkpoint_every=20", "train.num_samples=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", "sft", "experiment=demo", "overwrite=true", *long],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = finished / ".overwrite" / "checkpoints" / "step-40" / "state.json"
+    deadline = time.time() + 120
+    while not staged.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _snapshot(finished) == before
+    reward = run_cli(["reward", "experiment=demo", "data.toy.num_train=64", "data.toy.num_eval=16",
+                      "train.max_steps=2", "train.examples_per_step=16", "train.micro_batch_size=16"], tmp_path)
+    assert reward.returncode == 0, reward.stderr  # the old SFT artifact is still a valid upstream
+    resumed = run_cli(["sft", "experiment=demo", "overwrite=true", "resume=true", *long], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and not (finished / ".overwrite").exists()
+    assert json.loads((finished / "manifest.json").read_text())["metrics"]["steps"] == 300
