@@ -257,11 +257,11 @@ def verify_files(directory: Path, sizes: dict[str, int], sha256: str | None, che
 def verify_model(run_dir: Path, manifest: dict, check: str = "auto") -> None:
     """A finished artifact's model/ is what its manifest says was published; else one message naming the stage
     to re-run."""
+    model = Path(run_dir) / "model"
     sizes = manifest.get("model_files")
     if sizes is None:  # an artifact published before file sizes were recorded: its hash is all there is
-        model = Path(run_dir) / "model"
-        sizes = file_sizes(model) if model.is_dir() else {"config.json": -1}
-    problem = verify_files(Path(run_dir) / "model", sizes, manifest.get("model_sha256"), check)
+        sizes = file_sizes(model) if model.is_dir() else {}
+    problem = verify_files(model, sizes, manifest.get("model_sha256"), check)
     if problem:
         stage = manifest.get("stage", "<stage>")
         experiment = Path(run_dir).parent.name
