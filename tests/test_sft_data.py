@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from rlhf_cli.data.loading import load_rows
-from rlhf_cli.data.sft import collate_sft, normalize_sft_rows, render, tokenize_sft
+from rlhf_cli.data.sft import collate_sft, normalize_sft_rows, tokenize_sft
+from rlhf_cli.data.text import render
 from rlhf_cli.errors import ConfigError, DataError
 
 SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"

@@ -32,7 +32,16 @@ import torch
 
 from rlhf_cli.data.hh import ASSISTANT, hh_to_preference
 from rlhf_cli.data.loading import Source, row_location, source_for
-from rlhf_cli.data.sft import _bos_policy, _check_message, _encode, _kind, _present, _split_bos, render, truncate_pair
+from rlhf_cli.data.text import (
+    bos_policy,
+    check_message,
+    describe,
+    encode_texts,
+    present,
+    render,
+    split_bos,
+    truncate_pair,
+)
 from rlhf_cli.errors import ConfigError, DataError
 
 FORMATS = ("auto", "preference", "hh")
@@ -113,14 +122,14 @@ def _invalid(pair: dict) -> str | None:
 
 
 def _detect_format(row: dict, where: str) -> str:
-    if not _present(row, "chosen") and not _present(row, "rejected"):
-        fields = ", ".join(repr(key) for key in row if _present(row, key)) or "none"
+    if not present(row, "chosen") and not present(row, "rejected"):
+        fields = ", ".join(repr(key) for key in row if present(row, key)) or "none"
         raise DataError(
             f"{where}: no preference fields found: expected 'chosen' + 'rejected', optionally 'prompt' (fields "
             f"present: {fields})",
             hint="; ".join(_HINTS[key] for key in ("text", "chat", "hh")),
         )
-    if _present(row, "prompt"):
+    if present(row, "prompt"):
         return "preference"
     responses = [row.get("chosen"), row.get("rejected")]
     if any(isinstance(value, list) for value in responses):
@@ -138,7 +147,7 @@ def _normalise_preference(row: dict, where: str) -> dict:
         return _normalise_prompt_chat(row, where)
     if prompt is not None and not isinstance(prompt, str):
         raise DataError(
-            f"{where}: field 'prompt' must be a string or a list of messages, got {_kind(prompt)}",
+            f"{where}: field 'prompt' must be a string or a list of messages, got {describe(prompt)}",
             hint=f"{_HINTS['text']}; {_HINTS['chat']}",
         )
     if prompt is None and (isinstance(row["chosen"], list) or isinstance(row["rejected"], list)):
@@ -147,7 +156,7 @@ def _normalise_preference(row: dict, where: str) -> dict:
         value = row[field]
         if not isinstance(value, str):
             allowed = "a string" if prompt is not None else "a string or a list of messages"
-            raise DataError(f"{where}: field '{field}' must be {allowed}, got {_kind(value)}", hint=_HINTS["text"])
+            raise DataError(f"{where}: field '{field}' must be {allowed}, got {describe(value)}", hint=_HINTS["text"])
     return {"prompt": prompt or "", "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
@@ -163,7 +172,7 @@ def _reply(row: dict, field: str, where: str) -> str:
         return value
     if not isinstance(value, list):
         raise DataError(
-            f"{where}: field '{field}' must be a string or a list with one assistant message, got {_kind(value)}",
+            f"{where}: field '{field}' must be a string or a list with one assistant message, got {describe(value)}",
             hint=_HINTS["chat"],
         )
     if len(value) != 1:
@@ -201,10 +210,10 @@ def _normalise_conversations(row: dict, where: str) -> dict:
 
 
 def _check_messages(value: Any, field: str, where: str, minimum: int) -> list[dict]:
-    """Validate a list of messages with `sft._check_message`, re-hinted for preference rows."""
+    """Validate a list of messages with `text.check_message`, hinted for preference rows."""
     hint = _HINTS["chat"]
     if not isinstance(value, list):
-        raise DataError(f"{where}: field '{field}' must be a list of messages, got {_kind(value)}", hint=hint)
+        raise DataError(f"{where}: field '{field}' must be a list of messages, got {describe(value)}", hint=hint)
     if len(value) < minimum:
         what = "a prompt, then the assistant's reply" if minimum > 1 else "the prompt"
         raise DataError(
@@ -212,10 +221,7 @@ def _check_messages(value: Any, field: str, where: str, minimum: int) -> list[di
             f"got {len(value)}",
             hint=hint,
         )
-    try:
-        return [_check_message(message, f"{field}[{index}]", where) for index, message in enumerate(value)]
-    except DataError as error:
-        raise DataError(error.message, hint=hint) from None
+    return [check_message(message, f"{field}[{index}]", where, hint) for index, message in enumerate(value)]
 
 
 def _check_reply_role(message: dict, field: str, where: str) -> None:
@@ -231,7 +237,7 @@ def _margin(row: dict, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{where}: field 'margin' must be a number, got {_kind(value)}", hint=_HINTS["margin"])
+        raise DataError(f"{where}: field 'margin' must be a number, got {describe(value)}", hint=_HINTS["margin"])
     if not math.isfinite(value):
         raise DataError(f"{where}: field 'margin' must be a finite number, got {value}", hint=_HINTS["margin"])
     return float(value)
@@ -244,7 +250,7 @@ def _margin(row: dict, where: str) -> float | None:
 def render_pair(row: dict, tokenizer: Any) -> tuple[str, str, str]:
     """(prompt text, chosen text, rejected text) of a normalised row.
 
-    Text rows are returned as they are. Chat rows are rendered by `sft.render` (for each response, as a conversation
+    Text rows are returned as they are. Chat rows are rendered by `text.render` (for each response, as a conversation
     ending with it): the prompt by the tokenizer's chat template with the generation prompt, or without a template
     in the HH format ("\\n\\nHuman: ...\\n\\nAssistant:"), whose responses then get a leading space.
     """
@@ -268,7 +274,7 @@ def tokenize_pairs(
 
     Layouts:
 
-    - causal (`encoder=False`): `[bos] + prompt ids + response ids + [eos]`. BOS follows `sft.tokenize_sft`'s rule
+    - causal (`encoder=False`): `[bos] + prompt ids + response ids + [eos]`. BOS follows `text.split_bos`'s rule
       (only when the tokenizer adds it itself; one the chat template wrote is kept, never doubled). The reward is
       read at the last real token, the EOS, which is also where PPO scores a finished response.
     - encoder (`encoder=True`): the tokenizer's own pair layout, e.g. `[CLS] prompt [SEP] response [SEP]`, or its
@@ -279,7 +285,7 @@ def tokenize_pairs(
 
     Truncation, for each of chosen and rejected alone, when the sequence is longer than `max_seq_len` (never drop a
     pair): the special tokens are always kept, the budget is `max_seq_len` minus them (BOS; [CLS]/[SEP]s). The EOS
-    counts as the response's last token. Then `sft.truncate_pair` cuts: the response keeps
+    counts as the response's last token. Then `text.truncate_pair` cuts: the response keeps
     `min(len(response), max(budget // 2, budget - len(prompt)))` tokens from its START (a cut response loses its
     EOS: the text did not end there), the prompt the rest of the budget from its END (left truncation: the end of
     the dialogue survives). So the two sides of a pair may keep different amounts of a long prompt. A pair counts as
@@ -298,7 +304,7 @@ def tokenize_pairs(
                 f"got {max_seq_len}"
             )
     else:
-        bos_id, adds_bos = _bos_policy(tokenizer)
+        bos_id, adds_bos = bos_policy(tokenizer)
         minimum = 2 if bos_id is None else 3
         if max_seq_len < minimum:
             raise ConfigError(
@@ -308,9 +314,9 @@ def tokenize_pairs(
             raise ConfigError("the tokenizer has no EOS token", hint="use a tokenizer with an eos_token")
     named = source_for(rows, source)
     texts = [_render_or_fail(row, tokenizer, row_location(named, index)) for index, row in enumerate(rows)]
-    prompts = _encode([text[0] for text in texts], tokenizer)
-    chosen = _encode([text[1] for text in texts], tokenizer)
-    rejected = _encode([text[2] for text in texts], tokenizer)
+    prompts = encode_texts([text[0] for text in texts], tokenizer)
+    chosen = encode_texts([text[1] for text in texts], tokenizer)
+    rejected = encode_texts([text[2] for text in texts], tokenizer)
     examples, truncated = [], 0
     for row, prompt, *responses in zip(rows, prompts, chosen, rejected):
         if encoder:
@@ -333,7 +339,7 @@ def tokenize_pairs(
 def _causal_sequence(
     prompt: list[int], response: list[int], bos_id: int | None, adds_bos: bool, eos_id: int, max_seq_len: int
 ) -> tuple[list[int], bool]:
-    lead, prompt = _split_bos(prompt, bos_id, adds_bos)
+    lead, prompt = split_bos(prompt, bos_id, adds_bos)
     response = response + [eos_id]
     kept_prompt, kept_response = truncate_pair(prompt, response, max_seq_len - len(lead))
     cut = len(kept_prompt) + len(kept_response) < len(prompt) + len(response)

@@ -1,4 +1,4 @@
-"""Prompts for PPO rollouts and evaluation, from any of the row shapes the other stages read.
+"""Prompts for PPO rollouts and evaluation, from any of the row shapes the other stages read, and their ids.
 
 A row gives its prompt as `{"prompt": str}`, `{"prompt": [messages]}` or `{"messages": [...]}` (rendered with the
 tokenizer's chat template, or the Human:/Assistant: fallback, up to the assistant's turn), an SFT or preference
@@ -11,7 +11,7 @@ from typing import Any
 
 from rlhf_cli.data import hh
 from rlhf_cli.data.loading import Source, row_location
-from rlhf_cli.data.sft import render
+from rlhf_cli.data.text import bos_policy, encode_texts, render, split_bos
 from rlhf_cli.errors import DataError
 
 
@@ -41,3 +41,16 @@ def prompt_texts(rows: list[dict], source: Source | str, tokenizer: Any) -> list
     if not texts:
         raise DataError(f"{source}: no prompts")
     return texts
+
+
+def encode_prompts(prompts: list[str], tokenizer: Any, max_len: int) -> tuple[list[list[int]], int]:
+    """Prompt ids for generation, laid out as in training (BOS by `text.split_bos`'s rule, no EOS), each kept to its
+    last `max_len` tokens (the end of a dialogue matters most). Returns (ids, number of prompts cut)."""
+    bos_id, adds_bos = bos_policy(tokenizer)
+    out, cut = [], 0
+    for ids in encode_texts(prompts, tokenizer):
+        lead, body = split_bos(ids, bos_id, adds_bos)
+        budget = max(1, max_len - len(lead))
+        cut += len(body) > budget
+        out.append(lead + body[len(body) - budget:] if len(body) > budget else lead + body)
+    return out, cut

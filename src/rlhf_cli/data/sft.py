@@ -1,4 +1,5 @@
-"""SFT data: validate and normalise rows, render them to text, tokenise them with a truncation policy, collate batches.
+"""SFT data: validate and normalise rows, render them to text and tokenise them with a truncation policy (the
+shared pieces live in `rlhf_cli.data.text`), collate batches.
 
 Row formats (`fmt`):
 
@@ -20,12 +21,20 @@ import torch
 
 from rlhf_cli.data.hh import hh_to_sft
 from rlhf_cli.data.loading import Source, row_location, source_for
+from rlhf_cli.data.text import (
+    bos_policy,
+    check_message,
+    describe,
+    encode_texts,
+    present,
+    render,
+    split_bos,
+    truncate_pair,
+)
 from rlhf_cli.errors import ConfigError, DataError
 
 FORMATS = ("auto", "prompt_completion", "messages", "hh")
-ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
-_FALLBACK_ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 _HINTS = {
     "prompt_completion": 'plain rows look like {"prompt": "...", "completion": "..."}',
     "messages": 'chat rows look like {"messages": [{"role": "user", "content": "..."}, '
@@ -59,22 +68,18 @@ def normalize_sft_rows(rows: list[dict], source: Source | str, fmt: str = "auto"
 
 
 def _detect_format(row: dict, where: str) -> str:
-    if _present(row, "messages"):
+    if present(row, "messages"):
         return "messages"
-    if _present(row, "prompt") or _present(row, "completion"):
+    if present(row, "prompt") or present(row, "completion"):
         return "prompt_completion"
-    if _present(row, "chosen"):
+    if present(row, "chosen"):
         return "hh"
-    fields = ", ".join(repr(key) for key in row if _present(row, key)) or "none"
+    fields = ", ".join(repr(key) for key in row if present(row, key)) or "none"
     raise DataError(
         f"{where}: no SFT fields found: expected 'messages', 'prompt' + 'completion' or 'chosen' (fields present: "
         f"{fields})",
         hint="; ".join(_HINTS.values()),
     )
-
-
-def _present(row: dict, field: str) -> bool:
-    return row.get(field) is not None
 
 
 def _normalise_plain(row: dict, where: str) -> dict:
@@ -95,14 +100,14 @@ def _normalise_chat(row: dict, where: str) -> dict:
     if messages is None:
         raise DataError(f"{where}: field 'messages' is missing", hint=hint)
     if not isinstance(messages, list):
-        raise DataError(f"{where}: field 'messages' must be a list of messages, got {_kind(messages)}", hint=hint)
+        raise DataError(f"{where}: field 'messages' must be a list of messages, got {describe(messages)}", hint=hint)
     if len(messages) < 2:
         raise DataError(
             f"{where}: field 'messages' needs at least 2 messages (a prompt, then the assistant's reply), "
             f"got {len(messages)}",
             hint=hint,
         )
-    checked = [_check_message(message, f"messages[{index}]", where) for index, message in enumerate(messages)]
+    checked = [check_message(message, f"messages[{index}]", where, hint) for index, message in enumerate(messages)]
     last = f"messages[{len(messages) - 1}]"
     if checked[-1]["role"] != "assistant":
         raise DataError(
@@ -114,35 +119,13 @@ def _normalise_chat(row: dict, where: str) -> dict:
     return {"messages": checked}
 
 
-def _check_message(message: Any, field: str, where: str) -> dict:
-    hint = _HINTS["messages"]
-    if not isinstance(message, dict):
-        raise DataError(
-            f"{where}: field '{field}' must be an object with 'role' and 'content', got {_kind(message)}", hint=hint
-        )
-    for key in ("role", "content"):
-        if message.get(key) is None:
-            raise DataError(f"{where}: field '{field}.{key}' is missing", hint=hint)
-        if not isinstance(message[key], str):
-            raise DataError(f"{where}: field '{field}.{key}' must be a string, got {_kind(message[key])}", hint=hint)
-    if message["role"] not in ROLES:
-        raise DataError(
-            f"{where}: field '{field}.role' is '{message['role']}', expected one of: {', '.join(ROLES)}", hint=hint
-        )
-    return {"role": message["role"], "content": message["content"]}
-
-
 def _string_field(row: dict, field: str, where: str, fmt: str) -> str:
     value = row.get(field)
     if value is None:
         raise DataError(f"{where}: field '{field}' is missing", hint=_HINTS[fmt])
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' must be a string, got {_kind(value)}", hint=_HINTS[fmt])
+        raise DataError(f"{where}: field '{field}' must be a string, got {describe(value)}", hint=_HINTS[fmt])
     return value
-
-
-def _kind(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:60]
 
 
 _NORMALISERS: dict[str, Callable[[dict, str], dict]] = {
@@ -154,24 +137,6 @@ _NORMALISERS: dict[str, Callable[[dict, str], dict]] = {
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Rendering and tokenising
-
-
-def render(row: dict, tokenizer: Any) -> tuple[str, str]:
-    """(prompt text, completion text) of a normalised row.
-
-    Prompt/completion rows are returned as they are. Chat rows use the tokenizer's chat template on all messages but
-    the last (with the generation prompt), and the last message's content as the completion. Without a chat template
-    they fall back to the HH format: prompt = "\\n\\n{Role}: {content}" for each message + "\\n\\nAssistant:",
-    completion = " " + last content (Role = Human / Assistant / System).
-    """
-    if "messages" not in row:
-        return row["prompt"], row["completion"]
-    history, reply = row["messages"][:-1], row["messages"][-1]["content"]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        return prompt, reply
-    prompt = "".join(f"\n\n{_FALLBACK_ROLE_NAMES[m['role']]}: {m['content']}" for m in history) + "\n\nAssistant:"
-    return prompt, " " + reply
 
 
 def tokenize_sft(
@@ -198,7 +163,7 @@ def tokenize_sft(
     `source` only names the data in errors raised while rendering (e.g. a chat template that rejects a conversation):
     by file and line when `rows` are all the rows it loaded, else as "row N" counting `rows` (`loading.source_for`).
     """
-    bos_id, adds_bos = _bos_policy(tokenizer)
+    bos_id, adds_bos = bos_policy(tokenizer)
     minimum = 2 if bos_id is None else 3
     if max_seq_len < minimum:
         raise ConfigError(
@@ -208,11 +173,11 @@ def tokenize_sft(
         raise ConfigError("the tokenizer has no EOS token", hint="use a tokenizer with an eos_token")
     named = source_for(rows, source)
     texts = [_render_or_fail(row, tokenizer, row_location(named, index)) for index, row in enumerate(rows)]
-    prompt_ids = _encode([prompt for prompt, _ in texts], tokenizer)
-    completion_ids = _encode([completion for _, completion in texts], tokenizer)
+    prompt_ids = encode_texts([prompt for prompt, _ in texts], tokenizer)
+    completion_ids = encode_texts([completion for _, completion in texts], tokenizer)
     examples, truncated = [], 0
     for prompt, completion in zip(prompt_ids, completion_ids):
-        lead, prompt = _split_bos(prompt, bos_id, adds_bos)
+        lead, prompt = split_bos(prompt, bos_id, adds_bos)
         completion = completion + [tokenizer.eos_token_id]
         kept_prompt, kept_completion = truncate_pair(prompt, completion, max_seq_len - len(lead))
         truncated += len(kept_prompt) + len(kept_completion) < len(prompt) + len(completion)
@@ -226,33 +191,6 @@ def tokenize_sft(
     return examples, stats
 
 
-def truncate_pair(prompt: list[int], completion: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Cut (prompt, completion-with-EOS) to `budget` tokens by the policy in `tokenize_sft`'s docstring."""
-    if len(prompt) + len(completion) <= budget:
-        return prompt, completion
-    kept_completion = completion[: min(len(completion), max(budget // 2, budget - len(prompt)))]
-    prompt_budget = budget - len(kept_completion)
-    kept_prompt = prompt[len(prompt) - prompt_budget :] if prompt_budget > 0 else []
-    return kept_prompt, kept_completion
-
-
-def _bos_policy(tokenizer: Any) -> tuple[int | None, bool]:
-    """(BOS id or None, whether the tokenizer itself adds BOS, i.e. the model expects it)."""
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is None:
-        return None, False
-    with_special = tokenizer("x").input_ids[:1]
-    without_special = tokenizer("x", add_special_tokens=False).input_ids[:1]
-    return bos_id, with_special == [bos_id] and without_special != [bos_id]
-
-
-def _split_bos(prompt: list[int], bos_id: int | None, adds_bos: bool) -> tuple[list[int], list[int]]:
-    """(leading BOS to keep, prompt without it): a BOS the chat template wrote is kept, never truncated or doubled."""
-    if bos_id is not None and prompt[:1] == [bos_id]:
-        return [bos_id], prompt[1:]
-    return ([bos_id] if adds_bos and bos_id is not None else []), prompt
-
-
 def _render_or_fail(row: dict, tokenizer: Any, where: str) -> tuple[str, str]:
     if "messages" not in row:
         return render(row, tokenizer)
@@ -263,12 +201,6 @@ def _render_or_fail(row: dict, tokenizer: Any, where: str) -> tuple[str, str]:
             f"{where}: field 'messages' was rejected by the tokenizer's chat template ({error})",
             hint="check the roles come in the order this model's chat template expects (e.g. user/assistant turns)",
         ) from error
-
-
-def _encode(texts: list[str], tokenizer: Any) -> list[list[int]]:
-    if not texts:
-        return []
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _example(prompt: list[int], completion: list[int], completion_only: bool) -> dict:
@@ -293,16 +225,3 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[index, :length] = 1
         labels[index, :length] = torch.tensor(example["labels"], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def encode_prompts(prompts: list[str], tokenizer: Any, max_len: int) -> tuple[list[list[int]], int]:
-    """Prompt ids for generation, laid out as in training (BOS by `tokenize_sft`'s rule, no EOS), each kept to its
-    last `max_len` tokens (the end of a dialogue matters most). Returns (ids, number of prompts cut)."""
-    bos_id, adds_bos = _bos_policy(tokenizer)
-    out, cut = [], 0
-    for ids in _encode(prompts, tokenizer):
-        lead, body = _split_bos(ids, bos_id, adds_bos)
-        budget = max(1, max_len - len(lead))
-        cut += len(body) > budget
-        out.append(lead + body[len(body) - budget:] if len(body) > budget else lead + body)
-    return out, cut
