@@ -1,10 +1,9 @@
-"""Shared test set-up: offline hubs, one cache for the built-in tiny model, and a helper to run the CLI."""
+"""Shared test set-up: offline hubs, one cache for the built-in tiny model, and the pytest fixtures. Constants and
+plain helpers (FAST_SFT, run_cli, compose_stage, ...) live in helpers.py: `from helpers import ...`."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,29 +14,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("RLHF_CLI_CACHE", str(Path(tempfile.gettempdir()) / "rlhf_cli_test_cache"))
 os.environ.pop("HYDRA_FULL_ERROR", None)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-HH_FILE = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
-
-# A few seconds of SFT on the built-in task: enough to see the loss fall, short enough for many runs.
-FAST_SFT = [
-    "data.toy.num_train=256", "data.toy.num_eval=32", "train.max_steps=24", "train.examples_per_step=16",
-    "train.micro_batch_size=8", "train.eval_every=12", "train.checkpoint_every=12", "train.log_every=4",
-    "train.num_samples=2", "train.sample_max_new_tokens=8",
-]
-
-# The same for the reward stage (pairs instead of demonstrations).
-FAST_REWARD = [
-    "data.toy.num_train=256", "data.toy.num_eval=64", "train.max_steps=24", "train.examples_per_step=16",
-    "train.micro_batch_size=8", "train.eval_every=12", "train.checkpoint_every=12", "train.log_every=4",
-]
-
-
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m rlhf_cli <args>` in `cwd`, captured."""
-    full_env = {**os.environ, **(env or {}), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+from helpers import HH_FILE  # noqa: E402  (after the environment is set)
 
 
 @pytest.fixture
@@ -45,20 +22,6 @@ def hh_file() -> Path:
     if not HH_FILE.is_file():
         pytest.skip(f"{HH_FILE} is absent (CI always has ../shared/data beside the checkout)")
     return HH_FILE
-
-
-def compose_stage(stage: str, overrides: list[str], run_dir: Path | None = None):
-    """The typed config a stage would get from `rlhf <stage> <overrides>` (run_dir given, since no Hydra run)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from rlhf_cli.config import finalize, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    extra = [f"run_dir={run_dir}"] if run_dir is not None else []
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return finalize(compose(config_name=stage, overrides=[*overrides, *extra]))
 
 
 @pytest.fixture(scope="session")
@@ -82,10 +45,3 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
-
-# A few seconds of PPO: 16 prompts per rollout, 2 minibatches of 8, short responses.
-FAST_PPO = [
-    "ppo.prompts_per_rollout=16", "ppo.num_mini_batches=2", "train.micro_batch_size=8",
-    "train.rollout_micro_batch_size=16", "ppo.response_length=8", "ppo.num_ppo_epochs=2", "train.max_steps=4",
-    "train.checkpoint_every=2", "train.sample_every=2",
-]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_SFT, run_cli
+from helpers import FAST_SFT, run_cli
 
 pytestmark = pytest.mark.slow
 

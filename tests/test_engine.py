@@ -14,7 +14,7 @@ from rlhf_cli.config import OptimConfig
 from rlhf_cli.engine import checkpoint
 from rlhf_cli.engine.optim import build_optimizer, build_scheduler, lr_factor
 from rlhf_cli.errors import ArtifactError
-from rlhf_cli.engine.batches import step_indices
+from rlhf_cli.engine.batches import step_indices, to_device
 
 
 def test_lr_factor_hand_values():
@@ -259,6 +259,13 @@ def test_step_indices_cover_each_epoch_once_and_are_deterministic():
     assert step_indices(0, batch, n, seed=1) != step_indices(0, batch, n, seed=2)
     epoch1 = [i for s in range(3, 6) for i in step_indices(s, batch, n, seed=1)]
     assert epoch1 != epoch0 and len(set(epoch1)) == 9
+
+
+def test_to_device_adds_position_ids_that_ignore_padding():
+    batch = to_device({"input_ids": torch.tensor([[0, 0, 7, 8], [7, 8, 9, 0]]),
+                       "attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])}, torch.device("cpu"))
+    assert batch["position_ids"].tolist() == [[0, 0, 0, 1], [0, 1, 2, 2]]
+    assert "position_ids" not in to_device({"input_ids": torch.tensor([[1]])}, torch.device("cpu"))
 
 
 def test_optimizer_step_skips_a_nonfinite_step_then_stops(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
+from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
 from rlhf_cli.errors import ArtifactError
 from rlhf_cli.stages import eval as eval_stage, ppo, reward, sft
 

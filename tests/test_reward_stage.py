@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import FAST_REWARD, FAST_SFT, compose_stage, run_cli
+from helpers import FAST_REWARD, FAST_SFT, compose_stage, run_cli
 from rlhf_cli import artifacts
 from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
 from rlhf_cli.errors import ArtifactError, DataError

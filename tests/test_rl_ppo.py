@@ -10,9 +10,10 @@ import torch
 
 from rlhf_cli.rl.ppo import (
     adaptive_kl_update, apply_missing_eos_penalty, entropy_from_logits, explained_variance, gae, kl_per_token,
-    last_index, logprobs_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, normalize_scores,
+    logprobs_from_logits, masked_mean, masked_sum, masked_var, masked_whiten, normalize_scores,
     per_token_rewards, policy_loss, truncate_after_stop, value_loss,
 )
+from rlhf_cli.rl.masks import last_index
 
 NAN, INF = float("nan"), float("inf")
 
@@ -115,13 +116,6 @@ def test_unknown_kl_estimator_raises():
         kl_per_token(torch.zeros(1), torch.zeros(1), "k2")
 
 
-def test_last_index():
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0]])
-    assert last_index(mask).tolist() == [1, 2, 0, 0]
-    assert last_index(mask.bool()).tolist() == [1, 2, 0, 0]
-    assert last_index(mask.float()).tolist() == [1, 2, 0, 0]
-
-
 def test_score_goes_on_the_last_real_token():
     kl = torch.tensor([[0.1, 0.2, 0.3, 0.4],
                        [0.1, 0.2, 0.3, 0.4],
@@ -201,7 +195,6 @@ def test_policy_loss_ratio_one_first_minibatch_regression():
     assert loss.item() == pytest.approx(-0.75)
     assert stats["clipfrac"].item() == 0.0
     assert stats["approx_kl"].item() == 0.0
-    assert stats["ratio_mean"].item() == 1.0
 
 
 def test_policy_loss_clipping_binds_for_positive_and_negative_advantages():
@@ -223,7 +216,6 @@ def test_policy_loss_clipping_binds_for_positive_and_negative_advantages():
     #           = 0.5 · (2·0.164402 + 2·0.480453)/4 = 0.161214
     assert stats["approx_kl"].item() == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4,
                                                       abs=1e-6)
-    assert stats["ratio_mean"].item() == pytest.approx(1.0)      # (1.5 + 0.5 + 0.5 + 1.5) / 4
     # gradient: clipped tokens get none; d/dlogp (-A·ratio)/4 = -A·ratio/4: token 2 → -0.125, token 3 → 0.75
     loss.backward()
     assert close(logp_new.grad, [[0.0, 0.0, -0.125, 0.75, 0.0]])
@@ -299,7 +291,7 @@ def test_same_temperature_gives_ratio_one_and_another_does_not():
     adv = torch.randn(2, 4, generator=g)
     rollout = logprobs_from_logits(logits, tokens, 0.7)
     _, stats = policy_loss(logprobs_from_logits(logits, tokens, 0.7), rollout, adv, mask, 0.2)
-    assert stats["approx_kl"].item() == 0.0 and stats["ratio_mean"].item() == 1.0
+    assert stats["approx_kl"].item() == 0.0
     _, wrong = policy_loss(logprobs_from_logits(logits, tokens, 1.0), rollout, adv, mask, 0.2)
     assert wrong["approx_kl"].item() > 1e-4
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_cli.rl.reward import first_token_index, last_token_index, pairwise_accuracy, pairwise_loss, pool
+from rlhf_cli.rl.reward import pairwise_loss, pool
 
 
 def test_pairwise_loss_hand_values():
@@ -38,20 +38,6 @@ def test_loss_is_stable_for_large_differences():
     assert grad_in.grad.item() == pytest.approx(-1.0)
 
 
-def test_accuracy_counts_ties_as_half():
-    rc, rr = torch.tensor([1.0, 0.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 2.0, -1.0])
-    assert pairwise_accuracy(rc, rr).item() == pytest.approx((1 + 0 + 0.5 + 1) / 4)
-
-
-def test_token_indices_under_left_and_right_padding():
-    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
-    assert last_token_index(right).tolist() == [2, 4, 0]
-    assert last_token_index(left).tolist() == [4, 4, 4]
-    assert first_token_index(right).tolist() == [0, 0, 0]
-    assert first_token_index(left).tolist() == [2, 0, 4]
-
-
 def test_pool_picks_the_right_vectors():
     hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)  # h[b, t] = [6b + 2t, 6b + 2t + 1]
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
@@ -60,3 +46,12 @@ def test_pool_picks_the_right_vectors():
     assert pool(hidden, mask, "mean").tolist() == [[1.0, 2.0], [9.0, 10.0]]
     with pytest.raises(ValueError):
         pool(hidden, mask, "max")
+
+
+def test_pool_of_an_all_padding_row():
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[0, 0, 0], [0, 1, 1]])
+    # last and first index an all-padding row at 0; the mean over no token is the zero vector
+    assert pool(hidden, mask, "last").tolist() == [[0.0, 1.0], [10.0, 11.0]]
+    assert pool(hidden, mask, "first").tolist() == [[0.0, 1.0], [8.0, 9.0]]
+    assert pool(hidden, mask, "mean").tolist() == [[0.0, 0.0], [9.0, 10.0]]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
+from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
 from rlhf_cli import artifacts
 from rlhf_cli.errors import ArtifactError, ConfigError, DataError, DivergedError
 from rlhf_cli.stages import ppo, reward, sft

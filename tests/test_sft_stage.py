@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAST_SFT, compose_stage
+from helpers import FAST_SFT, compose_stage
 from rlhf_cli import artifacts
 from rlhf_cli.data import toy
 from rlhf_cli.errors import ArtifactError, DataError

@@ -12,6 +12,7 @@ import math
 import torch
 
 from rlhf_cli.errors import ConfigError
+from rlhf_cli.rl.masks import position_ids_from_mask
 
 
 def grad_accum_steps(examples_per_step: int, micro_batch_size: int, world_size: int) -> int:
@@ -51,9 +52,14 @@ def rank_slice(examples: list, rank: int, world_size: int) -> list:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a collated batch and add position_ids = cumsum(attention_mask) - 1 (clamped at 0), so padded and
-    unpadded sequences get the same positions."""
+    """Move a collated batch and add position_ids = position_ids_from_mask(attention_mask) (cumsum(mask) - 1,
+    clamped at 0), so padded and unpadded sequences get the same positions."""
     batch = {k: v.to(device) for k, v in batch.items()}
     if "attention_mask" in batch:
-        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     return batch
+
+
+def step_examples(examples: list, step: int, batch: int, seed: int) -> list:
+    """The examples of optimizer step `step` (0-based), in `step_indices` order."""
+    return [examples[i] for i in step_indices(step, batch, len(examples), seed)]

@@ -63,10 +63,6 @@ def all_sum(d: Dist, values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def broadcast_object(d: Dist, obj):
-    """Rank 0's value of a small picklable object, on every rank."""
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def all_sum_named(d: Dist, values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """`all_sum` of named scalars: {name: sum over ranks}, in one collective."""
+    return dict(zip(values, all_sum(d, list(values.values()), device)))

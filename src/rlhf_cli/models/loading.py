@@ -61,6 +61,25 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
         raise _load_error("tokenizer", path, exc) from exc
 
 
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers map text to the same ids: same vocabulary (token -> id), same EOS id, same pad id.
+
+    Token ids pass straight from one model to another without decoding and re-encoding (the policy's rollout ids
+    into the reward and value models; per-token log-probs compared with the reference's for the KL) only when this
+    holds; otherwise the ids mean other tokens, and text must be re-tokenised or the pair refused. EOS and pad
+    matter as well as the vocabulary: they mark where a response ends and which positions are padding.
+    """
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
+
+
+def no_dropout(config) -> None:
+    """Zero every dropout probability in a transformers config (hidden, attention, classifier, ...), in place:
+    PPO's policy and reference and every reward model must be deterministic."""
+    for key, value in list(config.to_dict().items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
 def ensure_pad_token(tokenizer, model=None, require_eos: bool = True) -> bool:
     """Give the tokenizer a pad token distinct from EOS (resizing the model's embeddings); True if one was added.
     A policy needs an EOS to stop; an encoder reward model does not (require_eos=False)."""
@@ -90,8 +109,6 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, dropout: bool = True)
     try:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         if not dropout:
-            from rlhf_cli.models.reward import no_dropout
-
             no_dropout(config)
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,

@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_cli.errors import ArtifactError, ConfigError
+from rlhf_cli.models.loading import no_dropout
+from rlhf_cli.rl.masks import position_ids_from_mask
 from rlhf_cli.rl.reward import pool
 
 HEAD_FILE = "reward_head.safetensors"
@@ -33,13 +35,6 @@ def auto_pooling(model_type: str, tokenizer) -> str:
     if model_type not in ENCODER_TYPES:
         return "last"
     return "first" if getattr(tokenizer, "cls_token", None) is not None else "mean"
-
-
-def no_dropout(config) -> None:
-    """Zero every dropout probability in a transformers config (hidden, attention, classifier, ...)."""
-    for key, value in list(config.to_dict().items()):
-        if "dropout" in key and isinstance(value, float):
-            setattr(config, key, 0.0)
 
 
 class RewardModel(torch.nn.Module):
@@ -66,7 +61,7 @@ class RewardModel(torch.nn.Module):
         backbone) the head applied at every position [B, L]."""
         kwargs = {}
         if not self.is_encoder:  # padded and unpadded sequences get the same positions
-            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if per_token:
             return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from rlhf_cli.rl.masks import as_bool, last_index
+
 __all__ = [
-    "masked_sum", "masked_mean", "masked_var", "masked_whiten", "kl_per_token", "last_index", "per_token_rewards",
+    "masked_sum", "masked_mean", "masked_var", "masked_whiten", "kl_per_token", "per_token_rewards",
     "gae", "policy_loss", "value_loss", "entropy_from_logits", "logprobs_from_logits", "explained_variance",
     "adaptive_kl_update", "apply_missing_eos_penalty", "normalize_scores", "truncate_after_stop",
 ]
@@ -25,11 +27,6 @@ KL_ESTIMATORS = ("k1", "k3")
 
 
 # ---------------------------------------------------------------------------------------------- masked reductions
-
-def _valid(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean view of a bool/int/float mask: True where mask != 0."""
-    return mask if mask.dtype == torch.bool else mask != 0
-
 
 def _weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The mask as weights in the floating dtype of `like`."""
@@ -43,7 +40,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
     Padding entries are replaced by 0 before multiplying, so inf/NaN there cannot leak in.
     """
     w = _weights(mask, x)
-    xm = torch.where(_valid(mask), x, torch.zeros((), dtype=x.dtype, device=x.device)) * w
+    xm = torch.where(as_bool(mask), x, torch.zeros((), dtype=x.dtype, device=x.device)) * w
     return xm.sum() if dim is None else xm.sum(dim)
 
 
@@ -91,7 +88,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     whitened = (x - mean) * scale
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(_valid(mask), whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+    return torch.where(as_bool(mask), whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
 
 
 # ----------------------------------------------------------------------------------------------------- KL, rewards
@@ -112,15 +109,6 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> 
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
 
 
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last valid token of each row: T − 1 − argmax(flip(mask)) (the first 1 seen from the right);
-    0 for a row with no valid token. Returns int64 [B]."""
-    valid = _valid(mask)
-    length = valid.shape[-1]
-    idx = length - 1 - valid.flip(-1).to(torch.uint8).argmax(-1)
-    return torch.where(valid.any(-1), idx, torch.zeros_like(idx))
-
-
 def per_token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
                       kl_coef: float | torch.Tensor) -> torch.Tensor:
     """The per-token RLHF reward [B, T]:
@@ -131,7 +119,7 @@ def per_token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
     or position T − 1 for a response that hit the length limit), not on the first pad after it (TRL's off-by-one).
     A row with no valid token gets no reward at all (its score is dropped).
     """
-    valid = _valid(mask)
+    valid = as_bool(mask)
     rewards = torch.where(valid, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     add = torch.where(valid.any(-1), score.to(rewards.dtype), torch.zeros((), dtype=rewards.dtype,
@@ -152,7 +140,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     Rewards and values on padding are ignored; padding positions are 0 in both outputs. Returns
     (advantages, returns), each [B, T]. Pass detached tensors: these are targets, not part of the graph.
     """
-    valid = _valid(mask)
+    valid = as_bool(mask)
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     r = torch.where(valid, rewards.to(values.dtype), zero)
     v = torch.where(valid, values, zero)
@@ -182,11 +170,10 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     Stats (detached scalars):
         clipfrac   = masked_mean(1[−A·clip(ratio) > −A·ratio])    (share of tokens taking the clipped branch)
         approx_kl  = 0.5 · masked_mean((logp_new − logp_old)²)
-        ratio_mean = masked_mean(ratio)
     With logp_new == logp_old (first minibatch of the first epoch) the loss is −masked_mean(A), clipfrac 0 and
     approx_kl 0 exactly.
     """
-    valid = _valid(mask)
+    valid = as_bool(mask)
     zero = torch.zeros((), dtype=logp_new.dtype, device=logp_new.device)
     log_ratio = torch.where(valid, logp_new - logp_old, zero)   # 0 on padding: exp stays finite, gradient 0
     adv = torch.where(valid, advantages.to(logp_new.dtype), zero)
@@ -198,7 +185,6 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
             "approx_kl": 0.5 * masked_mean(log_ratio ** 2, mask),
-            "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
 
@@ -212,7 +198,7 @@ def value_loss(values_new: torch.Tensor, values_old: torch.Tensor, returns: torc
 
     Stats (detached scalars): vf_clipfrac = masked_mean(1[(V_clip − R)² > (V_new − R)²]).
     """
-    valid = _valid(mask)
+    valid = as_bool(mask)
     zero = torch.zeros((), dtype=values_new.dtype, device=values_new.device)
     v_old = torch.where(valid, values_old.to(values_new.dtype), zero)
     v_new = torch.where(valid, values_new, v_old)                  # padding: V_new = V_old = R = 0, finite

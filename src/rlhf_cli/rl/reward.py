@@ -1,4 +1,4 @@
-"""Reward-model math: the pairwise ranking loss and its metrics (pure torch, no I/O).
+"""Reward-model math: the pairwise ranking loss and the pooling of hidden states (pure torch, no I/O).
 
 Scores come in pairs: r_c[i] for the chosen response of pair i, r_r[i] for the rejected one.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from rlhf_cli.rl.masks import first_index, last_index
 
 
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -27,33 +29,17 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
     return loss.mean() if reduction == "mean" else loss.sum()
 
 
-def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Fraction of pairs ranked the labelled way: mean(1[r_c > r_r]); a tie counts as half."""
-    return ((r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()).mean()
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token in each row, under left or right padding:
-    L − 1 − argmax(flip(mask)) (the first 1 seen from the right)."""
-    length = attention_mask.shape[-1]
-    return length - 1 - attention_mask.flip(-1).float().argmax(-1)
-
-
-def first_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the first real token in each row, under left or right padding: argmax(mask)."""
-    return attention_mask.float().argmax(-1)
-
-
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
     """One vector per sequence from hidden states [B, L, H]:
-    last  = h[b, last real token]            (causal LMs: the only position that has seen the whole text)
-    first = h[b, first real token]           (encoders with a [CLS] token)
-    mean  = Σ_t mask·h / Σ_t mask            (mean over real tokens)"""
+    last  = h[b, last_index(mask)_b]         (causal LMs: the only position that has seen the whole text)
+    first = h[b, first_index(mask)_b]        (encoders with a [CLS] token)
+    mean  = Σ_t mask·h / Σ_t mask            (mean over real tokens)
+    An all-padding row pools h[b, 0] (last, first) or the zero vector (mean)."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     if how == "last":
-        return hidden[rows, last_token_index(attention_mask)]
+        return hidden[rows, last_index(attention_mask)]
     if how == "first":
-        return hidden[rows, first_token_index(attention_mask)]
+        return hidden[rows, first_index(attention_mask)]
     if how == "mean":
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)

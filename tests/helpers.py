@@ -1,0 +1,54 @@
+"""Constants and plain helpers shared by the test files (`from helpers import ...`); pytest fixtures and the
+environment set-up (offline hubs, the test cache) live in conftest.py, which pytest loads first."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+HH_FILE = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+# A few seconds of SFT on the built-in task: enough to see the loss fall, short enough for many runs.
+FAST_SFT = [
+    "data.toy.num_train=256", "data.toy.num_eval=32", "train.max_steps=24", "train.examples_per_step=16",
+    "train.micro_batch_size=8", "train.eval_every=12", "train.checkpoint_every=12", "train.log_every=4",
+    "train.num_samples=2", "train.sample_max_new_tokens=8",
+]
+
+# The same for the reward stage (pairs instead of demonstrations).
+FAST_REWARD = [
+    "data.toy.num_train=256", "data.toy.num_eval=64", "train.max_steps=24", "train.examples_per_step=16",
+    "train.micro_batch_size=8", "train.eval_every=12", "train.checkpoint_every=12", "train.log_every=4",
+]
+
+# A few seconds of PPO: 16 prompts per rollout, 2 minibatches of 8, short responses.
+FAST_PPO = [
+    "ppo.prompts_per_rollout=16", "ppo.num_mini_batches=2", "train.micro_batch_size=8",
+    "train.rollout_micro_batch_size=16", "ppo.response_length=8", "ppo.num_ppo_epochs=2", "train.max_steps=4",
+    "train.checkpoint_every=2", "train.sample_every=2",
+]
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m rlhf_cli <args>` in `cwd`, captured."""
+    full_env = {**os.environ, **(env or {}), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def compose_stage(stage: str, overrides: list[str], run_dir: Path | None = None):
+    """The typed config a stage would get from `rlhf <stage> <overrides>` (run_dir given, since no Hydra run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rlhf_cli.config import finalize, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    extra = [f"run_dir={run_dir}"] if run_dir is not None else []
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return finalize(compose(config_name=stage, overrides=[*overrides, *extra]))
