@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import FAST_SFT, run_cli
+from helpers import FAST_SFT, run_cli
 
 pytestmark = pytest.mark.slow
 RLHF = Path(sys.executable).parent / "rlhf"
@@ -46,16 +46,27 @@ def test_stage_help_and_cfg(tmp_path):
 
 
 @pytest.mark.parametrize("override,needles", [
-    ("optim.lrr=3e-4", ["optim.lrr"]),
+    ("optim.lrr=3e-4", ["unknown key optim.lrr in the sft config; did you mean optim.lr?"]),
     ("train.max_steps=many", ["train.max_steps", "many"]),
     ("data=hh_sft", ["data.path"]),
-    ("model=nope", ["model/nope", "tiny"]),
+    ("model=nope", ["model=nope is not an option of group model", "tiny"]),
     ("train.examples_per_step=30", ["train.examples_per_step"]),
 ])
 def test_config_mistakes_are_one_message_and_exit_2(override, needles, tmp_path):
     proc = run_cli(["sft", override], tmp_path)
     _one_error(proc, *needles)
+    assert "use +" not in proc.stderr  # Hydra's advice, wrong for a structured config
     assert not (tmp_path / "runs" / "default" / "sft" / "model").exists()
+
+
+def test_misspelled_key_in_a_sweep_or_a_pipeline_names_the_closest_key(tmp_path):
+    """`-m` and `rlhf pipeline` report the same one line: the key, the stage, the closest key; no `+key=`."""
+    sweep = run_cli(["sft", "-m", "optim.lrr=0.1,0.2"], tmp_path)
+    _one_error(sweep, "unknown key optim.lrr in the sft config; did you mean optim.lr?", "`rlhf sft --help`")
+    piped = run_cli(["pipeline", "sft.optim.lrr=1"], tmp_path)
+    _one_error(piped, "unknown key optim.lrr in the sft config; did you mean sft.optim.lr?")
+    for proc in (sweep, piped):
+        assert "+" not in proc.stderr and len(proc.stderr.splitlines()) == 2, proc.stderr
 
 
 def test_run_writes_the_run_directory_then_refuses_to_overwrite(tmp_path):

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
-from conftest import REPO
+from helpers import REPO
 from rlhf_cli.cli import STAGES, conf_dir
 from rlhf_cli.config import SCHEMAS, SFTConfig, finalize, register_configs
 from rlhf_cli.errors import ConfigError
@@ -168,10 +168,12 @@ def test_experiment_must_be_one_safe_name(name, tmp_path):
 
 
 def test_config_diff_ignores_how_a_run_is_launched():
-    from rlhf_cli.config import config_diff, to_dict
+    from dataclasses import asdict
 
-    a = to_dict(SFTConfig())
-    b = to_dict(SFTConfig(experiment="x", resume=True, logger="tensorboard"))
+    from rlhf_cli.config import config_diff
+
+    a = asdict(SFTConfig())
+    b = asdict(SFTConfig(experiment="x", resume=True, logger="tensorboard"))
     b["train"]["micro_batch_size"], b["train"]["checkpoint_every"] = 8, 5
     assert config_diff(a, b) == {}
     b["optim"]["lr"], b["model"]["name_or_path"] = 0.5, "/m"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import FAST_PPO, FAST_REWARD, FAST_SFT, run_cli
+from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, run_cli
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.stages.pipeline import compose, split_overrides, stale_keys
 
@@ -37,12 +37,12 @@ def test_compose_checks_every_stage_before_running(tmp_path):
 
 
 def test_stale_keys_ignore_how_a_run_was_launched(tmp_path):
-    from rlhf_cli.config import to_dict
+    from dataclasses import asdict
 
     cfg = compose("sft", [f"root={tmp_path}"])
-    same = to_dict(cfg) | {"resume": True, "run_dir": "/elsewhere"}
+    same = asdict(cfg) | {"resume": True, "run_dir": "/elsewhere"}
     assert stale_keys(same, cfg) == []
-    changed = to_dict(compose("sft", [f"root={tmp_path}", "optim.lr=0.5"]))
+    changed = asdict(compose("sft", [f"root={tmp_path}", "optim.lr=0.5"]))
     assert stale_keys(changed, cfg) == ["optim.lr"]
 
 

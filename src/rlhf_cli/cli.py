@@ -56,13 +56,10 @@ def _project_error(exc: BaseException):
     """The project's own exception in exc's chain (a resolver's ConfigError arrives wrapped by OmegaConf), or a
     file-system refusal turned into a StorageError; else None."""
     from rlhf_cli.artifacts import write_failure
-    from rlhf_cli.errors import RlhfError, StorageError
+    from rlhf_cli.errors import StorageError, in_chain
 
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, RlhfError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
+    if (own := in_chain(exc)) is not None:
+        return own
     refused = exc.errno in STORAGE_ERRNOS if isinstance(exc, OSError) else write_failure(exc) is not None
     if refused:
         return StorageError(f"could not write a file ({write_failure(exc)})",
@@ -75,7 +72,8 @@ def _is_user_error(exc: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    return _project_error(exc) is not None or isinstance(exc, (HydraException, OmegaConfBaseException))
+    group_value = isinstance(exc, ValueError) and str(exc).startswith("Config group override must be")  # optim=1
+    return _project_error(exc) is not None or group_value or isinstance(exc, (HydraException, OmegaConfBaseException))
 
 
 def _exit_code(exc: BaseException) -> int:
@@ -83,20 +81,14 @@ def _exit_code(exc: BaseException) -> int:
     return own.exit_code if own is not None else EXIT_USER_ERROR
 
 
-def _report(console: Console, exc: BaseException) -> None:
-    own = _project_error(exc)
-    if own is not None:
-        console.print(f"[bold red]{own.kind}:[/bold red] {own.message}", highlight=False, soft_wrap=True)
-        if own.hint:
-            console.print(f"[yellow]hint:[/yellow] {own.hint}", highlight=False, soft_wrap=True)
-        return
-    # Hydra/OmegaConf composition errors: the wrapper says which override, the cause says which key and why.
-    parts = [str(exc).strip()]
-    if exc.__cause__ is not None and str(exc.__cause__).strip() not in parts[0]:
-        parts.append(str(exc.__cause__).strip())
-    text = " ".join(" ".join(p.split()) for p in parts)
-    console.print(f"[bold red]config error:[/bold red] {text}", highlight=False, soft_wrap=True)
-    console.print("[yellow]hint:[/yellow] `rlhf <stage> --cfg job` shows every valid key and its value", highlight=False, soft_wrap=True)
+def _report(console: Console, exc: BaseException, stage: str | None = None) -> None:
+    from rlhf_cli.config import compose_error
+
+    # Hydra/OmegaConf composition errors are reworded: the unknown key, the stage, the closest valid keys.
+    own = _project_error(exc) or compose_error(exc, stage)
+    console.print(f"[bold red]{own.kind}:[/bold red] {own.message}", highlight=False, soft_wrap=True)
+    if own.hint:
+        console.print(f"[yellow]hint:[/yellow] {own.hint}", highlight=False, soft_wrap=True)
 
 
 def _job_dir_naming(args: list[str]) -> str:
@@ -149,7 +141,7 @@ def run_stage(stage: str, args: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs right here
         if wants_traceback or not _is_user_error(exc):
             raise
-        _report(Console(stderr=True), exc)
+        _report(Console(stderr=True), exc, stage)
         return _exit_code(exc)
     for exc in failed:
         _report(Console(stderr=True), exc)

@@ -49,3 +49,13 @@ class DivergedError(RlhfError):
 
     kind = "training diverged"
     exit_code = 3
+
+
+def in_chain(exc: BaseException | None) -> RlhfError | None:
+    """The project's own exception in exc's chain of causes (a resolver's ConfigError arrives wrapped by
+    OmegaConf and Hydra), or None."""
+    while exc is not None:
+        if isinstance(exc, RlhfError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None

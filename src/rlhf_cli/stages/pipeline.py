@@ -20,13 +20,13 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import SCHEMAS, conf_dir, config_diff, finalize, register_configs, to_dict
+from rlhf_cli.config import SCHEMAS, compose_error, conf_dir, config_diff, finalize, register_configs
 from rlhf_cli.engine.logging import console
-from rlhf_cli.errors import ArtifactError, ConfigError
+from rlhf_cli.errors import ArtifactError, ConfigError, in_chain
 
 ORDER = ("sft", "reward", "ppo", "eval")
 GROUPS = ("model", "data", "optim")
@@ -65,21 +65,40 @@ def compose(stage: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name=stage, overrides=[*overrides, "run_dir=."])
-    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=stage, overrides=[*overrides, "run_dir=."])
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        hydra_said = isinstance(exc, (HydraException, OmegaConfBaseException)) or str(exc).startswith(
+            "Config group override must be")  # optim=1
+        if in_chain(exc) is not None or not hydra_said:
+            raise
+        # one line: the key, this stage, the closest valid keys as the pipeline spells them
+        raise compose_error(exc, stage, spell=lambda key: pipeline_key(stage, key)) from exc
+    finally:
+        GlobalHydra.instance().clear()
     obj = finalize(cfg)
     obj.run_dir = str(artifacts.stage_dir(obj.root, obj.experiment, stage))
     return obj
 
 
+def pipeline_key(stage: str, key: str) -> str:
+    """How `rlhf pipeline` spells one stage's key: bare when that alone reaches only this stage (ppo.kl_coef),
+    else with the stage's prefix (sft.optim.lr)."""
+    word = f"{key}=x"
+    _, routed = split_overrides([word])
+    return key if all(routed[s] == ([word] if s == stage else []) for s in ORDER) else f"{stage}.{key}"
+
+
 def stale_keys(manifest_config: dict, cfg) -> list[str]:
     """Keys whose value differs between a finished artifact's config and the one the pipeline would run
     (config.RUN_KEYS, which say how to run rather than what to train, aside)."""
-    return list(config_diff(manifest_config, to_dict(cfg)))
+    return list(config_diff(manifest_config, asdict(cfg)))
 
 
 def main(args: list[str]) -> int:
