@@ -3,11 +3,13 @@
 
     .venv/bin/python scripts/bench_ppo.py --hidden-size 64 --layers 2 --prompts 64 --response-length 16
 
-It uses the pieces `rlhf ppo` uses: a built-in tiny Llama (rlhf_cli.models.tiny) as policy and reference, a
-RewardModel on the same backbone as reward and value model, `rlhf_cli.engine.rollout` for the rollout passes, and
-`rlhf_cli.stages.ppo.ppo_loss` with the rl/ppo.py math for `--epochs` passes over `--mini-batches` minibatches.
-Responses are sampled to exactly --response-length tokens (no stop token), on random prompts of --prompt-length
-tokens. `--iterations` iterations after one untimed warm-up.
+It runs the phases `rlhf ppo` runs, from rlhf_cli.stages.ppo: `collect_rollout`, `check_rollout`, `shape_rewards`
+(normalisation, missing-EOS penalty, KL penalty, GAE, whitening) and `ppo_update` (`--epochs` passes over
+`--mini-batches` minibatches of `--micro-batch` micro-batches, clipping, the schedule, the divergence guard), on a
+built-in tiny Llama (rlhf_cli.models.tiny) as policy and reference and a RewardModel on the same backbone as reward
+and value model, with the default PPO and optimizer config otherwise. Prompts are random, of --prompt-length
+tokens; responses stop at EOS as in training (an untrained model rarely emits it), and the figures count the
+tokens actually generated. `--iterations` iterations after one untimed warm-up.
 
 Figures: rollout tokens/s = generated tokens / rollout seconds; update tokens/s = tokens x epochs / update
 seconds; seconds per iteration; peak memory (CUDA: max_memory_allocated; CPU: peak RSS of the process).
@@ -56,15 +58,16 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_cli.config import OptimConfig, PPOAlgoConfig
-    from rlhf_cli.engine import device as dev
-    from rlhf_cli.engine.optim import build_optimizer
-    from rlhf_cli.engine.rollout import response_logprobs, response_values, rollout, score_responses
+    from rlhf_cli.config import PPOAlgoConfig, PPOConfig, PPOTrainConfig
+    from rlhf_cli.engine import device as dev, dist, train
+    from rlhf_cli.engine.guard import Guard
+    from rlhf_cli.engine.logging import MetricsLog
+    from rlhf_cli.engine.optim import build_optimizer, build_scheduler
+    from rlhf_cli.engine.rollout import Scorer
     from rlhf_cli.models.loading import quiet_transformers
     from rlhf_cli.models.reward import RewardModel
     from rlhf_cli.models.tiny import tiny_model_path
-    from rlhf_cli.rl import ppo as rl
-    from rlhf_cli.stages.ppo import ppo_loss
+    from rlhf_cli.stages import ppo
 
     quiet_transformers()
     device = dev.pick(args.device)
@@ -78,55 +81,40 @@ def main(argv=None) -> int:
     reference = AutoModelForCausalLM.from_pretrained(path).to(device).eval().requires_grad_(False)
     reward = RewardModel.from_backbone(str(path), tokenizer).to(device).eval().requires_grad_(False)
     value = RewardModel.from_backbone(str(path), tokenizer).to(device)
-    p = PPOAlgoConfig(response_length=args.response_length, prompts_per_rollout=args.prompts,
-                      num_ppo_epochs=args.epochs, num_mini_batches=args.mini_batches)
-    params = list(policy.parameters()) + list(value.parameters())
-    optimizer = build_optimizer(params, OptimConfig(lr=1e-4))
+    roles = ppo.Roles(policy, reference, value, Scorer(reward, tokenizer, True, 4096), tokenizer, "the reward model")
+    cfg = PPOConfig(ppo=PPOAlgoConfig(response_length=args.response_length, prompts_per_rollout=args.prompts,
+                                      num_ppo_epochs=args.epochs, num_mini_batches=args.mini_batches),
+                    train=PPOTrainConfig(max_steps=args.iterations + 1, micro_batch_size=args.micro_batch,
+                                         rollout_micro_batch_size=args.prompts))
+    d = dist.Dist()
+    shape = ppo.batch_shape(cfg, d.world_size)
+    params = [*policy.parameters(), *value.parameters()]
+    optimizer = build_optimizer(params, cfg.optim)
+    training = train.Training(params, optimizer, build_scheduler(optimizer, cfg.optim, shape.optimizer_steps),
+                              cfg.optim.max_grad_norm, Guard("ppo", Path(cache) / "no-checkpoints", cfg.optim.lr,
+                                                             unit="iteration"),
+                              MetricsLog(Path(cache), False, "none"), {})
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, len(tokenizer), (args.prompt_length,), generator=g).tolist()
                for _ in range(args.prompts)]
-    eos = -1  # no stop token: every response runs to --response-length, so the figures are per full length
 
-    def iteration():
+    def iteration(step: int) -> tuple[float, float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        policy.eval()
-        roll = rollout(policy, prompts, p.response_length, p.temperature, args.prompts, tokenizer.pad_token_id,
-                       eos, device)
-        with torch.inference_mode():
-            roll["logprobs"] = response_logprobs(policy, roll, p.temperature, args.prompts)
-            roll["ref_logprobs"] = response_logprobs(reference, roll, p.temperature, args.prompts)
-            roll["values"] = response_values(value, roll, args.prompts)
-            scores = score_responses(reward, roll, tokenizer, tokenizer, True, args.prompts, 4096)
-        roll = {k: v.clone() if torch.is_tensor(v) else v for k, v in roll.items()}
-        mask = roll["mask"]
-        kl = rl.kl_per_token(roll["logprobs"], roll["ref_logprobs"], "k1") * mask
-        adv, ret = rl.gae(rl.per_token_rewards(scores.clone(), kl, mask, 0.05), roll["values"], mask, 1.0, 0.95)
-        adv = rl.masked_whiten(adv, mask)
+        roll = ppo.collect_rollout(roles, prompts, cfg, device)
+        ppo.check_rollout(training.guard, step + 1, roll, "the benchmark's reward model")
+        shaped = ppo.shape_rewards(roll, cfg.ppo.kl_coef, cfg.ppo, reward.score_stats)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        policy.train()
-        mb = args.prompts // args.mini_batches
-        for _ in range(args.epochs):
-            perm = torch.randperm(args.prompts)
-            for m in range(args.mini_batches):
-                rows = perm[m * mb:(m + 1) * mb]
-                for k in range(0, mb, args.micro_batch):
-                    with dev.autocast(device):
-                        loss, _ = ppo_loss(policy, value, roll, rows[k:k + args.micro_batch], adv, ret, p)
-                    (loss / (mb // args.micro_batch)).backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        ppo.ppo_update([policy, value], roll, shaped, training, step, cfg, shape, d, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        return float(mask.sum()), t1 - t0, t2 - t1
+        return float(roll.mask.sum()), t1 - t0, time.perf_counter() - t1
 
-    iteration()  # warm-up
-    runs = [iteration() for _ in range(args.iterations)]
+    iteration(0)  # warm-up
+    runs = [iteration(step) for step in range(1, args.iterations + 1)]
     tokens = sum(r[0] for r in runs)
     rollout_s, update_s = sum(r[1] for r in runs), sum(r[2] for r in runs)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"

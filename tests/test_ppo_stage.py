@@ -8,15 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
+from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
 from rlhf_cli import artifacts
 from rlhf_cli.config import ModelConfig, PPOAlgoConfig
 from rlhf_cli.errors import ArtifactError
 from rlhf_cli.models.loading import load_causal_lm
 from rlhf_cli.models.reward import RewardModel
-from rlhf_cli.rl import ppo as rl
 from rlhf_cli.engine import rollout as rollout_mod
-from rlhf_cli.engine.rollout import rollout
+from rlhf_cli.engine.rollout import Rollout, Scorer, constants, sample
 from rlhf_cli.stages import ppo, reward, sft
 
 
@@ -46,13 +45,14 @@ def roles(root):
 
 def _rollout(policy, tokenizer, n=12, seed=0, **algo):
     from rlhf_cli.data import toy
-    from rlhf_cli.data.sft import encode_prompts
+    from rlhf_cli.data.prompts import encode_prompts
 
     p = PPOAlgoConfig(response_length=8, **algo)
     prompts = [r["prompt"] for r in toy.prompt_rows(n, 0, "train")]
     ids, _ = encode_prompts(prompts, tokenizer, 64)
     torch.manual_seed(seed)
-    return rollout(policy, ids, p.response_length, p.temperature, 64, tokenizer.pad_token_id, tokenizer.eos_token_id, torch.device("cpu")), p
+    return sample(policy, ids, p.response_length, p.temperature, 64, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                  torch.device("cpu")), p
 
 
 def test_artifact_and_parents(trained, root):
@@ -81,17 +81,20 @@ def test_every_iteration_logs_the_notes_metrics(trained):
 def test_first_minibatch_ratio_is_one_and_approx_kl_zero(roles):
     policy, tokenizer, rm = roles
     value = rm  # the value model: a causal reward model, as PPO initialises it
-    roll, p = _rollout(policy, tokenizer)
+    samples, p = _rollout(policy, tokenizer)
     with torch.inference_mode():
-        roll["logprobs"] = rollout_mod.response_logprobs(policy, roll, p.temperature, 64)
-        roll["values"] = rollout_mod.response_values(value, roll, 64)
-    roll = {k: v.clone() for k, v in roll.items()}
-    adv = torch.randn_like(roll["mask"]) * roll["mask"]
-    _, stats = ppo.ppo_loss(policy, value, roll, torch.arange(6), adv, roll["values"], p)
+        logprobs = rollout_mod.response_logprobs(policy, samples, p.temperature, 64)
+        roll = Rollout(**vars(samples), logprobs=logprobs, ref_logprobs=logprobs,
+                       values=rollout_mod.response_values(value, samples, 64), scores=torch.zeros(len(logprobs)),
+                       prompt_text=[], response_text=[])
+    roll = constants(roll)
+    adv = torch.randn_like(roll.mask) * roll.mask
+    shaped = ppo.Shaped(roll.scores, torch.zeros_like(adv), adv, roll.values)
+    _, stats = ppo.ppo_loss(policy, value, roll, torch.arange(6), shaped, p)
     assert stats["approx_kl"].item() < 1e-12 and stats["clipfrac"].item() == 0.0
     # a different temperature in training than at rollout is exactly the mistake this catches
-    _, wrong = ppo.ppo_loss(policy, value, roll, torch.arange(6), adv, roll["values"],
-                            PPOAlgoConfig(response_length=8, temperature=0.7))
+    _, wrong = ppo.ppo_loss(policy, value, roll, torch.arange(6), shaped, PPOAlgoConfig(response_length=8,
+                                                                                      temperature=0.7))
     assert wrong["approx_kl"].item() > 1e-4
 
 
@@ -105,10 +108,10 @@ def test_rollout_truncates_after_eos_and_ignores_the_models_generation_config(ro
     finally:
         policy.generation_config.top_k, policy.generation_config.repetition_penalty = 50, 1.0
     # top_k=1 honoured would make sampling greedy: two seeds would give the same responses
-    assert not torch.equal(first["response"], second["response"])
-    resp, mask, eos = first["response"], first["mask"], tokenizer.eos_token_id
-    assert first["ended"].any()
-    for row, m, ended in zip(resp, mask, first["ended"]):
+    assert not torch.equal(first.response, second.response)
+    resp, mask, eos = first.response, first.mask, tokenizer.eos_token_id
+    assert first.ended.any()
+    for row, m, ended in zip(resp, mask, first.ended):
         n = int(m.sum())
         if ended:
             assert row[n - 1] == eos and (row[:n - 1] != eos).all()
@@ -121,9 +124,9 @@ def test_score_is_read_at_the_last_real_token(roles):
     policy, tokenizer, rm = roles
     roll, _ = _rollout(policy, tokenizer)
     with torch.inference_mode():
-        scores = rollout_mod.score_responses(rm, roll, tokenizer, tokenizer, True, 64, 512)
+        scores = rollout_mod.score_responses(Scorer(rm, tokenizer, True, 512), roll, [], [], 64)
         for i in range(len(scores)):
-            real = roll["input_ids"][i][roll["attention_mask"][i].bool()]  # prompt + response up to EOS, no pads
+            real = roll.input_ids[i][roll.attention_mask[i].bool()]  # prompt + response up to EOS, no pads
             alone = rm(real[None], torch.ones_like(real)[None])
             assert alone.item() == pytest.approx(scores[i].item(), abs=1e-5)
 
@@ -133,12 +136,12 @@ def test_values_are_read_where_each_response_token_is_predicted(roles):
     roll, _ = _rollout(policy, tokenizer)
     with torch.inference_mode():
         values = rollout_mod.response_values(rm, roll, 64)
-        width = roll["prompt"].shape[1]
+        width = roll.prompt.shape[1]
         i = 0
-        real = roll["input_ids"][i][roll["attention_mask"][i].bool()]
-        n_prompt = int(roll["prompt_mask"][i].sum())
+        real = roll.input_ids[i][roll.attention_mask[i].bool()]
+        n_prompt = int(roll.prompt_mask[i].sum())
         per_token = rm(real[None], torch.ones_like(real)[None], per_token=True)[0]
-        n_resp = int(roll["mask"][i].sum())
+        n_resp = int(roll.mask[i].sum())
         # the value of response token t sits at the position that predicts it: prompt length - 1 + t
         assert torch.allclose(values[i, :n_resp], per_token[n_prompt - 1:n_prompt - 1 + n_resp], atol=1e-5)
         assert (values[i, n_resp:] == 0).all() and width >= n_prompt

@@ -3,18 +3,71 @@
 Every sequence of a rollout shares one layout, [P left-padded prompt | R response], R = response_length, with
 position_ids = cumsum(attention_mask) - 1 in every forward pass, so a row's numbers do not depend on which rows
 share its batch. Log-probs use logits / temperature, the same T as at sampling time.
+
+Types: `sample` returns `Samples` (the tokens and their masks); PPO adds what each role measures on them and gets a
+`Rollout`; a `Scorer` is the reward model with what it needs to read a policy's samples.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Any
+
 import torch
 
 from rlhf_cli.rl import ppo as rl
+from rlhf_cli.rl.masks import position_ids_from_mask
+
+
+@dataclass
+class Samples:
+    """B sampled responses to B prompts (P = the widest prompt, R = response_length); every tensor on one device."""
+    prompt: torch.Tensor          # [B, P] long: prompt ids, left-padded
+    prompt_mask: torch.Tensor     # [B, P] long: 1 on prompt tokens
+    response: torch.Tensor        # [B, R] long: response ids, padding after the first EOS
+    mask: torch.Tensor            # [B, R] float: 1 on response tokens (the EOS included)
+    ended: torch.Tensor           # [B] bool: the response ended with EOS within R tokens
+    input_ids: torch.Tensor       # [B, P + R] long: prompt and response
+    attention_mask: torch.Tensor  # [B, P + R] long
+
+
+@dataclass
+class Rollout:
+    """A PPO rollout: the samples (fields as in `Samples`) and what each role measured on them, all constants for
+    the update (no autograd history, outside inference mode)."""
+    prompt: torch.Tensor          # [B, P] long
+    prompt_mask: torch.Tensor     # [B, P] long
+    response: torch.Tensor        # [B, R] long
+    mask: torch.Tensor            # [B, R] float
+    ended: torch.Tensor           # [B] bool
+    input_ids: torch.Tensor       # [B, P + R] long
+    attention_mask: torch.Tensor  # [B, P + R] long
+    logprobs: torch.Tensor        # [B, R] float: log π_old(response token), at the sampling temperature; 0 on padding
+    ref_logprobs: torch.Tensor    # [B, R] float: the same under the frozen reference
+    values: torch.Tensor          # [B, R] float: V(state before each response token); 0 on padding
+    scores: torch.Tensor          # [B] float: the reward model's raw score of prompt + response
+    prompt_text: list[str]        # B decoded prompts (special tokens skipped)
+    response_text: list[str]      # B decoded responses
+
+
+def constants(roll: Rollout) -> Rollout:
+    """A copy whose tensors are ordinary tensors: those made under inference mode cannot enter autograd."""
+    return Rollout(**{f.name: (v.clone() if torch.is_tensor(v := getattr(roll, f.name)) else v)
+                      for f in fields(Rollout)})
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The reward model and what it needs to read a policy's samples."""
+    model: Any                    # a models.reward.RewardModel, frozen
+    tokenizer: Any                # the reward model's tokenizer
+    same_tokens: bool             # it reads the policy's token ids as they are (else: decoded text, re-tokenised)
+    max_len: int                  # longest re-tokenised prompt + response (data.max_seq_len)
 
 
 @torch.inference_mode()
-def rollout(policy, prompts: list[list[int]], response_length: int, temperature: float, micro: int, pad_id: int,
-            eos_id: int, device) -> dict:
+def sample(policy, prompts: list[list[int]], response_length: int, temperature: float, micro: int, pad_id: int,
+           eos_id: int, device) -> Samples:
     """Sample responses with the KV cache from left-padded prompts: plain temperature sampling (top_k=0,
     top_p=1, no other logits processor), max_new_tokens = response_length, then everything after the first EOS
     becomes padding. All rows share one layout: [P left-padded prompt | R response] with R = response_length."""
@@ -39,64 +92,63 @@ def rollout(policy, prompts: list[list[int]], response_length: int, temperature:
             r = torch.cat([r, r.new_full((r.shape[0], response_length - r.shape[1]), pad_id)], 1)
         responses.append(r)
     tokens, mask, ended = rl.truncate_after_stop(torch.cat(responses), [eos_id], pad_id)
-    return {"prompt": prompt, "prompt_mask": prompt_mask, "response": tokens, "mask": mask.float(),
-            "ended": ended, "input_ids": torch.cat([prompt, tokens], 1),
-            "attention_mask": torch.cat([prompt_mask, mask.long()], 1)}
+    return Samples(prompt=prompt, prompt_mask=prompt_mask, response=tokens, mask=mask.float(), ended=ended,
+                   input_ids=torch.cat([prompt, tokens], 1), attention_mask=torch.cat([prompt_mask, mask.long()], 1))
 
 
-def _forward_slice(roll: dict, idx):
-    """(input_ids, attention_mask, position_ids = cumsum(mask) - 1) of rollout rows `idx`."""
-    ids, am = roll["input_ids"][idx], roll["attention_mask"][idx]
-    return ids, am, (am.cumsum(-1) - 1).clamp(min=0)
+def decode(samples: Samples, tokenizer) -> tuple[list[str], list[str]]:
+    """(prompt texts, response texts), special tokens skipped."""
+    return (tokenizer.batch_decode(samples.prompt, skip_special_tokens=True),
+            tokenizer.batch_decode(samples.response, skip_special_tokens=True))
 
 
-def policy_logits(model, roll: dict, idx) -> torch.Tensor:
-    """Logits at the positions that predict each response token: [b, R, V]."""
-    width, length = roll["prompt"].shape[1], roll["response"].shape[1]
-    ids, am, pos = _forward_slice(roll, idx)
-    logits = model(input_ids=ids, attention_mask=am, position_ids=pos).logits
+def policy_logits(model, samples: Samples | Rollout, idx) -> torch.Tensor:
+    """Logits at the positions that predict each response token of rows `idx`: [b, R, V]."""
+    width, length = samples.prompt.shape[1], samples.response.shape[1]
+    am = samples.attention_mask[idx]
+    logits = model(input_ids=samples.input_ids[idx], attention_mask=am, position_ids=position_ids_from_mask(am)).logits
     return logits[:, width - 1:width - 1 + length].float()
 
 
-def response_logprobs(model, roll: dict, temperature: float, micro: int) -> torch.Tensor:
+def response_logprobs(model, samples: Samples | Rollout, temperature: float, micro: int) -> torch.Tensor:
+    """log p(response token) under `model` at `temperature`, [B, R], 0 on padding; `micro` rows per forward."""
     out = []
-    for i in range(0, roll["response"].shape[0], micro):
+    for i in range(0, samples.response.shape[0], micro):
         idx = slice(i, i + micro)
-        out.append(rl.logprobs_from_logits(policy_logits(model, roll, idx), roll["response"][idx], temperature))
-    return torch.cat(out) * roll["mask"]
+        out.append(rl.logprobs_from_logits(policy_logits(model, samples, idx), samples.response[idx], temperature))
+    return torch.cat(out) * samples.mask
 
 
-def value_slice(value_model, roll: dict, idx) -> torch.Tensor:
-    """V at the positions that predict each response token: [b, R]."""
-    width, length = roll["prompt"].shape[1], roll["response"].shape[1]
-    ids, am, _ = _forward_slice(roll, idx)
-    return value_model(ids, am, per_token=True)[:, width - 1:width - 1 + length].float()
+def value_slice(value_model, samples: Samples | Rollout, idx) -> torch.Tensor:
+    """V at the positions that predict each response token of rows `idx`: [b, R]."""
+    width, length = samples.prompt.shape[1], samples.response.shape[1]
+    values = value_model(samples.input_ids[idx], samples.attention_mask[idx], per_token=True)
+    return values[:, width - 1:width - 1 + length].float()
 
 
-def response_values(value_model, roll: dict, micro: int) -> torch.Tensor:
-    out = [value_slice(value_model, roll, slice(i, i + micro)) for i in range(0, roll["response"].shape[0], micro)]
-    return torch.cat(out) * roll["mask"]
+def response_values(value_model, samples: Samples, micro: int) -> torch.Tensor:
+    """V before each response token, [B, R], 0 on padding; `micro` rows per forward."""
+    out = [value_slice(value_model, samples, slice(i, i + micro)) for i in range(0, samples.response.shape[0], micro)]
+    return torch.cat(out) * samples.mask
 
 
-def score_responses(reward_model, roll: dict, tokenizer, reward_tokenizer, same_tokens: bool, micro: int,
-                    max_len: int) -> torch.Tensor:
-    """The reward model's score at the last real token of prompt + response. Shared tokenizer: the rollout's ids
-    as they are. Otherwise: decode the texts and re-tokenise them as the reward model was trained to read them."""
-    roll["prompt_text"] = tokenizer.batch_decode(roll["prompt"], skip_special_tokens=True)
-    roll["response_text"] = tokenizer.batch_decode(roll["response"], skip_special_tokens=True)
-    scores = []
-    if same_tokens:
-        for i in range(0, roll["response"].shape[0], micro):
+def score_responses(scorer: Scorer, samples: Samples, prompt_text: list[str], response_text: list[str],
+                    micro: int) -> torch.Tensor:
+    """The reward model's score at the last real token of prompt + response, [B]. Shared tokenizer: the samples'
+    ids as they are. Otherwise: the texts re-tokenised as the reward model was trained to read them."""
+    model, scores = scorer.model, []
+    if scorer.same_tokens:
+        for i in range(0, samples.response.shape[0], micro):
             idx = slice(i, i + micro)
-            scores.append(reward_model(roll["input_ids"][idx], roll["attention_mask"][idx]).float())
+            scores.append(model(samples.input_ids[idx], samples.attention_mask[idx]).float())
         return torch.cat(scores)
     from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
 
-    rows = [{"prompt": pr, "chosen": rs, "rejected": rs} for pr, rs in zip(roll["prompt_text"], roll["response_text"])]
-    examples, _ = tokenize_pairs(rows, reward_tokenizer, max_len, reward_model.is_encoder, source="rollout")
-    device = roll["input_ids"].device
+    rows = [{"prompt": pr, "chosen": rs, "rejected": rs} for pr, rs in zip(prompt_text, response_text)]
+    examples, _ = tokenize_pairs(rows, scorer.tokenizer, scorer.max_len, model.is_encoder, source="rollout")
+    device = samples.input_ids.device
     for i in range(0, len(examples), micro):
-        batch = collate_pairs(examples[i:i + micro], reward_tokenizer.pad_token_id)
+        batch = collate_pairs(examples[i:i + micro], scorer.tokenizer.pad_token_id)
         n = len(examples[i:i + micro])
-        scores.append(reward_model(batch["input_ids"][:n].to(device), batch["attention_mask"][:n].to(device)).float())
+        scores.append(model(batch["input_ids"][:n].to(device), batch["attention_mask"][:n].to(device)).float())
     return torch.cat(scores)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import config_diff, describe_diff, to_dict
+from rlhf_cli.config import config_diff, describe_diff
 from rlhf_cli.engine import checkpoint, dist
 from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ArtifactError, ConfigError, DataError
@@ -96,7 +96,7 @@ def prepare(cfg, d: dist.Dist) -> RunPlan:
                 artifacts.clean_run_dir(work_dir)
             checkpoint.clean_partial(work_dir / "checkpoints")
             work_dir.mkdir(parents=True, exist_ok=True)
-            artifacts.write_text_atomic(work_dir / "config.yaml", OmegaConf.to_yaml(to_dict(cfg)))
+            artifacts.write_text_atomic(work_dir / "config.yaml", OmegaConf.to_yaml(asdict(cfg)))
             write_hydra_record(work_dir)
         except OSError as exc:
             raise artifacts.storage_error(f"the run directory {work_dir}", exc,
@@ -110,7 +110,7 @@ def _check_config(state: dict, cfg, path: Path, d: dist.Dist) -> None:
     """The interrupted run's config (recorded in each checkpoint) against this one's."""
     if "config" not in state:  # a checkpoint written before configs were recorded: nothing to compare
         return
-    changed = config_diff(state["config"], to_dict(cfg))
+    changed = config_diff(state["config"], asdict(cfg))
     if not changed:
         return
     if not cfg.force_resume:
@@ -131,19 +131,20 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
-def check_data(plan: RunPlan, cfg, data_sha256: str, d: dist.Dist) -> None:
-    """A resumed run trains on the data it started with: the data order is a function of seed, step and dataset
-    size, so a changed file would silently continue on other rows."""
+def check_data(plan: RunPlan, cfg, d: dist.Dist, *parts) -> str:
+    """The data's `fingerprint`, after checking that a resumed run trains on the data it started with: the data
+    order is a function of seed, step and dataset size, so a changed file would silently continue on other rows."""
+    data_sha256 = fingerprint(*parts)
     recorded = (plan.resumed or {}).get("data_sha256")
     if recorded is None or recorded == data_sha256:
-        return
+        return data_sha256
     data = cfg.data
     what = ", ".join(f"{k}={v}" for k, v in (("data.path", data.path), ("data.eval_path", data.eval_path)) if v)
     what = what or "the built-in task"
     if cfg.force_resume:
         console(d.is_main).print(f"[yellow]force_resume=true:[/yellow] the training data changed since "
                                  f"{plan.resume_from} was written ({what}); continuing on the new data")
-        return
+        return data_sha256
     raise DataError(
         f"resume=true, but the training data changed since {plan.resume_from} was written ({what}: sha256 "
         f"{recorded[:12]} then, {data_sha256[:12]} now)",

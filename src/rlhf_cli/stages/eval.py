@@ -30,23 +30,23 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
 from rich.table import Table
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import EvalConfig, ModelConfig, _absolute, to_dict
-from rlhf_cli.data import toy
-from rlhf_cli.data.loading import load_rows
-from rlhf_cli.data.prompts import prompt_texts
-from rlhf_cli.data.sft import encode_prompts
+from rlhf_cli.config import EvalConfig, ModelConfig, absolute_path
+from rlhf_cli.data import tasks
+from rlhf_cli.data.prompts import encode_prompts
 from rlhf_cli.engine import checkpoint, device as dev, rundir
 from rlhf_cli.engine.logging import console, fmt, metrics_text, progress_bar, summary_table
-from rlhf_cli.engine.rollout import response_logprobs, rollout, score_responses
+from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample, score_responses
 from rlhf_cli.errors import ArtifactError, ConfigError
-from rlhf_cli.models.loading import load_causal_lm, load_tokenizer
+from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
 from rlhf_cli.models.reward import RewardModel
 
 NUM_SAMPLES = 4  # responses per policy kept in eval.json, to read what the numbers mean
@@ -55,109 +55,51 @@ NUM_SAMPLES = 4  # responses per policy kept in eval.json, to read what the numb
 def run(cfg: EvalConfig) -> dict:
     check_config(cfg)
     con = console(True)
-    run_dir = Path(cfg.run_dir)
     device = dev.pick(cfg.device)
-
     # ---- set up: every model resolved before anything loads (a missing one names the command to run, in the
-    # pipeline's order: sft, reward, ppo), then tokenizers checked, then the reference and the reward model -----
+    # pipeline's order: sft, reward, ppo), then tokenizers checked, then the judge (reference, reward model) ------
     reference_path, _ = find_upstream(cfg.reference, cfg, "sft", "policy", "reference")
     reward_path, _ = find_upstream(cfg.reward, cfg, "reward", "reward_model", "reward")
     policies = resolve_policies(cfg)
-    reference_tokenizer = load_tokenizer(ModelConfig(name_or_path=reference_path))
-    for pol in policies:
-        other = load_tokenizer(ModelConfig(name_or_path=pol["model"]))
-        if not same_tokenizer(reference_tokenizer, other):
-            raise ArtifactError(
-                f"policy {pol['name']} does not share the reference's tokenizer ({pol['model']}: vocab "
-                f"{len(other)}, eos {other.eos_token_id}; reference {reference_path}: vocab "
-                f"{len(reference_tokenizer)}, eos {reference_tokenizer.eos_token_id})",
-                hint="the KL to the reference is per token, so every policy must use the reference's tokenizer: "
-                     "pass reference=<the SFT run directory the policies started from>")
-    reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), device, dropout=False)
-    reference.eval().requires_grad_(False)
-    reward_model = RewardModel.from_pretrained(reward_path).to(device).eval().requires_grad_(False)
-    reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=reward_path), reward_path)
-    same_tokens = same_tokenizer(tokenizer, reward_tokenizer)
-    with_gold = cfg.data.path is None
-
-    # held-out prompts, the run directory
-    prompts, source = load_prompts(cfg, tokenizer)
-    prompt_ids, prompts_cut = encode_prompts(prompts, tokenizer, cfg.data.max_seq_len - cfg.response_length)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(to_dict(cfg)))
-        rundir.write_hydra_record(run_dir)
-    except OSError as exc:
-        raise artifacts.storage_error(f"the eval directory {run_dir}", exc,
-                                      hint="check that it is writable and the disk has free space") from exc
+    check_tokenizers(policies, reference_path)
+    judge = load_judge(cfg, reference_path, reward_path, device)
+    prompts, source = tasks.eval_prompts(cfg.data, cfg.num_prompts, judge.tokenizer)
+    prompt_ids, cut = encode_prompts(prompts, judge.tokenizer, cfg.data.max_seq_len - cfg.response_length)
+    open_run_dir(Path(cfg.run_dir), cfg)
     curve_points = {pol["name"]: ppo_checkpoints(pol) if cfg.checkpoints else [] for pol in policies}
-    distinct = {pol["model"] for pol in policies} | {str(path) for pts in curve_points.values() for _, path in pts}
-    distinct |= {reference_path} if any(curve_points.values()) else set()
-    con.print(f"[bold]rlhf eval[/bold] -> {run_dir}")
+    con.print(f"[bold]rlhf eval[/bold] -> {cfg.run_dir}")
     con.print(f"{len(policies)} policies (baseline {policies[0]['name']}) on {len(prompts)} held-out prompts from "
-              f"{source} ({prompts_cut} cut to {cfg.data.max_seq_len - cfg.response_length} tokens): one response "
-              f"each, seed {cfg.seed}, temperature {cfg.temperature}, at most {cfg.response_length} tokens; {device}")
-    con.print(f"reward {reward_path} ({'same tokens' if same_tokens else 're-tokenised text'}), KL to the "
-              f"reference {reference_path}")
+              f"{source} ({cut} cut to {cfg.data.max_seq_len - cfg.response_length} tokens): one "
+              f"response each, seed {cfg.seed}, temperature {cfg.temperature}, at most {cfg.response_length} "
+              f"tokens; {device}")
+    con.print(f"reward {reward_path} ({'same tokens' if judge.scorer.same_tokens else 're-tokenised text'}), KL to "
+              f"the reference {reference_path}")
 
     # ---- loop over policies (and a PPO run's checkpoints) --------------------------------------------------
-    labels = {reference_path: "reference", **{pol["model"]: pol["name"] for pol in policies}}
-    evaluated: dict[str, tuple[dict, list]] = {}  # model path -> (per-prompt tensors, samples): each runs once
-    results, curves, baseline = [], {}, None
+    distinct = {pol["model"] for pol in policies} | {str(path) for pts in curve_points.values() for _, path in pts}
+    distinct |= {reference_path} if any(curve_points.values()) else set()
     with progress_bar(con) as bar:
         task = bar.add_task("eval", total=len(distinct), metrics="")
 
-        def measure(key: str, model) -> tuple[dict, list]:
-            if key not in evaluated:
-                evaluated[key] = evaluate(model, reference, reward_model, prompt_ids, tokenizer, reward_tokenizer,
-                                          same_tokens, with_gold, cfg, device)
-                means = {k: float(v.mean()) for k, v in evaluated[key][0].items() if k in ("score", "gold", "kl")}
-                bar.update(task, advance=1, metrics=f"{labels[key]}: {metrics_text(means)}")
-            return evaluated[key]
+        def shown(label: str, per_prompt: dict) -> None:
+            means = {k: float(v.mean()) for k, v in per_prompt.items() if k in ("score", "gold", "kl")}
+            bar.update(task, advance=1, metrics=f"{label}: {metrics_text(means)}")
 
-        for pol in policies:
-            model = None
-            if pol["model"] not in evaluated:
-                model, _, _ = load_causal_lm(ModelConfig(name_or_path=pol["model"]), device, dropout=False)
-            per_prompt, samples = measure(pol["model"], model)
-            baseline = per_prompt["score"] if baseline is None else baseline
-            results.append({k: pol[k] for k in ("name", "path", "model", "stage")}
-                           | summarise(per_prompt, baseline) | {"samples": samples})
-            if not curve_points[pol["name"]]:
-                continue
-            # the over-optimisation curve: the reference as step 0, then every kept checkpoint. The policy's own
-            # numbers are cached, so its module (the same architecture) takes each checkpoint's weights in turn.
-            curve = [{"step": 0, "model": reference_path} | summarise(measure(reference_path, reference)[0], baseline)]
-            if model is None:  # its numbers came from the cache: load it for the architecture
-                model, _, _ = load_causal_lm(ModelConfig(name_or_path=pol["model"]), device, dropout=False)
-            for step, path in curve_points[pol["name"]]:
-                checkpoint.load(path, {"policy": model}, restore_rng=False, check=cfg.artifact_check)
-                labels[str(path)] = f"{pol['name']} step {step}"
-                curve.append({"step": step, "model": str(path)} | summarise(measure(str(path), model)[0], baseline))
-            curves[pol["name"]] = curve
-            del model
+        results, curves = measure_policies(policies, curve_points, judge, prompt_ids, reference_path, cfg, device,
+                                           shown)
 
     # ---- save: eval.json (replaced on every run), the tables ----------------------------------------------
-    report = {
-        "stage": "eval",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "experiment": cfg.experiment,
-        "baseline": policies[0]["name"],
-        "reference": reference_path,
-        "reward_model": reward_path,
-        "reward_same_tokenizer": same_tokens,
-        "prompts": {"source": str(source), "count": len(prompts), "cut": prompts_cut},
-        "policies": results,
-        "curves": curves,
-        "config": to_dict(cfg),
-        "versions": artifacts.package_versions(),
-    }
+    report = {"stage": "eval", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "experiment": cfg.experiment,
+              "baseline": policies[0]["name"], "reference": reference_path, "reward_model": reward_path,
+              "reward_same_tokenizer": judge.scorer.same_tokens,
+              "prompts": {"source": str(source), "count": len(prompts), "cut": cut},
+              "policies": results, "curves": curves, "config": asdict(cfg), "versions": artifacts.package_versions()}
     try:
-        artifacts.write_text_atomic(run_dir / "eval.json", artifacts.dumps(report, indent=2) + "\n")
+        artifacts.write_text_atomic(Path(cfg.run_dir) / "eval.json", artifacts.dumps(report, indent=2) + "\n")
     except OSError as exc:
         raise artifacts.storage_error("eval.json", exc, hint="check that the eval directory is writable and the disk "
                                                               "has free space") from exc
-    show_tables(con, report, with_gold, run_dir)
+    show_tables(con, report, judge.gold is not None, Path(cfg.run_dir))
     return report
 
 
@@ -179,7 +121,7 @@ def check_config(cfg: EvalConfig) -> None:
 
 def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key: str) -> tuple[str, dict | None]:
     """artifacts.upstream with the path made absolute (against the cwd), and a hint naming eval's own key."""
-    path = _absolute(name)
+    path = absolute_path(name)
     if path is not None and Path(path).is_absolute() and not Path(path).exists():
         raise ArtifactError(f"{key}: {path} does not exist",
                             hint="pass a finished run directory, a model directory, a hub id or builtin:tiny")
@@ -200,7 +142,7 @@ def resolve_policies(cfg: EvalConfig) -> list[dict]:
         specs = [(f"{cfg.experiment}/{stage}", None, stage) for stage in ("sft", "ppo")]
     policies, names = [], set()
     for name, spec, stage in specs:
-        path = _absolute(spec)
+        path = absolute_path(spec)
         if path is not None and Path(path).is_dir() and not (Path(path) / artifacts.MANIFEST).is_file() \
                 and not (Path(path) / "config.json").is_file():
             raise ArtifactError(f"policy {name}: {path} holds neither a finished artifact (no "
@@ -216,19 +158,6 @@ def resolve_policies(cfg: EvalConfig) -> list[dict]:
     return policies
 
 
-def same_tokenizer(a, b) -> bool:
-    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
-
-
-def load_prompts(cfg: EvalConfig, tokenizer) -> tuple[list[str], str]:
-    """Held-out prompts: the built-in task's eval split, or the first num_prompts of data.eval_path / data.path."""
-    if cfg.data.path is None:
-        rows = toy.prompt_rows(cfg.num_prompts, cfg.data.toy.seed, "eval")
-        return [r["prompt"] for r in rows], "the built-in task's held-out split"
-    rows, source = load_rows(cfg.data.eval_path or cfg.data.path, cfg.data.split, cfg.data.max_rows)
-    return prompt_texts(rows, source, tokenizer)[:cfg.num_prompts], source
-
-
 def ppo_checkpoints(pol: dict) -> list[tuple[int, Path]]:
     """(step, directory) of the kept checkpoints of a PPO run directory that hold the policy's weights, oldest
     first (none for other policies)."""
@@ -239,32 +168,112 @@ def ppo_checkpoints(pol: dict) -> list[tuple[int, Path]]:
             if (root / f"step-{s}" / "policy.safetensors").is_file()]
 
 
-# ---- one policy -------------------------------------------------------------------------------------------------
+def check_tokenizers(policies: list[dict], reference_path: str) -> None:
+    """Every policy must use the reference's tokenizer: the KL to the reference is per token."""
+    reference = load_tokenizer(ModelConfig(name_or_path=reference_path))
+    for pol in policies:
+        other = load_tokenizer(ModelConfig(name_or_path=pol["model"]))
+        if not same_tokenizer(reference, other):
+            raise ArtifactError(
+                f"policy {pol['name']} does not share the reference's tokenizer ({pol['model']}: vocab "
+                f"{len(other)}, eos {other.eos_token_id}; reference {reference_path}: vocab "
+                f"{len(reference)}, eos {reference.eos_token_id})",
+                hint="the KL to the reference is per token, so every policy must use the reference's tokenizer: "
+                     "pass reference=<the SFT run directory the policies started from>")
 
-def evaluate(model, reference, reward_model, prompt_ids, tokenizer, reward_tokenizer, same_tokens: bool,
-             with_gold: bool, cfg: EvalConfig, device) -> tuple[dict, list]:
+
+@dataclass(frozen=True)
+class Judge:
+    """What measures a policy's responses: the reward model's score, the KL to the reference, and on the built-in
+    task the hidden gold score."""
+    reference: torch.nn.Module       # the frozen SFT policy
+    tokenizer: object                # the reference's (and so every policy's) tokenizer
+    scorer: Scorer                   # the frozen reward model and how it reads the policy's samples
+    gold: Callable[[str, str], float] | None
+
+
+def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str, device) -> Judge:
+    reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), device, dropout=False)
+    reference.eval().requires_grad_(False)
+    reward_model = RewardModel.from_pretrained(reward_path).to(device).eval().requires_grad_(False)
+    reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=reward_path), reward_path)
+    scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
+    return Judge(reference, tokenizer, scorer, tasks.gold_scorer(cfg.data))
+
+
+def open_run_dir(run_dir: Path, cfg: EvalConfig) -> None:
+    """The eval directory with the resolved config.yaml and Hydra's record, or a StorageError."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(asdict(cfg)))
+        rundir.write_hydra_record(run_dir)
+    except OSError as exc:
+        raise artifacts.storage_error(f"the eval directory {run_dir}", exc,
+                                      hint="check that it is writable and the disk has free space") from exc
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, prompt_ids: list[list[int]],
+                     reference_path: str, cfg: EvalConfig, device, shown: Callable[[str, dict], None]) -> tuple:
+    """(one result per policy, the over-optimisation curve per PPO run). Each model is measured once (`measured`
+    holds them by path; `shown(label, per_prompt)` after each). For a curve, the policy's module (the same
+    architecture) takes each checkpoint's weights in turn; the reference is step 0."""
+    measured: dict[str, tuple[dict, list]] = {}
+
+    def measure(key: str, model, label: str) -> tuple[dict, list]:
+        if key not in measured:
+            measured[key] = evaluate(model, judge, prompt_ids, cfg, device)
+            shown(label, measured[key][0])
+        return measured[key]
+
+    results, curves, baseline = [], {}, None
+    for pol in policies:
+        model = None if pol["model"] in measured else load_policy(pol["model"], device)
+        per_prompt, samples = measure(pol["model"], model, pol["name"])
+        baseline = per_prompt["score"] if baseline is None else baseline
+        results.append({k: pol[k] for k in ("name", "path", "model", "stage")}
+                       | summarise(per_prompt, baseline) | {"samples": samples})
+        if not curve_points[pol["name"]]:
+            continue
+        curve = [{"step": 0, "model": reference_path} | summarise(
+            measure(reference_path, judge.reference, "reference")[0], baseline)]
+        model = model or load_policy(pol["model"], device)  # its numbers came from the cache: load the architecture
+        for step, path in curve_points[pol["name"]]:
+            checkpoint.load(path, {"policy": model}, restore_rng=False, check=cfg.artifact_check)
+            curve.append({"step": step, "model": str(path)} | summarise(
+                measure(str(path), model, f"{pol['name']} step {step}")[0], baseline))
+        curves[pol["name"]] = curve
+        del model
+    return results, curves
+
+
+def load_policy(path: str, device) -> torch.nn.Module:
+    return load_causal_lm(ModelConfig(name_or_path=path), device, dropout=False)[0]
+
+
+def evaluate(model, judge: Judge, prompt_ids: list[list[int]], cfg: EvalConfig, device) -> tuple[dict, list]:
     """Per-prompt numbers of one policy (1-D CPU tensors: score, gold, kl, response_length, stop_rate) and the
     first few samples. The seed is reset first, so every policy draws the same random numbers."""
     model.eval()
     torch.manual_seed(cfg.seed)
-    micro = cfg.micro_batch_size
-    roll = rollout(model, prompt_ids, cfg.response_length, cfg.temperature, micro, tokenizer.pad_token_id,
-                   tokenizer.eos_token_id, device)
+    micro, tok = cfg.micro_batch_size, judge.tokenizer
+    samples = sample(model, prompt_ids, cfg.response_length, cfg.temperature, micro, tok.pad_token_id,
+                     tok.eos_token_id, device)
+    prompt_text, response_text = decode(samples, tok)
     with torch.inference_mode():
-        logp = response_logprobs(model, roll, cfg.temperature, micro)
-        ref_logp = response_logprobs(reference, roll, cfg.temperature, micro)
-        scores = score_responses(reward_model, roll, tokenizer, reward_tokenizer, same_tokens, micro,
-                                 cfg.data.max_seq_len)
-    mask = roll["mask"]
-    texts = zip(roll["prompt_text"], roll["response_text"])
-    gold = {"gold": torch.tensor([toy.gold_score(p, r) for p, r in texts], dtype=torch.float64)} if with_gold else {}
+        logp = response_logprobs(model, samples, cfg.temperature, micro)
+        ref_logp = response_logprobs(judge.reference, samples, cfg.temperature, micro)
+        scores = score_responses(judge.scorer, samples, prompt_text, response_text, micro)
+    mask = samples.mask
+    gold = ({"gold": torch.tensor([judge.gold(p, r) for p, r in zip(prompt_text, response_text)],
+                                  dtype=torch.float64)} if judge.gold else {})
     per_prompt = {"score": scores.float().cpu(), **gold, "kl": ((logp - ref_logp) * mask).sum(1).cpu(),
-                  "response_length": mask.sum(1).cpu(), "stop_rate": roll["ended"].float().cpu()}
-    samples = [{"prompt": roll["prompt_text"][i], "response": roll["response_text"][i],
-                "score": float(per_prompt["score"][i]),
-                **({"gold": float(per_prompt["gold"][i])} if with_gold else {})}
-               for i in range(min(NUM_SAMPLES, len(prompt_ids)))]
-    return per_prompt, samples
+                  "response_length": mask.sum(1).cpu(), "stop_rate": samples.ended.float().cpu()}
+    shown = [{"prompt": prompt_text[i], "response": response_text[i], "score": float(per_prompt["score"][i]),
+              **({"gold": float(per_prompt["gold"][i])} if judge.gold else {})}
+             for i in range(min(NUM_SAMPLES, len(prompt_ids)))]
+    return per_prompt, shown
 
 
 def summarise(per_prompt: dict, baseline: torch.Tensor) -> dict:

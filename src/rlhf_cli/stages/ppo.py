@@ -1,8 +1,8 @@
 """`rlhf ppo`: optimise the SFT policy against the reward model with PPO (stage 3 of InstructGPT).
 
-Reads top to bottom: set up (upstream artifacts, the four roles, prompts, optimizer, resume), loop (one iteration
-= rollout, scoring, rewards and advantages, num_ppo_epochs of clipped updates over minibatches), save (the policy
-artifact, a summary). The math lives in rl/ppo.py, one small pure function per formula; this file only wires it.
+`run` reads top to bottom: set up (upstream artifacts, the four roles, prompts, optimizer, resume), loop (one
+iteration = `collect_rollout`, `shape_rewards`, `ppo_update`, `iteration_metrics`), save (the policy artifact, a
+summary). The math lives in rl/ppo.py, one small pure function per formula; this file only wires it.
 
 Roles: policy (trainable, from the SFT artifact), reference (frozen copy of it), reward model (frozen, from the
 reward artifact) and value model (trainable, initialised from the reward model's backbone and head). Dropout is off
@@ -12,262 +12,210 @@ one would have.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import ModelConfig, PPOConfig, to_dict
-from rlhf_cli.data import toy
-from rlhf_cli.data.loading import load_rows
-from rlhf_cli.data.prompts import prompt_texts
-from rlhf_cli.data.sft import encode_prompts
-from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir
+from rlhf_cli.config import ModelConfig, PPOAlgoConfig, PPOConfig
+from rlhf_cli.data import tasks
+from rlhf_cli.data.prompts import encode_prompts
+from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.guard import Guard
-from rlhf_cli.engine.rollout import (policy_logits, response_logprobs, response_values, rollout, score_responses,
-                                    value_slice)
 from rlhf_cli.engine.logging import MetricsLog, append_jsonl, console, metrics_text, progress_bar, summary_table, \
     truncate_jsonl
-from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
+from rlhf_cli.engine.rollout import (Rollout, Scorer, constants, decode, policy_logits, response_logprobs,
+                                    response_values, sample, score_responses, value_slice)
 from rlhf_cli.errors import ArtifactError, ConfigError
-from rlhf_cli.models.loading import load_causal_lm, load_tokenizer
+from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
 from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.rl import ppo as rl
 
 
 def run(cfg: PPOConfig) -> dict:
-    device = dev.pick(cfg.train.device, dist.local_rank_from_env())
-    d = dist.init(device.type)
-    try:
-        return _run(cfg, d, device)
-    finally:
-        dist.close()
+    with train.process(cfg.train.device) as (d, device):
+        con, p, t = console(d.is_main), cfg.ppo, cfg.train
+        # ---- set up: upstream artifacts (checked before anything loads), run directory, roles, prompts -------
+        paths = find_upstream(cfg)
+        plan = rundir.prepare(cfg, d)
+        shape = batch_shape(cfg, d.world_size)
+        roles = load_roles(cfg, paths, device)
+        prompts, source = tasks.train_prompts(cfg.data, roles.tokenizer)
+        data_sha256 = rundir.check_data(plan, cfg, d, prompts)
+        prompt_ids, cut = encode_prompts(prompts, roles.tokenizer, cfg.data.max_seq_len - p.response_length)
+        show_plan(con, cfg, paths, roles, f"prompts {source}: {len(prompts)} ({cut} cut to "
+                  f"{cfg.data.max_seq_len - p.response_length} tokens)", shape, d, device)
+        training = train.start(plan, cfg, roles.trained(), shape.optimizer_steps, d, restore_rng=False,
+                               unit="iteration")
+        loop = Counters.restore(training.resumed, p.kl_coef)
+        if training.resumed and d.is_main:  # those iterations run again: drop what they wrote
+            truncate_jsonl(plan.work_dir / "samples.jsonl", loop.step)
+        wrapped = [train.wrap_for_training(m, d, device) for m in (roles.policy, roles.value)]
+        gold = tasks.gold_scorer(cfg.data)
+
+        # ---- loop: rollout, rewards and advantages, clipped updates, metrics ---------------------------------
+        with progress_bar(con) as bar:
+            task = bar.add_task("ppo", total=t.max_steps, completed=loop.step, metrics="")
+            while loop.step < t.max_steps:
+                seed_everything(cfg.seed, loop.step, d.rank)
+                t0 = time.perf_counter()
+                roll = collect_rollout(roles, rollout_prompts(prompt_ids, loop.step, cfg, d), cfg, device)
+                check_rollout(training.guard, loop.step + 1, roll, paths.reward)
+                shaped = shape_rewards(roll, loop.kl_coef, p, roles.reward.score_stats)
+                t1 = time.perf_counter()
+                stats = ppo_update(wrapped, roll, shaped, training, loop.step, cfg, shape, d, device)
+                seconds = {"rollout": t1 - t0, "update": time.perf_counter() - t1}
+                loop.step += 1
+                loop.last = iteration_metrics(roll, shaped, stats, loop.kl_coef, gold, seconds, p, d, device) | \
+                    training.step_metrics()
+                loop.first = loop.first or dict(loop.last)
+                if p.adaptive_kl:
+                    loop.kl_coef = rl.adaptive_kl_update(loop.kl_coef, loop.last["kl"], p.kl_target, p.kl_horizon,
+                                                         p.prompts_per_rollout)
+                record(loop, roll, gold, training.log, cfg, plan.work_dir, d)
+                bar.update(task, completed=loop.step, metrics=progress_text(loop.last))
+                if train.due(loop.step, t.checkpoint_every, t.max_steps):
+                    train.save_checkpoint(d, plan.checkpoints, loop.step, roles.trained(), training, loop.state(), cfg,
+                                          data_sha256)
+        training.log.close()
+
+        # ---- save: the policy artifact and a summary ---------------------------------------------------------
+        metrics = final_metrics(loop, training.guard)
+        if d.is_main:
+            publish(cfg, paths, roles, metrics, loop.kl_coef, {"source": str(source), "sha256": data_sha256,
+                                                               "prompts": len(prompts)}, plan.work_dir)
+            show_summary(con, loop.first or {}, loop.last, Path(cfg.run_dir))
+        dist.barrier(d)
+        return metrics
 
 
-def _run(cfg: PPOConfig, d: dist.Dist, device: torch.device) -> dict:
-    con = console(d.is_main)
-    run_dir = Path(cfg.run_dir)
-    p, t = cfg.ppo, cfg.train
+# ---- set up -----------------------------------------------------------------------------------------------------
 
-    # ---- set up: upstream artifacts (checked before anything loads), run directory -------------------------
+@dataclass(frozen=True)
+class Upstream:
+    """Where each role comes from (checked artifacts or models) and the parent artifacts the manifest records."""
+    policy: str
+    reward: str
+    value: str
+    parents: list
+
+
+def find_upstream(cfg: PPOConfig) -> Upstream:
+    """The SFT policy and the reward model (and a separate value model, if given), checked before anything loads."""
     check = cfg.artifact_check
-    policy_path, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy", check)
-    reward_path, reward_parent = artifacts.upstream(cfg.model.reward, cfg.root, cfg.experiment, "reward",
-                                                    "reward_model", check)
-    value_path = reward_path
+    policy, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy", check)
+    reward, reward_parent = artifacts.upstream(cfg.model.reward, cfg.root, cfg.experiment, "reward", "reward_model",
+                                               check)
+    value = reward
     if cfg.model.value is not None:
-        value_path, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check)
-    plan = rundir.prepare(cfg, d)
-    work_dir = plan.work_dir
+        value, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check)
+    return Upstream(policy, reward, value, [x for x in (sft_parent, reward_parent) if x])
 
-    # ---- the four roles ------------------------------------------------------------------------------------
-    policy_cfg = ModelConfig(name_or_path=policy_path, trust_remote_code=cfg.model.trust_remote_code)
-    policy, tokenizer, policy_info = load_causal_lm(policy_cfg, device, dropout=False)
-    reference, _, _ = load_causal_lm(policy_cfg, device, dropout=False)
-    reference.eval().requires_grad_(False)
-    reward_model = RewardModel.from_pretrained(reward_path, cfg.model.trust_remote_code).to(device)
-    reward_model.eval().requires_grad_(False)
-    reward_tokenizer = load_tokenizer(replace(policy_cfg, name_or_path=reward_path), reward_path)
-    same_tokens = _same_tokenizer(tokenizer, reward_tokenizer)
-    value_model = RewardModel.from_pretrained(value_path, cfg.model.trust_remote_code)
-    value_init = "the reward model"
-    if value_model.is_encoder or not _same_tokenizer(tokenizer, load_tokenizer(policy_cfg, value_path)):
-        # a bidirectional value model would see the very tokens whose return it predicts
-        value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
-        value_model = RewardModel.from_backbone(policy_path, tokenizer, pooling="last")
-    value_model.to(device).train()
-    policy.train()
-    if p.normalize_scores and not reward_model.score_stats.get("std"):
-        raise ArtifactError(f"ppo.normalize_scores=true but {reward_path} records no score statistics",
-                            hint="re-run `rlhf reward`, or set ppo.normalize_scores=false")
 
-    # ---- prompts -------------------------------------------------------------------------------------------
-    prompts, source = load_prompts(cfg, tokenizer)
-    data_sha256 = rundir.fingerprint(prompts)
-    rundir.check_data(plan, cfg, data_sha256, d)
-    prompt_ids, prompts_cut = encode_prompts(prompts, tokenizer, cfg.data.max_seq_len - p.response_length)
-    if p.prompts_per_rollout % d.world_size or (p.prompts_per_rollout // p.num_mini_batches) % (
-            t.micro_batch_size * d.world_size):
+@dataclass(frozen=True)
+class BatchShape:
+    """This rank's share of an iteration: rollout rows, minibatch rows, micro-batches per optimizer step."""
+    local_rollout: int
+    local_minibatch: int
+    grad_accum: int
+    optimizer_steps: int        # over the whole run (the schedule's length)
+
+
+def batch_shape(cfg: PPOConfig, world_size: int) -> BatchShape:
+    """prompts_per_rollout = num_mini_batches x micro_batch_size x grad_accum_steps x world_size, or a ConfigError."""
+    p, t = cfg.ppo, cfg.train
+    if p.prompts_per_rollout % world_size or (p.prompts_per_rollout // p.num_mini_batches) % (
+            t.micro_batch_size * world_size):
         raise ConfigError(f"ppo.prompts_per_rollout={p.prompts_per_rollout} / num_mini_batches={p.num_mini_batches}"
                           f" is not micro_batch_size={t.micro_batch_size} x grad_accum_steps x "
-                          f"world_size={d.world_size}", hint="adjust ppo.prompts_per_rollout or micro_batch_size")
-    local_rollout = p.prompts_per_rollout // d.world_size
+                          f"world_size={world_size}", hint="adjust ppo.prompts_per_rollout or micro_batch_size")
+    local_rollout = p.prompts_per_rollout // world_size
     local_minibatch = local_rollout // p.num_mini_batches
-    grad_accum = local_minibatch // t.micro_batch_size
-    optimizer_steps = t.max_steps * p.num_ppo_epochs * p.num_mini_batches
-    con.print(f"[bold]rlhf ppo[/bold] -> {run_dir}")
-    con.print(f"policy {policy_path} ({policy_info['parameters'] / 1e6:.2f}M), reward {reward_path} "
-              f"({'same tokens' if same_tokens else 're-tokenised text'}), value model from {value_init}; {device}, "
-              f"{dev.precision(device)}; prompts {source}: {len(prompts)} ({prompts_cut} cut to "
-              f"{cfg.data.max_seq_len - p.response_length} tokens)")
+    return BatchShape(local_rollout, local_minibatch, local_minibatch // t.micro_batch_size,
+                      t.max_steps * p.num_ppo_epochs * p.num_mini_batches)
+
+
+@dataclass
+class Roles:
+    """The four models of PPO and the tokenizers between them."""
+    policy: torch.nn.Module          # trained; from the SFT artifact
+    reference: torch.nn.Module       # frozen copy of the SFT policy: the KL baseline
+    value: RewardModel               # trained; per-token values
+    scorer: Scorer                   # the frozen reward model and how it reads the policy's samples
+    tokenizer: object                # the policy's (and reference's)
+    value_init: str                  # what the value model started from, as shown
+
+    @property
+    def reward(self) -> RewardModel:
+        return self.scorer.model
+
+    def trained(self) -> dict:
+        """The trained models by checkpoint name."""
+        return {"policy": self.policy, "value": self.value}
+
+
+def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
+    """Policy and reference from the SFT artifact, the reward model, and the value model: the reward model when it
+    is a causal LM on the policy's tokens, else the policy with a fresh head. Dropout off in all four."""
+    policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
+    policy, tokenizer, _ = load_causal_lm(policy_cfg, device, dropout=False)
+    reference, _, _ = load_causal_lm(policy_cfg, device, dropout=False)
+    reference.eval().requires_grad_(False)
+    reward = RewardModel.from_pretrained(paths.reward, cfg.model.trust_remote_code).to(device)
+    reward.eval().requires_grad_(False)
+    reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=paths.reward,
+                                                  trust_remote_code=cfg.model.trust_remote_code), paths.reward)
+    scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
+    value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code)
+    value_init = "the reward model"
+    if value.is_encoder or not same_tokenizer(tokenizer, load_tokenizer(policy_cfg, paths.value)):
+        # a bidirectional value model would see the very tokens whose return it predicts
+        value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
+        value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last")
+    value.to(device).train()
+    policy.train()
+    if cfg.ppo.normalize_scores and not reward.score_stats.get("std"):
+        raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward} records no score statistics",
+                            hint="re-run `rlhf reward`, or set ppo.normalize_scores=false")
+    return Roles(policy, reference, value, scorer, tokenizer, value_init)
+
+
+def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, shape: BatchShape, d, device) -> None:
+    p, t = cfg.ppo, cfg.train
+    n_params = sum(x.numel() for x in roles.policy.parameters())
+    con.print(f"[bold]rlhf ppo[/bold] -> {cfg.run_dir}")
+    con.print(f"policy {paths.policy} ({n_params / 1e6:.2f}M), reward {paths.reward} "
+              f"({'same tokens' if roles.scorer.same_tokens else 're-tokenised text'}), value model from "
+              f"{roles.value_init}; {device}, {dev.precision(device)}; {prompts}")
     con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} = num_mini_batches {p.num_mini_batches} x "
-              f"(micro_batch_size {t.micro_batch_size} x grad_accum_steps {grad_accum} x world_size "
+              f"(micro_batch_size {t.micro_batch_size} x grad_accum_steps {shape.grad_accum} x world_size "
               f"{d.world_size}); {p.num_ppo_epochs} epochs -> {p.num_ppo_epochs * p.num_mini_batches} optimizer "
               f"steps per iteration, {t.max_steps} iterations")
 
-    # ---- optimizer, DDP, resume ----------------------------------------------------------------------------
-    params = list(policy.parameters()) + list(value_model.parameters())
-    optimizer = build_optimizer(params, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, optimizer_steps)
-    step, kl_coef, first, last, skipped = 0, p.kl_coef, None, {}, 0
-    if plan.resume_from is not None:
-        state = checkpoint.load(plan.resume_from, {"policy": policy, "value": value_model}, optimizer, scheduler,
-                                restore_rng=False)
-        apply_hyperparameters(optimizer, scheduler, cfg.optim)
-        step, kl_coef, first = state["step"], state["kl_coef"], state.get("first")
-        last, skipped = state.get("last", {}), state.get("skipped_steps", 0)
-        con.print(f"resumed from {plan.resume_from} (step {step}, kl_coef {kl_coef:.4g})")
-        if d.is_main:  # those iterations run again: drop what they wrote
-            truncate_jsonl(work_dir / "samples.jsonl", step)
-    guard = Guard("ppo", plan.checkpoints, cfg.optim.lr, t.max_skipped_steps, skipped, unit="iteration")
-    train_policy, train_value = policy, value_model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [device.index] if device.type == "cuda" else None
-        train_policy, train_value = DDP(policy, device_ids=ids), DDP(value_model, device_ids=ids)
-    log = MetricsLog(work_dir, d.is_main, cfg.logger, resume_step=step if plan.resume_from else None)
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+@dataclass
+class Counters:
+    """What the loop carries from one iteration to the next (and a checkpoint carries across a resume)."""
+    step: int = 0                    # iterations done
+    kl_coef: float = 0.0             # β, adapted after every iteration when ppo.adaptive_kl
+    first: dict | None = None        # the first iteration's metrics (the summary's baseline)
+    last: dict = field(default_factory=dict)
 
-    # ---- loop ----------------------------------------------------------------------------------------------
-    with progress_bar(con) as bar:
-        task = bar.add_task("ppo", total=t.max_steps, completed=step, metrics="")
-        while step < t.max_steps:
-            seed_everything(cfg.seed, step, d.rank)
-            order = batches.step_indices(step, p.prompts_per_rollout, len(prompt_ids), cfg.seed)
-            mine = batches.rank_slice(order, d.rank, d.world_size)
+    @classmethod
+    def restore(cls, state: dict, kl_coef: float) -> "Counters":
+        """From a checkpoint's state ({} for a fresh run: β = ppo.kl_coef)."""
+        return cls(state.get("step", 0), state.get("kl_coef", kl_coef), state.get("first"), state.get("last", {}))
 
-            # rollout: sample, then one forward pass per role (no pass computed twice)
-            t0 = time.perf_counter()
-            policy.eval()
-            roll = rollout(policy, [prompt_ids[i] for i in mine], p.response_length, p.temperature,
-                           t.rollout_micro_batch_size, pad_id, eos_id, device)
-            with torch.inference_mode():
-                roll["logprobs"] = response_logprobs(policy, roll, p.temperature, t.rollout_micro_batch_size)
-                roll["ref_logprobs"] = response_logprobs(reference, roll, p.temperature,
-                                                         t.rollout_micro_batch_size)
-                roll["values"] = response_values(value_model, roll, t.rollout_micro_batch_size)
-                raw = score_responses(reward_model, roll, tokenizer, reward_tokenizer, same_tokens,
-                                      t.rollout_micro_batch_size, cfg.data.max_seq_len)
-            # leave inference mode: the update reads these as ordinary constants
-            roll = {k: v.clone() if torch.is_tensor(v) else v for k, v in roll.items()}
-            raw = raw.clone()
-            policy.train()
-            rollout_seconds = time.perf_counter() - t0
-            check_rollout(guard, step + 1, raw, roll, reward_path)
-
-            # rewards and advantages
-            mask = roll["mask"]
-            scores = raw
-            if p.normalize_scores:
-                scores = rl.normalize_scores(scores, reward_model.score_stats["mean"], reward_model.score_stats["std"])
-            if p.score_clip is not None:
-                scores = scores.clamp(-p.score_clip, p.score_clip)
-            scores = rl.apply_missing_eos_penalty(scores, roll["ended"], p.missing_eos_penalty)
-            kl = rl.kl_per_token(roll["logprobs"], roll["ref_logprobs"], p.kl_estimator) * mask
-            rewards = rl.per_token_rewards(scores, kl, mask, kl_coef)
-            if p.whiten_rewards:
-                rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = rl.gae(rewards, roll["values"], mask, p.gamma, p.lam)
-            advantages = rl.masked_whiten(advantages, mask)
-
-            # update: num_ppo_epochs passes, num_mini_batches optimizer steps each
-            t1 = time.perf_counter()
-            stats = []
-            for epoch in range(p.num_ppo_epochs):
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
-                perm = torch.randperm(local_rollout, generator=g)
-                for mb in range(p.num_mini_batches):
-                    mb_idx = perm[mb * local_minibatch:(mb + 1) * local_minibatch]
-                    mb_loss = torch.zeros((), device=device)
-                    for k in range(grad_accum):
-                        idx = mb_idx[k * t.micro_batch_size:(k + 1) * t.micro_batch_size]
-                        sync = k == grad_accum - 1 or not d.enabled
-                        with contextlib.ExitStack() as stack:
-                            if not sync:
-                                stack.enter_context(train_policy.no_sync())
-                                stack.enter_context(train_value.no_sync())
-                            stack.enter_context(dev.autocast(device))
-                            loss, s = ppo_loss(train_policy, train_value, roll, idx, advantages, returns, p)
-                            (loss / grad_accum).backward()
-                        stats.append(s)
-                        mb_loss += loss.detach() / grad_accum
-                    mb_loss = dist.all_sum(d, [float(mb_loss)], device)[0] / d.world_size
-                    optimizer_step(params, optimizer, scheduler, cfg.optim.max_grad_norm, guard, step + 1, mb_loss)
-            update_seconds = time.perf_counter() - t1
-
-            # metrics (over all ranks), KL controller, logs, samples, checkpoint
-            step += 1
-            seq_kl = (kl * mask).sum(1)
-            gold = ([toy.gold_score(pr, rs) for pr, rs in zip(roll["prompt_text"], roll["response_text"])]
-                    if cfg.data.path is None else None)
-            n_tokens = float(mask.sum())
-            sums = [float(len(mine)), float(raw.sum()), float(scores.sum()), float(seq_kl.sum()),
-                    float((scores - kl_coef * seq_kl).sum()), float(mask.sum(1).sum()), float(roll["ended"].sum()),
-                    float(sum(gold)) if gold else 0.0, n_tokens]
-            n, raw_sum, score_sum, kl_sum, rlhf_sum, len_sum, ended_sum, gold_sum, tok_sum = dist.all_sum(
-                d, sums, device)
-            means = {k: float(torch.stack([s_[k] for s_ in stats]).mean()) for k in stats[0]}
-            means = dict(zip(means, dist.all_sum(d, list(means.values()), device)))
-            means = {k: v / d.world_size for k, v in means.items()}
-            last = {"score": raw_sum / n, "score_penalised": score_sum / n, "kl": kl_sum / n,
-                    "rlhf_reward": rlhf_sum / n, "response_length": len_sum / n, "stop_rate": ended_sum / n,
-                    "kl_coef": kl_coef, **means,
-                    "explained_variance": float(rl.explained_variance(roll["values"], returns, mask)),
-                    "rollout_tokens_per_s": tok_sum / rollout_seconds,
-                    "update_tokens_per_s": tok_sum * p.num_ppo_epochs / update_seconds,
-                    "lr": scheduler.get_last_lr()[0], **({"skipped_steps": guard.skipped} if guard.skipped else {})}
-            if gold:
-                last["gold"] = gold_sum / n
-            first = first or dict(last)
-            if p.adaptive_kl:
-                kl_coef = rl.adaptive_kl_update(kl_coef, last["kl"], p.kl_target, p.kl_horizon, p.prompts_per_rollout)
-            if step % t.log_every == 0 or step == t.max_steps:
-                log.log(step, last)
-            if d.is_main and (step % t.sample_every == 0 or step == 1 or step == t.max_steps):
-                write_samples(work_dir, step, roll, raw, gold)
-            bar.update(task, completed=step, metrics=metrics_text(
-                {"score": last["score"], "kl": last["kl"], **({"gold": last["gold"]} if gold else {}),
-                 "len": last["response_length"], "approx_kl": last["approx_kl"], "clip": last["clipfrac"]}))
-            if step % t.checkpoint_every == 0 or step == t.max_steps:
-                if d.is_main:
-                    checkpoint.save(plan.checkpoints, step, {"policy": policy, "value": value_model},
-                                    optimizer, scheduler,
-                                    {"step": step, "kl_coef": kl_coef, "first": first, "last": last,
-                                     "skipped_steps": guard.skipped, "config": to_dict(cfg),
-                                     "data_sha256": data_sha256}, t.keep_checkpoints, cfg.artifact_check)
-                dist.barrier(d)
-    log.close()
-
-    # ---- save: the policy artifact and a summary -----------------------------------------------------------
-    metrics = {"iterations": step, "skipped_steps": guard.skipped, **{f"final_{k}": v for k, v in last.items()},
-               **{f"first_{k}": first[k] for k in ("score", "kl", "gold", "response_length", "stop_rate")
-                  if first and k in first}}
-    if d.is_main:
-        parents = [x for x in (sft_parent, reward_parent) if x]
-        manifest = artifacts.build_manifest(
-            stage="ppo", kind="policy", config=to_dict(cfg), base_model=policy_path, tokenizer=tokenizer,
-            metrics=metrics, parents=parents,
-            extra={"ppo": {"reward_model": reward_path, "same_tokenizer_as_reward": same_tokens,
-                           "final_kl_coef": kl_coef},
-                   "data": {"source": str(source), "sha256": data_sha256, "prompts": len(prompts)}})
-
-        def save(tmp: Path) -> None:
-            policy.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-
-        artifacts.publish(work_dir, save, manifest, run_dir)
-        _show_summary(con, first or {}, last, run_dir)
-    dist.barrier(d)
-    return metrics
+    def state(self) -> dict:
+        return {"kl_coef": self.kl_coef, "first": self.first, "last": self.last}
 
 
-# ---- the pieces of an iteration ---------------------------------------------------------------------------------
+# ---- the phases of an iteration ---------------------------------------------------------------------------------
 
 def seed_everything(seed: int, step: int, rank: int) -> None:
     """Every iteration's randomness (sampling) is a function of (seed, iteration, rank): resumable exactly."""
@@ -276,14 +224,97 @@ def seed_everything(seed: int, step: int, rank: int) -> None:
     random.seed(s)
 
 
-def ppo_loss(policy, value_model, roll: dict, idx, advantages, returns, p) -> tuple[torch.Tensor, dict]:
+def rollout_prompts(prompt_ids: list[list[int]], step: int, cfg: PPOConfig, d: dist.Dist) -> list[list[int]]:
+    """This rank's prompts of iteration `step`: a seeded permutation per epoch over the prompts, as in training."""
+    order = batches.step_indices(step, cfg.ppo.prompts_per_rollout, len(prompt_ids), cfg.seed)
+    return [prompt_ids[i] for i in batches.rank_slice(order, d.rank, d.world_size)]
+
+
+def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, device: torch.device) -> Rollout:
+    """Sample one response per prompt, then one forward pass per role (none computed twice)."""
+    p, micro, tok = cfg.ppo, cfg.train.rollout_micro_batch_size, roles.tokenizer
+    roles.policy.eval()
+    samples = sample(roles.policy, prompts, p.response_length, p.temperature, micro, tok.pad_token_id,
+                     tok.eos_token_id, device)
+    prompt_text, response_text = decode(samples, tok)
+    with torch.inference_mode():
+        roll = Rollout(**vars(samples),
+                       logprobs=response_logprobs(roles.policy, samples, p.temperature, micro),
+                       ref_logprobs=response_logprobs(roles.reference, samples, p.temperature, micro),
+                       values=response_values(roles.value, samples, micro),
+                       scores=score_responses(roles.scorer, samples, prompt_text, response_text, micro),
+                       prompt_text=prompt_text, response_text=response_text)
+    roles.policy.train()
+    return constants(roll)  # leave inference mode: the update reads these as ordinary constants
+
+
+def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_path: str) -> None:
+    """Stop before a non-finite score, log-prob or value turns into rewards, advantages and an update."""
+    guard.require_finite(iteration, "reward model's score", roll.scores,
+                         hint=f"the reward model ({reward_path}) gives NaN/inf scores for these responses: check it, or "
+                              f"re-train it (`rlhf reward ... overwrite=true`)")
+    guard.require_finite(iteration, "reference log-prob", roll.ref_logprobs,
+                         hint="the reference (the SFT policy) gives non-finite log-probs: check the SFT artifact")
+    guard.require_finite(iteration, "policy log-prob (and so the KL)", roll.logprobs)
+    guard.require_finite(iteration, "value model's estimate", roll.values)
+
+
+@dataclass
+class Shaped:
+    """What the update optimises, derived from a rollout."""
+    scores: torch.Tensor             # [B] the score maximised: normalised, clipped, missing-EOS penalty applied
+    kl: torch.Tensor                 # [B, R] per-token KL estimate to the reference, 0 on padding
+    advantages: torch.Tensor         # [B, R] GAE advantages, whitened over the rollout
+    returns: torch.Tensor            # [B, R] advantages + values (the value targets), before whitening
+
+
+def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, score_stats: dict) -> Shaped:
+    """Scores -> per-token rewards (score at the last token, -β·KL at every token) -> GAE advantages and returns."""
+    scores = roll.scores
+    if p.normalize_scores:
+        scores = rl.normalize_scores(scores, score_stats["mean"], score_stats["std"])
+    if p.score_clip is not None:
+        scores = scores.clamp(-p.score_clip, p.score_clip)
+    scores = rl.apply_missing_eos_penalty(scores, roll.ended, p.missing_eos_penalty)
+    kl = rl.kl_per_token(roll.logprobs, roll.ref_logprobs, p.kl_estimator) * roll.mask
+    rewards = rl.per_token_rewards(scores, kl, roll.mask, kl_coef)
+    if p.whiten_rewards:
+        rewards = rl.masked_whiten(rewards, roll.mask, shift_mean=False)
+    advantages, returns = rl.gae(rewards, roll.values, roll.mask, p.gamma, p.lam)
+    return Shaped(scores, kl, rl.masked_whiten(advantages, roll.mask), returns)
+
+
+def ppo_update(wrapped: list, roll: Rollout, shaped: Shaped, training: train.Training, step: int, cfg: PPOConfig,
+               shape: BatchShape, d: dist.Dist, device: torch.device) -> list[dict]:
+    """num_ppo_epochs passes over the rollout in a seeded order, one optimizer step per minibatch (accumulated over
+    micro-batches); returns every micro-batch's statistics."""
+    p, stats = cfg.ppo, []
+    train_policy, train_value = wrapped
+    for epoch in range(p.num_ppo_epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
+        perm = torch.randperm(shape.local_rollout, generator=g)
+        for mb in range(p.num_mini_batches):
+            mb_loss = torch.zeros((), device=device)
+            rows = perm[mb * shape.local_minibatch:(mb + 1) * shape.local_minibatch]
+            for idx, last in train.micro_batches(rows, cfg.train.micro_batch_size):
+                with train.micro_step(wrapped, last, device):
+                    loss, s = ppo_loss(train_policy, train_value, roll, idx, shaped, p)
+                    (loss / shape.grad_accum).backward()
+                stats.append(s)
+                mb_loss += loss.detach() / shape.grad_accum
+            mb_loss = dist.all_sum(d, [float(mb_loss)], device)[0] / d.world_size
+            train.take_step(training, step + 1, mb_loss)
+    return stats
+
+
+def ppo_loss(policy, value_model, roll: Rollout, idx, shaped: Shaped, p: PPOAlgoConfig) -> tuple[torch.Tensor, dict]:
     """L = L_clip(policy) + vf_coef * L_clip(value) - entropy_coef * entropy, on micro-batch rows `idx`."""
-    mask = roll["mask"][idx]
+    mask = roll.mask[idx]
     logits = policy_logits(policy, roll, idx)
-    logp = rl.logprobs_from_logits(logits, roll["response"][idx], p.temperature)
-    pg_loss, pg = rl.policy_loss(logp, roll["logprobs"][idx], advantages[idx], mask, p.cliprange)
+    logp = rl.logprobs_from_logits(logits, roll.response[idx], p.temperature)
+    pg_loss, pg = rl.policy_loss(logp, roll.logprobs[idx], shaped.advantages[idx], mask, p.cliprange)
     values = value_slice(value_model, roll, idx)
-    vf_loss, vf = rl.value_loss(values, roll["values"][idx], returns[idx], mask, p.cliprange_value)
+    vf_loss, vf = rl.value_loss(values, roll.values[idx], shaped.returns[idx], mask, p.cliprange_value)
     entropy = rl.masked_mean(rl.entropy_from_logits(logits / p.temperature), mask)
     loss = pg_loss + p.vf_coef * vf_loss - p.entropy_coef * entropy
     return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(),
@@ -291,45 +322,72 @@ def ppo_loss(policy, value_model, roll: dict, idx, advantages, returns, p) -> tu
                   "vf_clipfrac": vf["vf_clipfrac"].detach()}
 
 
-def load_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[str], str]:
-    """Training prompts: the built-in task's train prompts, or the prompts of a file / hub dataset."""
-    if cfg.data.path is None:
-        return [r["prompt"] for r in toy.prompt_rows(cfg.data.toy.num_train, cfg.data.toy.seed, "train")], \
-            "built-in task"
-    rows, source = load_rows(cfg.data.path, cfg.data.split, cfg.data.max_rows)
-    return prompt_texts(rows, source, tokenizer), source
+def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef: float, gold, seconds: dict,
+                      p: PPOAlgoConfig, d: dist.Dist, device: torch.device) -> dict:
+    """The iteration's numbers over all ranks, reduced by name: per-response means of the rollout (score, KL,
+    length, ...), the mean of every micro-batch statistic of the update, the value model's explained variance, and
+    response tokens per second of the rollout and of the update (tokens x epochs)."""
+    seq_kl = (shaped.kl * roll.mask).sum(1)
+    golds = [gold(pr, rs) for pr, rs in zip(roll.prompt_text, roll.response_text)] if gold else None
+    sums = dist.all_sum_named(d, {
+        "n": float(len(roll.scores)), "score": float(roll.scores.sum()), "score_penalised": float(shaped.scores.sum()),
+        "kl": float(seq_kl.sum()), "rlhf_reward": float((shaped.scores - kl_coef * seq_kl).sum()),
+        "response_length": float(roll.mask.sum(1).sum()), "stop_rate": float(roll.ended.sum()),
+        "gold": float(sum(golds)) if golds else 0.0, "tokens": float(roll.mask.sum())}, device)
+    means = dist.all_sum_named(d, {k: float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0]}, device)
+    n, tokens = sums.pop("n"), sums.pop("tokens")
+    out = {k: v / n for k, v in sums.items() if k != "gold"}
+    out |= {"kl_coef": kl_coef, **{k: v / d.world_size for k, v in means.items()},
+            "explained_variance": float(rl.explained_variance(roll.values, shaped.returns, roll.mask)),
+            "rollout_tokens_per_s": tokens / seconds["rollout"],
+            "update_tokens_per_s": tokens * p.num_ppo_epochs / seconds["update"]}
+    if golds:
+        out["gold"] = sums["gold"] / n
+    return out
 
 
-def _same_tokenizer(a, b) -> bool:
-    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.pad_token_id == b.pad_token_id
+def record(loop: Counters, roll: Rollout, gold, log: MetricsLog, cfg: PPOConfig, work_dir: Path, d) -> None:
+    """metrics.jsonl at the log cadence; a few samples to samples.jsonl at the sample cadence (and iteration 1)."""
+    t = cfg.train
+    if train.due(loop.step, t.log_every, t.max_steps):
+        log.log(loop.step, loop.last)
+    if d.is_main and (train.due(loop.step, t.sample_every, t.max_steps) or loop.step == 1):
+        rows = [{"step": loop.step, "prompt": roll.prompt_text[i], "response": roll.response_text[i],
+                 "score": float(roll.scores[i]), **({"gold": gold(roll.prompt_text[i], roll.response_text[i])}
+                                                    if gold else {})}
+                for i in range(min(4, len(roll.response_text)))]
+        append_jsonl(work_dir / "samples.jsonl", rows)
 
 
-def check_rollout(guard: Guard, iteration: int, scores: torch.Tensor, roll: dict, reward_path: str) -> None:
-    """Stop before a non-finite score, log-prob or value turns into rewards, advantages and an update."""
-    guard.require_finite(iteration, "reward model's score", scores,
-                         hint=f"the reward model ({reward_path}) gives NaN/inf scores for these responses: check it, or "
-                              f"re-train it (`rlhf reward ... overwrite=true`)")
-    guard.require_finite(iteration, "reference log-prob", roll["ref_logprobs"],
-                         hint="the reference (the SFT policy) gives non-finite log-probs: check the SFT artifact")
-    guard.require_finite(iteration, "policy log-prob (and so the KL)", roll["logprobs"])
-    guard.require_finite(iteration, "value model's estimate", roll["values"])
+def progress_text(last: dict) -> str:
+    return metrics_text({"score": last["score"], "kl": last["kl"], **({"gold": last["gold"]} if "gold" in last else {}),
+                         "len": last["response_length"], "approx_kl": last["approx_kl"], "clip": last["clipfrac"]})
 
 
-def write_samples(run_dir: Path, step: int, roll: dict, scores: torch.Tensor, gold: list[float] | None,
-                  k: int = 4) -> None:
-    rows = []
-    for i in range(min(k, len(roll["response_text"]))):
-        row = {"step": step, "prompt": roll["prompt_text"][i], "response": roll["response_text"][i],
-               "score": float(scores[i])}
-        if gold:
-            row["gold"] = gold[i]
-        rows.append(row)
-    append_jsonl(run_dir / "samples.jsonl", rows)
+# ---- save -------------------------------------------------------------------------------------------------------
+
+def final_metrics(loop: Counters, guard: Guard) -> dict:
+    first = loop.first or {}
+    return {"iterations": loop.step, "skipped_steps": guard.skipped, **{f"final_{k}": v for k, v in loop.last.items()},
+            **{f"first_{k}": first[k] for k in ("score", "kl", "gold", "response_length", "stop_rate") if k in first}}
 
 
-def _show_summary(con, first: dict, last: dict, run_dir: Path) -> None:
-    from rich.table import Table
+def publish(cfg: PPOConfig, paths: Upstream, roles: Roles, metrics: dict, kl_coef: float, data: dict,
+            work_dir: Path) -> None:
+    manifest = artifacts.build_manifest(
+        stage="ppo", kind="policy", config=asdict(cfg), base_model=paths.policy, tokenizer=roles.tokenizer,
+        metrics=metrics, parents=paths.parents,
+        extra={"ppo": {"reward_model": paths.reward, "same_tokenizer_as_reward": roles.scorer.same_tokens,
+                       "final_kl_coef": kl_coef}, "data": data})
 
+    def save(tmp: Path) -> None:
+        roles.policy.save_pretrained(tmp, safe_serialization=True)
+        roles.tokenizer.save_pretrained(tmp)
+
+    artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir))
+
+
+def show_summary(con, first: dict, last: dict, run_dir: Path) -> None:
     table = Table(title="ppo summary (training rollouts)", title_justify="left")
     for col in ("metric", "first iteration", "last iteration"):
         table.add_column(col, justify="right" if col != "metric" else "left")

@@ -1,7 +1,8 @@
 """`rlhf sft`: fine-tune a pretrained causal LM on demonstrations (stage 1 of InstructGPT).
 
-Reads top to bottom: set up (run directory, device, model, data, optimizer, resume), loop (gradient accumulation,
-clipping, periodic held-out evaluation and checkpoints), save (samples, the policy artifact, a summary).
+`run` reads top to bottom: set up (run directory, data, model, optimizer, resume), loop (`train_step`: one
+optimizer step over micro-batches; `held_out_loss` at the evaluation cadence; logs and checkpoints when due), save
+(samples, the policy artifact, a summary).
 
 Loss: mean next-token cross-entropy over the supervised tokens of the whole optimizer step (completion tokens
 only, unless train.completion_only=false), however the step is split into micro-batches and processes, so the
@@ -10,9 +11,9 @@ result does not depend on the world size.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,47 +21,89 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import SFTConfig, to_dict
-from rlhf_cli.data import toy
-from rlhf_cli.data.loading import load_rows
-from rlhf_cli.data.sft import collate_sft, normalize_sft_rows, render, tokenize_sft
-from rlhf_cli.data.splits import holdout
-from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir
+from rlhf_cli.config import SFTConfig
+from rlhf_cli.data import tasks
+from rlhf_cli.data.sft import collate_sft, tokenize_sft
+from rlhf_cli.data.text import render
+from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.guard import Guard
-from rlhf_cli.engine.logging import MetricsLog, console, metrics_text, progress_bar, summary_table
-from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
+from rlhf_cli.engine.logging import console, metrics_text, progress_bar, summary_table
 from rlhf_cli.errors import DataError
 from rlhf_cli.models.loading import load_causal_lm
 
 
 def run(cfg: SFTConfig) -> dict:
-    device = dev.pick(cfg.train.device, dist.local_rank_from_env())
-    d = dist.init(device.type)
-    try:
-        return _run(cfg, d, device)
-    finally:
-        dist.close()
+    with train.process(cfg.train.device) as (d, device):
+        con, t = console(d.is_main), cfg.train
+        # ---- set up: run directory, seeds, data rows (validated before anything heavy loads), model, tokens -----
+        plan = rundir.prepare(cfg, d)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed + d.rank)
+        train_rows, eval_rows, source = tasks.sft_rows(cfg.data, cfg.seed)
+        data_sha256 = rundir.check_data(plan, cfg, d, train_rows, eval_rows)
+        model, tokenizer, model_info = train.main_first(d, load_causal_lm, cfg.model, device)
+        model.train()
+        train_set, eval_set, truncated = tokenize(cfg, train_rows, eval_rows, tokenizer, source)
+        grad_accum = batches.grad_accum_steps(t.examples_per_step, t.micro_batch_size, d.world_size)
+        total_steps, steps_per_epoch = batches.total_steps(t, len(train_set))
+        show_plan(con, cfg, model_info, device, f"data {source}: {len(train_set)} train / {len(eval_set)} held-out "
+                  f"rows, {truncated[0]} truncated to {cfg.data.max_seq_len} tokens", grad_accum, d,
+                  total_steps, steps_per_epoch)
+        training = train.start(plan, cfg, {"model": model}, total_steps, d, restore_rng=d.is_main)
+        loop = Counters.restore(training.resumed)
+        train_model = train.wrap_for_training(model, d, device)
+        pad_id = tokenizer.pad_token_id
+        if loop.first_eval_loss is None and eval_set:
+            loop.first_eval_loss = loop.eval_loss = held_out_loss(model, eval_set, pad_id, t.micro_batch_size, d,
+                                                                  device)
+            training.guard.require_finite(0, "held-out loss", loop.eval_loss, hint="the model gives non-finite "
+                                          "outputs before any training: check model.name_or_path")
+
+        # ---- loop: one optimizer step over examples_per_step examples, evaluation, logs, checkpoints ----------
+        tokens_seen, t_start = 0.0, time.perf_counter()
+        with progress_bar(con) as bar:
+            task = bar.add_task("sft", total=total_steps, completed=loop.step, metrics="")
+            while loop.step < total_steps:
+                t0 = time.perf_counter()
+                examples = batches.step_examples(train_set, loop.step, t.examples_per_step, cfg.seed)
+                loss, grad_norm, n_in = train_step(train_model, examples, pad_id, training, loop.step, cfg, d,
+                                                   device)
+                loop.step += 1
+                tokens_seen += n_in
+                loop.last = {"loss": loss, "grad_norm": grad_norm, "tokens_per_s": n_in / (time.perf_counter() - t0),
+                             **training.step_metrics()}
+                if eval_set and train.due(loop.step, t.eval_every, total_steps):
+                    loop.eval_loss = loop.last["eval_loss"] = held_out_loss(model, eval_set, pad_id,
+                                                                            t.micro_batch_size, d, device)
+                    training.guard.require_finite(loop.step, "held-out loss", loop.eval_loss)
+                if train.due(loop.step, t.log_every, total_steps) or "eval_loss" in loop.last:
+                    training.log.log(loop.step, loop.last)
+                bar.update(task, completed=loop.step, metrics=metrics_text(
+                    {"loss": loss, "eval": loop.eval_loss, "lr": loop.last["lr"], "tok/s": loop.last["tokens_per_s"]}))
+                if train.due(loop.step, t.checkpoint_every, total_steps):
+                    train.save_checkpoint(d, plan.checkpoints, loop.step, {"model": model}, training, loop.state(),
+                                          cfg, data_sha256)
+        wall = time.perf_counter() - t_start
+        training.log.close()
+
+        # ---- save: samples, the artifact, a summary -----------------------------------------------------------
+        metrics = final_metrics(loop, training.guard, tokens_seen, wall, len(train_set), sum(truncated))
+        if d.is_main:
+            samples = sample_responses(model, tokenizer, cfg, eval_rows, device)
+            publish(cfg, model, tokenizer, samples, metrics, {
+                "source": str(source), "sha256": data_sha256, "train_rows": len(train_set),
+                "eval_rows": len(eval_set), "truncated": truncated[0],
+                "added_pad_token": model_info["added_pad_token"]}, plan.work_dir)
+            show_summary(con, metrics, samples, cfg.train.num_samples, Path(cfg.run_dir), wall)
+        dist.barrier(d)
+        return metrics
 
 
-def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
-    con = console(d.is_main)
-    run_dir = Path(cfg.run_dir)
+# ---- set up -----------------------------------------------------------------------------------------------------
 
-    # ---- set up: the run directory (refused, resumed, replaced or fresh), seeds ----------------------------
-    plan = rundir.prepare(cfg, d)
-    work_dir, ckpt_dir = plan.work_dir, plan.checkpoints
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + d.rank)
-
-    # ---- data rows (validated before anything heavy loads), then model and tokens --------------------------
-    train_rows, eval_rows, source = load_sft_rows(cfg)
-    data_sha256 = rundir.fingerprint(train_rows, eval_rows)
-    rundir.check_data(plan, cfg, data_sha256, d)
-    if d.is_main:  # rank 0 builds/caches the built-in model first; the others then load it
-        model, tokenizer, model_info = load_causal_lm(cfg.model, device)
-    dist.barrier(d)
-    if not d.is_main:
-        model, tokenizer, model_info = load_causal_lm(cfg.model, device)
+def tokenize(cfg: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tokenizer, source) -> tuple:
+    """(train examples, held-out examples, (train rows truncated, held-out rows truncated)); a DataError when
+    nothing is left to supervise."""
     train_set, train_stats = tokenize_sft(train_rows, tokenizer, cfg.data.max_seq_len, cfg.train.completion_only,
                                          source=source)
     eval_set, eval_stats = tokenize_sft(eval_rows, tokenizer, cfg.data.max_seq_len, cfg.train.completion_only,
@@ -68,145 +111,72 @@ def _run(cfg: SFTConfig, d: dist.Dist, device: torch.device) -> dict:
     if train_stats["completion_tokens"] == 0:
         raise DataError(f"{source}: no supervised tokens after tokenization",
                         hint="check data.max_seq_len and that completions are not empty")
+    return train_set, eval_set, (train_stats["truncated"], eval_stats["truncated"])
 
-    # ---- batch arithmetic ----------------------------------------------------------------------------------
+
+def show_plan(con, cfg: SFTConfig, model_info: dict, device, data: str, grad_accum: int, d: dist.Dist,
+              total_steps: int, steps_per_epoch: int) -> None:
     t = cfg.train
-    grad_accum = batches.grad_accum_steps(t.examples_per_step, t.micro_batch_size, d.world_size)
-    total_steps, steps_per_epoch = batches.total_steps(t, len(train_set))
-    con.print(f"[bold]rlhf sft[/bold] -> {run_dir}")
+    con.print(f"[bold]rlhf sft[/bold] -> {cfg.run_dir}")
     con.print(f"model {model_info['path']} ({model_info['parameters'] / 1e6:.2f}M parameters) on {device}, "
-              f"{dev.precision(device)}; data {source}: {len(train_set)} train / {len(eval_set)} held-out rows, "
-              f"{train_stats['truncated']} truncated to {cfg.data.max_seq_len} tokens")
+              f"{dev.precision(device)}; {data}")
     con.print(f"batch: examples_per_step {t.examples_per_step} = micro_batch_size {t.micro_batch_size} x "
               f"grad_accum_steps {grad_accum} x world_size {d.world_size}; {total_steps} steps = "
               f"{total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps")
 
-    # ---- optimizer, DDP, resume ----------------------------------------------------------------------------
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    step, first_eval, last, eval_loss, skipped = 0, None, {}, None, 0
-    if plan.resume_from is not None:
-        state = checkpoint.load(plan.resume_from, {"model": model}, optimizer, scheduler, restore_rng=d.is_main)
-        apply_hyperparameters(optimizer, scheduler, cfg.optim)
-        step, first_eval = state["step"], state.get("first_eval_loss")
-        last, eval_loss, skipped = state.get("last", {}), state.get("eval_loss"), state.get("skipped_steps", 0)
-        con.print(f"resumed from {plan.resume_from} (step {step})")
-    guard = Guard("sft", ckpt_dir, cfg.optim.lr, t.max_skipped_steps, skipped)
-    train_model = model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log = MetricsLog(work_dir, d.is_main, cfg.logger, resume_step=step if plan.resume_from else None)
-    pad_id = tokenizer.pad_token_id
+@dataclass
+class Counters:
+    """What the loop carries from one step to the next (and a checkpoint carries across a resume)."""
+    step: int = 0                          # optimizer steps done
+    first_eval_loss: float | None = None   # held-out loss before training
+    eval_loss: float | None = None         # the latest held-out loss
+    last: dict = field(default_factory=dict)
 
-    def evaluate() -> float:
-        model.eval()
-        loss_sum, n_tok = 0.0, 0.0
-        with torch.no_grad(), dev.autocast(device):
-            mine = eval_set[d.rank::d.world_size]
-            for i in range(0, len(mine), t.micro_batch_size):
-                batch = batches.to_device(collate_sft(mine[i:i + t.micro_batch_size], pad_id), device)
-                s, n = token_loss_sum(model, batch)
-                loss_sum, n_tok = loss_sum + s.item(), n_tok + n
-        loss_sum, n_tok = dist.all_sum(d, [loss_sum, n_tok], device)
-        model.train()
-        return loss_sum / max(n_tok, 1.0)
+    @classmethod
+    def restore(cls, state: dict) -> "Counters":
+        """From a checkpoint's state ({} for a fresh run)."""
+        return cls(state.get("step", 0), state.get("first_eval_loss"), state.get("eval_loss"), state.get("last", {}))
 
-    if first_eval is None and eval_set:
-        first_eval = evaluate()
-        guard.require_finite(0, "held-out loss", first_eval, hint="the model gives non-finite outputs before any "
-                             "training: check model.name_or_path")
-    eval_loss = first_eval if eval_loss is None else eval_loss
+    def state(self) -> dict:
+        return {"first_eval_loss": self.first_eval_loss, "eval_loss": self.eval_loss, "last": self.last}
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+def train_step(train_model, examples: list[dict], pad_id: int, training: train.Training, step: int, cfg: SFTConfig,
+               d: dist.Dist, device) -> tuple[float, float | None, float]:
+    """One optimizer step on this step's examples (this rank's share, in micro-batches): (loss = mean over the
+    step's supervised tokens on all ranks, gradient norm (None when skipped), input tokens on all ranks)."""
+    n_sup = sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in examples)
+    loss_sum, n_in = 0.0, 0
+    for micro, last in train.micro_batches(batches.rank_slice(examples, d.rank, d.world_size),
+                                           cfg.train.micro_batch_size):
+        batch = batches.to_device(collate_sft(micro, pad_id), device)
+        with train.micro_step([train_model], last, device):
+            s, _ = token_loss_sum(train_model, batch)
+            # DDP averages gradients over ranks: scale so the total is the mean over the global step
+            (s * d.world_size / max(n_sup, 1)).backward()
+        loss_sum += s.item()
+        n_in += int(batch["attention_mask"].sum())
+    loss_sum, n_in = dist.all_sum(d, [loss_sum, float(n_in)], device)
+    loss = loss_sum / max(n_sup, 1)
+    return loss, train.take_step(training, step + 1, loss), n_in
+
+
+def held_out_loss(model, eval_set: list[dict], pad_id: int, micro: int, d: dist.Dist, device) -> float:
+    """Mean next-token cross-entropy over the supervised tokens of the held-out examples, all ranks."""
+    model.eval()
+    loss_sum, n_tok = 0.0, 0.0
+    with torch.no_grad(), dev.autocast(device):
+        mine = eval_set[d.rank::d.world_size]
+        for i in range(0, len(mine), micro):
+            batch = batches.to_device(collate_sft(mine[i:i + micro], pad_id), device)
+            s, n = token_loss_sum(model, batch)
+            loss_sum, n_tok = loss_sum + s.item(), n_tok + n
+    loss_sum, n_tok = dist.all_sum(d, [loss_sum, n_tok], device)
     model.train()
-
-    # ---- loop ----------------------------------------------------------------------------------------------
-    tokens_seen, t_start = 0.0, time.perf_counter()
-    with progress_bar(con) as bar:
-        task = bar.add_task("sft", total=total_steps, completed=step, metrics="")
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch_ids = batches.step_indices(step, t.examples_per_step, len(train_set), cfg.seed)
-            examples = [train_set[i] for i in batch_ids]
-            n_sup = sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in examples)
-            mine = batches.rank_slice(examples, d.rank, d.world_size)
-            loss_total, n_in = 0.0, 0
-            for k in range(grad_accum):
-                batch = batches.to_device(collate_sft(mine[k * t.micro_batch_size:(k + 1) * t.micro_batch_size], pad_id), device)
-                sync = k == grad_accum - 1 or not d.enabled
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), dev.autocast(device):
-                    s, _ = token_loss_sum(train_model, batch)
-                    # DDP averages gradients over ranks: scale so the total is the mean over the global step
-                    (s * d.world_size / max(n_sup, 1)).backward()
-                loss_total += s.item()
-                n_in += int(batch["attention_mask"].sum())
-            loss_total, n_in = dist.all_sum(d, [loss_total, float(n_in)], device)
-            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, cfg.optim.max_grad_norm, guard,
-                                       step + 1, loss_total / max(n_sup, 1))
-            step += 1
-            dt = time.perf_counter() - t0
-            tokens_seen += n_in
-            last = {"loss": loss_total / max(n_sup, 1), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "tokens_per_s": n_in / dt, **({"skipped_steps": guard.skipped} if guard.skipped else {})}
-            if eval_set and (step % t.eval_every == 0 or step == total_steps):
-                eval_loss = last["eval_loss"] = evaluate()
-                guard.require_finite(step, "held-out loss", eval_loss)
-            if step % t.log_every == 0 or "eval_loss" in last or step == total_steps:
-                log.log(step, last)
-            bar.update(task, completed=step, metrics=metrics_text(
-                {"loss": last["loss"], "eval": eval_loss, "lr": last["lr"], "tok/s": last["tokens_per_s"]}))
-            if step % t.checkpoint_every == 0 or step == total_steps:
-                if d.is_main:
-                    checkpoint.save(ckpt_dir, step, {"model": model}, optimizer, scheduler,
-                                    {"step": step, "first_eval_loss": first_eval, "eval_loss": eval_loss, "last": last,
-                                     "skipped_steps": guard.skipped, "config": to_dict(cfg),
-                                     "data_sha256": data_sha256}, t.keep_checkpoints, cfg.artifact_check)
-                dist.barrier(d)
-    wall = time.perf_counter() - t_start
-    log.close()
-
-    # ---- save: samples, the artifact, a summary ------------------------------------------------------------
-    metrics = {"steps": step, "train_loss": last.get("loss"), "eval_loss_start": first_eval, "eval_loss": eval_loss,
-               "tokens_per_s": tokens_seen / wall if wall > 0 and tokens_seen else None,
-               "train_rows": len(train_set), "truncated_rows": train_stats["truncated"] + eval_stats["truncated"],
-               "skipped_steps": guard.skipped}
-    if d.is_main:
-        samples = sample_responses(model, tokenizer, cfg, eval_rows, device)
-        if cfg.data.path is None:
-            metrics["gold_score"] = sum(s["gold"] for s in samples) / len(samples) if samples else None
-        artifacts.write_text_atomic(work_dir / "samples.jsonl", "".join(artifacts.dumps(s) + "\n" for s in samples))
-        manifest = artifacts.build_manifest(
-            stage="sft", kind="policy", config=to_dict(cfg), base_model=cfg.model.name_or_path,
-            tokenizer=tokenizer, metrics=metrics,
-            extra={"data": {"source": str(source), "sha256": data_sha256, "train_rows": len(train_set),
-                            "eval_rows": len(eval_set), "truncated": train_stats["truncated"],
-                            "added_pad_token": model_info["added_pad_token"]}})
-
-        def save(tmp: Path) -> None:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-
-        artifacts.publish(work_dir, save, manifest, run_dir)
-        _show_summary(con, metrics, samples, cfg.train.num_samples, run_dir, wall)
-    dist.barrier(d)
-    return metrics
-
-
-# ---- helpers: small and pure where they can be -----------------------------------------------------------------
-
-def load_sft_rows(cfg: SFTConfig) -> tuple[list[dict], list[dict], str]:
-    """Train and held-out rows: the built-in task, or a file / hub dataset split by data.eval_fraction."""
-    data = cfg.data
-    if data.path is None:
-        return (toy.sft_rows(data.toy.num_train, data.toy.seed, "train"),
-                toy.sft_rows(data.toy.num_eval, data.toy.seed, "eval"), "built-in task")
-    rows, source = load_rows(data.path, data.split, data.max_rows)
-    rows = normalize_sft_rows(rows, source, data.format)
-    if data.eval_path:
-        eval_rows, eval_source = load_rows(data.eval_path, data.split)
-        return rows, normalize_sft_rows(eval_rows, eval_source, data.format), source
-    train, held = holdout(rows, data.eval_fraction, data.max_eval_rows, cfg.seed)
-    return train, held, source
+    return loss_sum / max(n_tok, 1.0)
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -235,17 +205,36 @@ def sample_responses(model, tokenizer, cfg: SFTConfig, eval_rows: list[dict], de
                          top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    rows = []
-    for prompt, response in zip(prompts, responses):
-        row = {"prompt": prompt, "response": response}
-        if cfg.data.path is None:
-            row["gold"] = toy.gold_score(prompt, response)
-        rows.append(row)
+    gold = tasks.gold_scorer(cfg.data)
     model.train()
-    return rows
+    return [{"prompt": prompt, "response": response, **({"gold": gold(prompt, response)} if gold else {})}
+            for prompt, response in zip(prompts, responses)]
 
 
-def _show_summary(con, metrics: dict, samples: list[dict], num_shown: int, run_dir: Path, wall: float) -> None:
+def final_metrics(loop: Counters, guard: Guard, tokens_seen: float, wall: float, train_rows: int,
+                  truncated_rows: int) -> dict:
+    return {"steps": loop.step, "train_loss": loop.last.get("loss"), "eval_loss_start": loop.first_eval_loss,
+            "eval_loss": loop.eval_loss, "tokens_per_s": tokens_seen / wall if wall > 0 and tokens_seen else None,
+            "train_rows": train_rows, "truncated_rows": truncated_rows, "skipped_steps": guard.skipped}
+
+
+def publish(cfg: SFTConfig, model, tokenizer, samples: list[dict], metrics: dict, data: dict, work_dir: Path) -> None:
+    """samples.jsonl, then the policy artifact (the built-in task adds the samples' mean gold score to metrics)."""
+    if tasks.gold_scorer(cfg.data):
+        metrics["gold_score"] = sum(s["gold"] for s in samples) / len(samples) if samples else None
+    artifacts.write_text_atomic(work_dir / "samples.jsonl", "".join(artifacts.dumps(s) + "\n" for s in samples))
+    manifest = artifacts.build_manifest(stage="sft", kind="policy", config=asdict(cfg),
+                                        base_model=cfg.model.name_or_path, tokenizer=tokenizer, metrics=metrics,
+                                        extra={"data": data})
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir))
+
+
+def show_summary(con, metrics: dict, samples: list[dict], num_shown: int, run_dir: Path, wall: float) -> None:
     shown = {k: v for k, v in metrics.items() if v is not None}
     shown["wall_seconds"] = wall
     shown["artifact"] = str(run_dir / "model")

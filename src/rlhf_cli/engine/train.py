@@ -1,0 +1,159 @@
+"""The training scaffold every stage calls, as plain functions: set up the process, wrap a model for training, run a
+micro-step, take an optimizer step (engine/optim.py), decide what is due at a step, resume and checkpoint.
+
+A capability that changes how models are held or stepped (DDP today; FSDP, LoRA adapters, gradient checkpointing,
+torch.compile next) lands here once, and every stage gets it without a branch of its own:
+
+    with process(cfg.train.device) as (d, device):           # device pick, process group up and down
+        train_model = wrap_for_training(model, d, device)     # what the forward/backward runs through
+        for micro, last in micro_batches(mine, micro_batch_size):
+            with micro_step([train_model], last, device):     # gradient sync only on the last one, autocast
+                loss.backward()
+        step_ok = take_step(training, step, loss)             # clip, step, schedule, zero (engine/optim.py)
+        if due(step, every, total_steps): ...                 # log / evaluate / checkpoint cadence
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_cli.engine import checkpoint, device as dev, dist
+from rlhf_cli.engine.guard import Guard
+from rlhf_cli.engine.logging import MetricsLog, console
+from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
+from rlhf_cli.engine.rundir import RunPlan
+
+
+@contextlib.contextmanager
+def process(device_setting: str) -> Iterator[tuple[dist.Dist, torch.device]]:
+    """(ranks, device) for the body of a stage: the device picked (`auto`: this rank's CUDA device when there is
+    one, else the CPU), the process group torchrun describes joined, and left again however the body ends."""
+    device = dev.pick(device_setting, dist.local_rank_from_env())
+    d = dist.init(device.type)
+    try:
+        yield d, device
+    finally:
+        dist.close()
+
+
+def main_first(d: dist.Dist, load, *args, **kwargs):
+    """`load(*args, **kwargs)` on rank 0 first, then on the other ranks: whatever rank 0 builds and caches on the
+    way (the built-in tiny model) is there, complete, before another rank looks for it."""
+    if d.is_main:
+        result = load(*args, **kwargs)
+    dist.barrier(d)
+    if not d.is_main:
+        result = load(*args, **kwargs)
+    return result
+
+
+def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device) -> torch.nn.Module:
+    """The module a training forward/backward runs through: the model itself in one process, DDP (gradients
+    averaged over ranks at the last micro-step) under torchrun. Evaluation, checkpoints and saving use the
+    unwrapped model. This is the one place a different way of holding a model for training slots in."""
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def micro_batches(items: Sequence, size: int) -> Iterator[tuple[Sequence, bool]]:
+    """(micro-batch, is_last) over consecutive slices of `size` items (a list, or a tensor of row indices)."""
+    n = -(-len(items) // size)
+    for k in range(n):
+        yield items[k * size:(k + 1) * size], k == n - 1
+
+
+@contextlib.contextmanager
+def micro_step(wrapped: Sequence[torch.nn.Module], sync: bool, device: torch.device) -> Iterator[None]:
+    """The context of one forward/backward of a gradient-accumulation window: the ranks exchange gradients only
+    when `sync` (the window's last micro-batch), and the forward runs under the device's autocast."""
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for model in wrapped:
+                if hasattr(model, "no_sync"):
+                    stack.enter_context(model.no_sync())
+        stack.enter_context(dev.autocast(device))
+        yield
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Is a periodic action (log, evaluation, checkpoint) due after step `step` (counted from 1)? At every
+    `every`-th step and always at the last step of the run."""
+    return step % every == 0 or step == last
+
+
+@dataclass
+class Training:
+    """What a training loop steps and records with (`start` builds it)."""
+    params: list                     # the trained parameters (clipped together)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    max_grad_norm: float
+    guard: Guard                     # stops a diverged run (engine/guard.py)
+    log: MetricsLog                  # metrics.jsonl (and TensorBoard)
+    resumed: dict                    # the state of the checkpoint this run continues from; {} for a fresh run
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step uses (the one the schedule set last)."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step_metrics(self) -> dict:
+        """What every stage logs after an optimizer step: the learning rate, and the skipped steps once any were."""
+        skipped = self.guard.skipped
+        return {"lr": self.lr, **({"skipped_steps": skipped} if skipped else {})}
+
+
+def start(plan: RunPlan, cfg, models: dict, total_steps: int, d: dist.Dist, restore_rng: bool,
+          unit: str = "step") -> Training:
+    """AdamW over the trained `models`' parameters and its schedule over `total_steps` optimizer steps, resumed
+    from the plan's checkpoint if there is one (`resume`, announced on the console), the divergence guard (with the
+    skipped-step count a resumed run carries), and the metrics log (cut back to the checkpoint's step on resume)."""
+    params = [p for model in models.values() for p in model.parameters()]
+    optimizer = build_optimizer(params, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    state = resume(plan, models, optimizer, scheduler, cfg.optim, restore_rng)
+    if state:
+        console(d.is_main).print(f"resumed from {plan.resume_from} ({unit} {state['step']})")
+    guard = Guard(cfg.stage, plan.checkpoints, cfg.optim.lr, cfg.train.max_skipped_steps,
+                  state.get("skipped_steps", 0), unit=unit)
+    log = MetricsLog(plan.work_dir, d.is_main, cfg.logger, resume_step=state["step"] if state else None)
+    return Training(params, optimizer, scheduler, cfg.optim.max_grad_norm, guard, log, state)
+
+
+def take_step(training: Training, step: int, loss: float) -> float | None:
+    """engine.optim.optimizer_step with the run's parameters, optimizer, schedule, clip norm and guard: the
+    gradient norm before clipping, or None when the guard dropped a non-finite update."""
+    return optimizer_step(training.params, training.optimizer, training.scheduler, training.max_grad_norm,
+                          training.guard, step, loss)
+
+
+def resume(plan: RunPlan, models: dict, optimizer, scheduler, optim_cfg, restore_rng: bool) -> dict:
+    """The state dict of the checkpoint the run continues from, after loading it into `models`, the optimizer and
+    the scheduler, with lr/betas/eps/weight decay taken from the config (engine.optim.apply_hyperparameters);
+    {} for a fresh run. `restore_rng`: also restore this process's RNG states from the checkpoint."""
+    if plan.resume_from is None:
+        return {}
+    state = checkpoint.load(plan.resume_from, models, optimizer, scheduler, restore_rng=restore_rng)
+    apply_hyperparameters(optimizer, scheduler, optim_cfg)
+    return state
+
+
+def save_checkpoint(d: dist.Dist, directory: Path, step: int, models: dict, training: Training, state: dict,
+                    cfg, data_sha256: str) -> None:
+    """Checkpoint `step-<step>` (written by rank 0; every rank waits for it): the models, optimizer, scheduler and
+    RNG states, the stage's `state` with the guard's skipped-step count, the resolved config and the data's
+    fingerprint (which a resume checks)."""
+    if d.is_main:
+        checkpoint.save(directory, step, models, training.optimizer, training.scheduler,
+                        {"step": step, **state, "skipped_steps": training.guard.skipped, "config": asdict(cfg),
+                         "data_sha256": data_sha256},
+                        cfg.train.keep_checkpoints, cfg.artifact_check)
+    dist.barrier(d)
