@@ -152,3 +152,14 @@ def test_rollout_constants_leave_inference_mode():
     (w * usable.values).sum().backward()
     assert torch.equal(w.grad, torch.ones(2, 3)) and usable.prompt_text == ["a", "b"]
     assert not usable.values.is_inference() and torch.equal(usable.scores, roll.scores)
+
+
+def test_step_plan_holds_the_batch_arithmetic_and_prints_it():
+    from rlhf_cli.config import SFTTrainConfig
+    from rlhf_cli.engine import batches
+
+    t = SFTTrainConfig(examples_per_step=16, micro_batch_size=4, epochs=1.5)
+    steps = batches.step_plan(t, 100, world_size=2)  # 100 // 16 = 6 steps per epoch
+    assert (steps.grad_accum, steps.total, steps.per_epoch) == (2, 9, 6)
+    assert steps.describe(t, 2, " pairs") == ("batch: examples_per_step 16 pairs = micro_batch_size 4 x "
+                                              "grad_accum_steps 2 x world_size 2; 9 steps = 1.50 epochs of 6 steps")

@@ -21,16 +21,8 @@ import torch
 
 from rlhf_cli.data.hh import hh_to_sft
 from rlhf_cli.data.loading import Source, row_location, source_for
-from rlhf_cli.data.text import (
-    bos_policy,
-    check_message,
-    describe,
-    encode_texts,
-    present,
-    render,
-    split_bos,
-    truncate_pair,
-)
+from rlhf_cli.data.text import (bos_policy, check_message, describe, encode_texts, present, render, split_bos,
+                                truncate_pair)
 from rlhf_cli.errors import ConfigError, DataError
 
 FORMATS = ("auto", "prompt_completion", "messages", "hh")

@@ -8,6 +8,7 @@ just the step, and a run resumes (at any world size) on exactly the examples it 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -63,3 +64,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def step_examples(examples: list, step: int, batch: int, seed: int) -> list:
     """The examples of optimizer step `step` (0-based), in `step_indices` order."""
     return [examples[i] for i in step_indices(step, batch, len(examples), seed)]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The batch arithmetic of a run of optimizer steps over a dataset."""
+    grad_accum: int           # micro-batches per optimizer step on each rank
+    total: int                # optimizer steps of the run
+    per_epoch: int            # optimizer steps per pass over the dataset
+
+    def describe(self, train, world_size: int, unit: str = "") -> str:
+        """The arithmetic as printed at start: examples_per_step = micro_batch_size x grad_accum_steps x world."""
+        return (f"batch: examples_per_step {train.examples_per_step}{unit} = micro_batch_size {train.micro_batch_size}"
+                f" x grad_accum_steps {self.grad_accum} x world_size {world_size}; {self.total} steps = "
+                f"{self.total / self.per_epoch:.2f} epochs of {self.per_epoch} steps")
+
+
+def step_plan(train, n_examples: int, world_size: int) -> StepPlan:
+    """`grad_accum_steps` and `total_steps` for a TrainConfig, a dataset of n_examples and world_size processes."""
+    return StepPlan(grad_accum_steps(train.examples_per_step, train.micro_batch_size, world_size),
+                    *total_steps(train, n_examples))

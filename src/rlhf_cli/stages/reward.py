@@ -42,24 +42,22 @@ def run(cfg: RewardConfig) -> dict:
         torch.manual_seed(cfg.seed)  # the head's initialisation must match on every rank
         train_rows, eval_rows, source, data_stats = tasks.preference_pairs(cfg.data, cfg.seed)
         data_sha256 = rundir.check_data(plan, cfg, d, train_rows, eval_rows)
-        backbone = backbone if parent else resolve(cfg.model)  # builds the built-in tiny model if asked for
-        model, tokenizer = load_model(cfg, backbone, parent is not None, device)
+        model, tokenizer, backbone = load_model(cfg, backbone, parent, device)
         train_set, eval_set, truncated = tokenize(cfg, train_rows, eval_rows, tokenizer, model.is_encoder, source)
         eval_gold = tasks.gold_preferences(cfg.data, eval_rows)
-        grad_accum = batches.grad_accum_steps(t.examples_per_step, t.micro_batch_size, d.world_size)
-        total_steps, steps_per_epoch = batches.total_steps(t, len(train_set))
-        show_plan(con, cfg, model, backbone, device,
-                  f"data {source}: {len(train_set)} train / {len(eval_set)} held-out pairs, {truncated} truncated to "
-                  f"{cfg.data.max_seq_len} tokens", grad_accum, d, total_steps, steps_per_epoch)
-        training = train.start(plan, cfg, {"model": model}, total_steps, d, restore_rng=d.is_main)
+        steps = batches.step_plan(t, len(train_set), d.world_size)
+        show_plan(con, cfg, model, backbone, device, f"data {source}: {len(train_set)} train / {len(eval_set)} "
+                  f"held-out pairs, {truncated} truncated to {cfg.data.max_seq_len} tokens",
+                  steps.describe(t, d.world_size, " pairs"))
+        training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
         train_model = train.wrap_for_training(model, d, device)
 
         # ---- loop: one optimizer step over examples_per_step pairs, evaluation, logs, checkpoints ------------
         pairs_seen, t_start = 0, time.perf_counter()
         with progress_bar(con) as bar:
-            task = bar.add_task("reward", total=total_steps, completed=loop.step, metrics="")
-            while loop.step < total_steps:
+            task = bar.add_task("reward", total=steps.total, completed=loop.step, metrics="")
+            while loop.step < steps.total:
                 t0 = time.perf_counter()
                 examples = batches.step_examples(train_set, loop.step, t.examples_per_step, cfg.seed)
                 step_metrics = train_step(train_model, examples, tokenizer.pad_token_id, training, loop.step, cfg,
@@ -68,28 +66,26 @@ def run(cfg: RewardConfig) -> dict:
                 pairs_seen += t.examples_per_step
                 loop.last = {**step_metrics, "pairs_per_s": t.examples_per_step / (time.perf_counter() - t0),
                              **training.step_metrics()}
-                if train.due(loop.step, t.eval_every, total_steps):
-                    loop.held = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, d, device, eval_gold) \
-                        if eval_set else {}
+                if train.due(loop.step, t.eval_every, steps.total):
+                    loop.held = evaluate(model, eval_set, tokenizer.pad_token_id, cfg, d, device, eval_gold)
                     training.guard.require_finite(loop.step, "held-out loss", loop.held.get("loss", 0.0))
                     loop.last.update({f"eval_{k}": v for k, v in loop.held.items()})
-                if train.due(loop.step, t.log_every, total_steps) or train.due(loop.step, t.eval_every, total_steps):
+                if train.due(loop.step, t.log_every, steps.total) or train.due(loop.step, t.eval_every, steps.total):
                     training.log.log(loop.step, loop.last)
                 bar.update(task, completed=loop.step, metrics=metrics_text(
                     {"loss": loop.last["loss"], "acc": loop.last["accuracy"],
                      "eval_acc": loop.held.get("accuracy", float("nan")), "lr": loop.last["lr"],
                      "pairs/s": loop.last["pairs_per_s"]}))
-                if train.due(loop.step, t.checkpoint_every, total_steps):
+                if train.due(loop.step, t.checkpoint_every, steps.total):
                     train.save_checkpoint(d, plan.checkpoints, loop.step, {"model": model}, training, loop.state(),
                                           cfg, data_sha256)
         wall = time.perf_counter() - t_start
         training.log.close()
 
         # ---- save: final accuracies, score statistics, the artifact, a summary --------------------------------
-        metrics = final_metrics(model, train_set, eval_set, eval_gold, loop, cfg, d, device)
-        metrics |= {"pairs_per_s": pairs_seen / wall if wall > 0 and pairs_seen else None,
-                    "train_pairs": len(train_set), "eval_pairs": len(eval_set), "truncated_pairs": truncated,
-                    "skipped_steps": training.guard.skipped, **tasks.label_noise_ceiling(cfg.data)}
+        metrics = final_metrics(model, train_set, eval_set, eval_gold, loop, cfg, d, device) | {
+            "pairs_per_s": pairs_seen / wall if wall > 0 and pairs_seen else None, "truncated_pairs": truncated,
+            "skipped_steps": training.guard.skipped, **tasks.label_noise_ceiling(cfg.data)}
         if d.is_main:
             publish(cfg, model, tokenizer, parent, metrics, {"source": str(source), "sha256": data_sha256,
                                                              **data_stats, "truncated": truncated}, plan.work_dir)
@@ -100,8 +96,12 @@ def run(cfg: RewardConfig) -> dict:
 
 # ---- set up -----------------------------------------------------------------------------------------------------
 
-def load_model(cfg: RewardConfig, backbone: str, from_artifact: bool, device) -> tuple[RewardModel, object]:
-    """The reward model (backbone + a fresh scalar head, in training mode) and its tokenizer with a pad token."""
+def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) -> tuple[RewardModel, object, str]:
+    """The reward model (backbone + a fresh scalar head, in training mode), its tokenizer with a pad token, and
+    where the backbone came from: the SFT artifact (`parent`), or model.name_or_path (the built-in tiny model is
+    built if asked for)."""
+    from_artifact = parent is not None
+    backbone = backbone if from_artifact else resolve(cfg.model)
     quiet_transformers()
     tokenizer = load_tokenizer(cfg.model, backbone)
     ensure_pad_token(tokenizer, require_eos=False)  # causal backbones append EOS: tokenize_pairs checks
@@ -109,7 +109,7 @@ def load_model(cfg: RewardConfig, backbone: str, from_artifact: bool, device) ->
                                       revision=None if from_artifact else cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code).to(device)
     model.train()
-    return model, tokenizer
+    return model, tokenizer, backbone
 
 
 def tokenize(cfg: RewardConfig, train_rows: list[dict], eval_rows: list[dict], tokenizer, is_encoder: bool,
@@ -121,15 +121,11 @@ def tokenize(cfg: RewardConfig, train_rows: list[dict], eval_rows: list[dict], t
     return train_set, eval_set, train_stats["truncated"] + eval_stats["truncated"]
 
 
-def show_plan(con, cfg: RewardConfig, model: RewardModel, backbone: str, device, data: str, grad_accum: int,
-              d: dist.Dist, total_steps: int, steps_per_epoch: int) -> None:
-    t = cfg.train
+def show_plan(con, cfg: RewardConfig, model: RewardModel, backbone: str, device, data: str, batch: str) -> None:
     con.print(f"[bold]rlhf reward[/bold] -> {cfg.run_dir}")
     con.print(f"backbone {backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"pooling {model.pooling}) on {device}, {dev.precision(device)}; {data}")
-    con.print(f"batch: examples_per_step {t.examples_per_step} pairs = micro_batch_size {t.micro_batch_size} x "
-              f"grad_accum_steps {grad_accum} x world_size {d.world_size}; {total_steps} steps = "
-              f"{total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps")
+    con.print(batch)
 
 
 @dataclass
@@ -181,7 +177,9 @@ def train_step(train_model, examples: list[dict], pad_id: int, training: train.T
 def evaluate(model, examples: list[dict], pad_id: int, cfg: RewardConfig, d: dist.Dist, device,
              gold: list[bool] | None = None) -> dict:
     """Pairwise accuracy (a tie counts as wrong), loss, mean margin, reward mean/std (and, given each pair's gold
-    preference, the accuracy against it) over `examples`, all ranks."""
+    preference, the accuracy against it) over `examples`, all ranks; {} for no examples."""
+    if not examples:
+        return {}
     model.eval()
     idx = list(range(d.rank, len(examples), d.world_size))
     acc = torch.zeros(7, dtype=torch.float64)  # n, correct, loss, margin, r, r², gold-correct
@@ -213,7 +211,7 @@ def final_metrics(model: RewardModel, train_set: list, eval_set: list, eval_gold
     """Held-out and train accuracy, and the score statistics PPO normalises with (set on the model): over the
     held-out pairs, or over up to TRAIN_ACCURACY_PAIRS training pairs when there are none."""
     pad_id = model.pad_token_id
-    held = loop.held or (evaluate(model, eval_set, pad_id, cfg, d, device, eval_gold) if eval_set else {})
+    held = loop.held or evaluate(model, eval_set, pad_id, cfg, d, device, eval_gold)
     train_eval = evaluate(model, train_set[:TRAIN_ACCURACY_PAIRS], pad_id, cfg, d, device)
     model.score_stats = {"mean": held.get("reward_mean", train_eval["reward_mean"]),
                          "std": held.get("reward_std", train_eval["reward_std"]),
@@ -221,7 +219,7 @@ def final_metrics(model: RewardModel, train_set: list, eval_set: list, eval_gold
     return {"steps": loop.step, "train_accuracy": train_eval["accuracy"], "eval_accuracy": held.get("accuracy"),
             "eval_gold_accuracy": held.get("gold_accuracy"), "eval_margin": held.get("margin"),
             "eval_loss": held.get("loss"), "reward_mean": model.score_stats["mean"],
-            "reward_std": model.score_stats["std"]}
+            "reward_std": model.score_stats["std"], "train_pairs": len(train_set), "eval_pairs": len(eval_set)}
 
 
 def publish(cfg: RewardConfig, model: RewardModel, tokenizer, parent: dict | None, metrics: dict, data: dict,

@@ -44,26 +44,22 @@ def run(cfg: SFTConfig) -> dict:
         model, tokenizer, model_info = train.main_first(d, load_causal_lm, cfg.model, device)
         model.train()
         train_set, eval_set, truncated = tokenize(cfg, train_rows, eval_rows, tokenizer, source)
-        grad_accum = batches.grad_accum_steps(t.examples_per_step, t.micro_batch_size, d.world_size)
-        total_steps, steps_per_epoch = batches.total_steps(t, len(train_set))
+        steps = batches.step_plan(t, len(train_set), d.world_size)
         show_plan(con, cfg, model_info, device, f"data {source}: {len(train_set)} train / {len(eval_set)} held-out "
-                  f"rows, {truncated[0]} truncated to {cfg.data.max_seq_len} tokens", grad_accum, d,
-                  total_steps, steps_per_epoch)
-        training = train.start(plan, cfg, {"model": model}, total_steps, d, restore_rng=d.is_main)
+                  f"rows, {truncated[0]} truncated to {cfg.data.max_seq_len} tokens", steps.describe(t, d.world_size))
+        training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
         train_model = train.wrap_for_training(model, d, device)
         pad_id = tokenizer.pad_token_id
         if loop.first_eval_loss is None and eval_set:
-            loop.first_eval_loss = loop.eval_loss = held_out_loss(model, eval_set, pad_id, t.micro_batch_size, d,
+            loop.first_eval_loss = loop.eval_loss = held_out_loss(model, eval_set, pad_id, training.guard, 0, cfg, d,
                                                                   device)
-            training.guard.require_finite(0, "held-out loss", loop.eval_loss, hint="the model gives non-finite "
-                                          "outputs before any training: check model.name_or_path")
 
         # ---- loop: one optimizer step over examples_per_step examples, evaluation, logs, checkpoints ----------
         tokens_seen, t_start = 0.0, time.perf_counter()
         with progress_bar(con) as bar:
-            task = bar.add_task("sft", total=total_steps, completed=loop.step, metrics="")
-            while loop.step < total_steps:
+            task = bar.add_task("sft", total=steps.total, completed=loop.step, metrics="")
+            while loop.step < steps.total:
                 t0 = time.perf_counter()
                 examples = batches.step_examples(train_set, loop.step, t.examples_per_step, cfg.seed)
                 loss, grad_norm, n_in = train_step(train_model, examples, pad_id, training, loop.step, cfg, d,
@@ -72,15 +68,14 @@ def run(cfg: SFTConfig) -> dict:
                 tokens_seen += n_in
                 loop.last = {"loss": loss, "grad_norm": grad_norm, "tokens_per_s": n_in / (time.perf_counter() - t0),
                              **training.step_metrics()}
-                if eval_set and train.due(loop.step, t.eval_every, total_steps):
-                    loop.eval_loss = loop.last["eval_loss"] = held_out_loss(model, eval_set, pad_id,
-                                                                            t.micro_batch_size, d, device)
-                    training.guard.require_finite(loop.step, "held-out loss", loop.eval_loss)
-                if train.due(loop.step, t.log_every, total_steps) or "eval_loss" in loop.last:
+                if eval_set and train.due(loop.step, t.eval_every, steps.total):
+                    loop.eval_loss = loop.last["eval_loss"] = held_out_loss(model, eval_set, pad_id, training.guard,
+                                                                            loop.step, cfg, d, device)
+                if train.due(loop.step, t.log_every, steps.total) or "eval_loss" in loop.last:
                     training.log.log(loop.step, loop.last)
                 bar.update(task, completed=loop.step, metrics=metrics_text(
                     {"loss": loss, "eval": loop.eval_loss, "lr": loop.last["lr"], "tok/s": loop.last["tokens_per_s"]}))
-                if train.due(loop.step, t.checkpoint_every, total_steps):
+                if train.due(loop.step, t.checkpoint_every, steps.total):
                     train.save_checkpoint(d, plan.checkpoints, loop.step, {"model": model}, training, loop.state(),
                                           cfg, data_sha256)
         wall = time.perf_counter() - t_start
@@ -114,15 +109,11 @@ def tokenize(cfg: SFTConfig, train_rows: list[dict], eval_rows: list[dict], toke
     return train_set, eval_set, (train_stats["truncated"], eval_stats["truncated"])
 
 
-def show_plan(con, cfg: SFTConfig, model_info: dict, device, data: str, grad_accum: int, d: dist.Dist,
-              total_steps: int, steps_per_epoch: int) -> None:
-    t = cfg.train
+def show_plan(con, cfg: SFTConfig, model_info: dict, device, data: str, batch: str) -> None:
     con.print(f"[bold]rlhf sft[/bold] -> {cfg.run_dir}")
     con.print(f"model {model_info['path']} ({model_info['parameters'] / 1e6:.2f}M parameters) on {device}, "
               f"{dev.precision(device)}; {data}")
-    con.print(f"batch: examples_per_step {t.examples_per_step} = micro_batch_size {t.micro_batch_size} x "
-              f"grad_accum_steps {grad_accum} x world_size {d.world_size}; {total_steps} steps = "
-              f"{total_steps / steps_per_epoch:.2f} epochs of {steps_per_epoch} steps")
+    con.print(batch)
 
 
 @dataclass
@@ -164,8 +155,11 @@ def train_step(train_model, examples: list[dict], pad_id: int, training: train.T
     return loss, train.take_step(training, step + 1, loss), n_in
 
 
-def held_out_loss(model, eval_set: list[dict], pad_id: int, micro: int, d: dist.Dist, device) -> float:
-    """Mean next-token cross-entropy over the supervised tokens of the held-out examples, all ranks."""
+def held_out_loss(model, eval_set: list[dict], pad_id: int, guard: Guard, step: int, cfg: SFTConfig, d: dist.Dist,
+                  device) -> float:
+    """Mean next-token cross-entropy over the supervised tokens of the held-out examples, all ranks; the stage
+    stops (DivergedError) when it is not finite."""
+    micro = cfg.train.micro_batch_size
     model.eval()
     loss_sum, n_tok = 0.0, 0.0
     with torch.no_grad(), dev.autocast(device):
@@ -176,7 +170,10 @@ def held_out_loss(model, eval_set: list[dict], pad_id: int, micro: int, d: dist.
             loss_sum, n_tok = loss_sum + s.item(), n_tok + n
     loss_sum, n_tok = dist.all_sum(d, [loss_sum, n_tok], device)
     model.train()
-    return loss_sum / max(n_tok, 1.0)
+    loss = loss_sum / max(n_tok, 1.0)
+    guard.require_finite(step, "held-out loss", loss, hint=None if step else "the model gives non-finite outputs "
+                         "before any training: check model.name_or_path")
+    return loss
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
