@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (train.gradient_checkpointing=true)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = p.parse_args(argv)
     if args.intermediate_size is None:
@@ -95,6 +97,10 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
                            max_position_embeddings=max(256, args.seq_len), seed=args.seed, cache_dir=cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
     model.train()
+    if args.gradient_checkpointing:
+        from rlhf_cli.models.loading import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
 
     optim_cfg = OptimConfig()
@@ -150,6 +156,7 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
         "precision": dev.precision(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "batch": args.batch, "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "tokens_per_s_mean": tokens_per_step * len(times) / sum(times),
         "tokens_per_s_min": tokens_per_step / max(times),
         "s_per_step": sum(times) / len(times),
@@ -172,7 +179,7 @@ def show(result: dict) -> None:
         ("model", f"hidden {result['hidden_size']}, {result['layers']} layers, {result['heads']} heads, "
                   f"ffn {result['intermediate_size']}"),
         ("device", result["device"] + (f", {result['threads']} threads" if result["threads"] else "")),
-        ("precision", result["precision"]),
+        ("precision", result["precision"] + (", gradient checkpointing" if result["gradient_checkpointing"] else "")),
         ("batch", str(result["batch"])),
         ("seq len", str(result["seq_len"])),
         ("steps", f"{result['steps']} timed (+{result['warmup']} warmup)"),

@@ -163,3 +163,48 @@ def test_step_plan_holds_the_batch_arithmetic_and_prints_it():
     assert (steps.grad_accum, steps.total, steps.per_epoch) == (2, 9, 6)
     assert steps.describe(t, 2, " pairs") == ("batch: examples_per_step 16 pairs = micro_batch_size 4 x "
                                               "grad_accum_steps 2 x world_size 2; 9 steps = 1.50 epochs of 6 steps")
+
+
+def _loss_and_grads(model, checkpointing: bool, forward) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    wrapped = train.wrap_for_training(model, dist.Dist(), torch.device("cpu"), gradient_checkpointing=checkpointing)
+    wrapped.train()
+    loss = forward(wrapped)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli.models.reward import RewardModel
+    from rlhf_cli.models.tiny import tiny_model_path
+
+    path = tiny_model_path()
+    ids = torch.randint(3, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row
+    lm = lambda: AutoModelForCausalLM.from_pretrained(path)  # noqa: E731
+    rm = lambda: RewardModel.from_backbone(str(path), AutoTokenizer.from_pretrained(path))  # noqa: E731
+    cases = [(lm, lambda m: m(input_ids=ids, attention_mask=mask, labels=ids).loss),
+             (rm, lambda m: m(ids, mask, per_token=True).pow(2).mean() + m(ids, mask).sum())]
+    for build, forward in cases:
+        torch.manual_seed(0)
+        plain = build()
+        torch.manual_seed(0)
+        checkpointed = build()
+        loss, grads = _loss_and_grads(plain, False, forward)
+        loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, True, forward)
+        layers = checkpointed.backbone.layers if hasattr(checkpointed, "backbone") else checkpointed.model.layers
+        assert layers[0].gradient_checkpointing and not (plain.backbone if hasattr(plain, "backbone")
+                                                         else plain.model).layers[0].gradient_checkpointing
+        assert loss_ckpt == pytest.approx(loss, rel=1e-6) and grads.keys() == grads_ckpt.keys() and grads
+        for name in grads:
+            assert torch.allclose(grads[name], grads_ckpt[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_a_config_error():
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not support gradient checkpointing"):
+        train.wrap_for_training(torch.nn.Linear(2, 2), dist.Dist(), torch.device("cpu"), gradient_checkpointing=True)

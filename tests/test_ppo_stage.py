@@ -205,3 +205,20 @@ def test_encoder_reward_model_gets_retokenised_text_and_a_causal_value_model(roo
     with torch.no_grad():
         again = rm(batch["input_ids"][:2], batch["attention_mask"][:2])
     assert again.tolist() == pytest.approx([r["score"] for r in rows[:2]], abs=1e-4)
+
+
+def test_gradient_checkpointing_trains_the_same_policy_and_value_model(root):
+    from safetensors.torch import load_file
+
+    metrics, dirs = {}, {}
+    for flag in ("false", "true"):
+        dirs[flag] = root / "demo" / f"ppo_checkpointing_{flag}"
+        cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", "train.max_steps=2",
+                                    f"train.gradient_checkpointing={flag}"], dirs[flag])
+        metrics[flag] = ppo.run(cfg)
+    for key in ("final_score", "final_kl", "final_policy_loss", "final_value_loss", "final_entropy"):
+        assert metrics["true"][key] == pytest.approx(metrics["false"][key], rel=1e-4, abs=1e-6), key
+    for name in ("policy", "value"):
+        plain = load_file(dirs["false"] / "checkpoints" / "step-2" / f"{name}.safetensors")
+        checkpointed = load_file(dirs["true"] / "checkpoints" / "step-2" / f"{name}.safetensors")
+        assert all(torch.allclose(plain[k], checkpointed[k], rtol=1e-4, atol=1e-6) for k in plain), name

@@ -119,6 +119,9 @@ class TrainConfig:
     # An optimizer step whose loss or gradient norm is NaN/inf is skipped (no update) at most this many times over
     # the run; one more stops the stage (exit code 3). 0: stop at the first.
     max_skipped_steps: int = 0
+    # Recompute each layer's activations in the backward pass instead of keeping them (the trained models: policy
+    # and value model in ppo): less memory for about a third more compute, the same loss and gradients.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -211,6 +214,9 @@ class PPOTrainConfig:
     # An optimizer step whose loss or gradient norm is NaN/inf is skipped (no update) at most this many times over
     # the run; one more stops the stage (exit code 3). 0: stop at the first.
     max_skipped_steps: int = 0
+    # Recompute each layer's activations in the backward pass instead of keeping them (the trained models: policy
+    # and value model in ppo): less memory for about a third more compute, the same loss and gradients.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

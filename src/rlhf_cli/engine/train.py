@@ -27,6 +27,7 @@ from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import MetricsLog, console
 from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
 from rlhf_cli.engine.rundir import RunPlan
+from rlhf_cli.models.loading import enable_gradient_checkpointing
 
 
 @contextlib.contextmanager
@@ -52,10 +53,17 @@ def main_first(d: dist.Dist, load, *args, **kwargs):
     return result
 
 
-def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device) -> torch.nn.Module:
+def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device,
+                      gradient_checkpointing: bool = False) -> torch.nn.Module:
     """The module a training forward/backward runs through: the model itself in one process, DDP (gradients
     averaged over ranks at the last micro-step) under torchrun. Evaluation, checkpoints and saving use the
-    unwrapped model. This is the one place a different way of holding a model for training slots in."""
+    unwrapped model. This is the one place a different way of holding a model for training slots in.
+
+    gradient_checkpointing: each transformer layer's activations are recomputed in the backward pass instead of
+    kept (transformers' non-reentrant checkpointing, in training mode only: evaluation and sampling are untouched).
+    """
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if not d.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -124,3 +124,18 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, dropout: bool = True)
         "added_pad_token": added_pad,
     }
     return model, tokenizer, info
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient (activation) checkpointing on a causal LM, or on a reward model's backbone (its head
+    is one linear layer): each layer's activations are recomputed in the backward pass, in training mode only.
+    Non-reentrant, so it composes with DDP's no_sync. A ConfigError for an architecture without it."""
+    hf_model = getattr(model, "backbone", model)
+    if not getattr(hf_model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing=true, but {type(hf_model).__name__} does not support "
+                          f"gradient checkpointing", hint="set train.gradient_checkpointing=false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -55,7 +55,7 @@ def run(cfg: PPOConfig) -> dict:
         loop = Counters.restore(training.resumed, p.kl_coef)
         if training.resumed and d.is_main:  # those iterations run again: drop what they wrote
             truncate_jsonl(plan.work_dir / "samples.jsonl", loop.step)
-        wrapped = [train.wrap_for_training(m, d, device) for m in (roles.policy, roles.value)]
+        wrapped = [train.wrap_for_training(m, d, device, t.gradient_checkpointing) for m in (roles.policy, roles.value)]
         gold = tasks.gold_scorer(cfg.data)
 
         # ---- loop: rollout, rewards and advantages, clipped updates, metrics ---------------------------------

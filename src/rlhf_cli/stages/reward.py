@@ -51,7 +51,7 @@ def run(cfg: RewardConfig) -> dict:
                   steps.describe(t, d.world_size, " pairs"))
         training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
-        train_model = train.wrap_for_training(model, d, device)
+        train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing)
 
         # ---- loop: one optimizer step over examples_per_step pairs, evaluation, logs, checkpoints ------------
         pairs_seen, t_start = 0, time.perf_counter()

@@ -49,7 +49,7 @@ def run(cfg: SFTConfig) -> dict:
                   f"rows, {truncated[0]} truncated to {cfg.data.max_seq_len} tokens", steps.describe(t, d.world_size))
         training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
-        train_model = train.wrap_for_training(model, d, device)
+        train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing)
         pad_id = tokenizer.pad_token_id
         if loop.first_eval_loss is None and eval_set:
             loop.first_eval_loss = loop.eval_loss = held_out_loss(model, eval_set, pad_id, training.guard, 0, cfg, d,
