@@ -1,7 +1,7 @@
 """The training scaffold every stage calls, as plain functions: set up the process, wrap a model for training, run a
 micro-step, take an optimizer step (engine/optim.py), decide what is due at a step, resume and checkpoint.
 
-A capability that changes how models are held or stepped (DDP today; FSDP, LoRA adapters, gradient checkpointing,
+A capability that changes how models are held or stepped (DDP and gradient checkpointing today; FSDP, LoRA adapters,
 torch.compile next) lands here once, and every stage gets it without a branch of its own:
 
     with process(cfg.train.device) as (d, device):           # device pick, process group up and down
