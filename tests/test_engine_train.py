@@ -208,3 +208,11 @@ def test_gradient_checkpointing_on_a_model_without_it_is_a_config_error():
 
     with pytest.raises(ConfigError, match="does not support gradient checkpointing"):
         train.wrap_for_training(torch.nn.Linear(2, 2), dist.Dist(), torch.device("cpu"), gradient_checkpointing=True)
+
+
+def test_frozen_dtype_is_bf16_only_where_asked_or_on_capable_cuda():
+    from rlhf_cli.engine.device import frozen_dtype
+
+    cpu = torch.device("cpu")
+    assert frozen_dtype("auto", cpu) == torch.float32
+    assert frozen_dtype("bfloat16", cpu) == torch.bfloat16 and frozen_dtype("float32", cpu) == torch.float32

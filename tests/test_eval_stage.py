@@ -111,3 +111,12 @@ def test_a_policy_with_another_tokenizer_is_refused(root, tmp_path):
     with pytest.raises(ArtifactError, match="does not share the reference's tokenizer") as err:
         eval_stage.run(cfg)
     assert str(other) in err.value.message and "reference=" in err.value.hint
+
+
+def test_frozen_models_in_bf16_measure_nearly_what_fp32_does(report, root, tmp_path):
+    lean = eval_stage.run(compose_stage("eval", [*FAST_EVAL, "experiment=demo", f"root={root}", "dtype=bfloat16",
+                                                 "checkpoints=false"], tmp_path / "eval_bf16"))
+    assert _policy(lean, "demo/sft")["kl"] == 0.0  # the SFT policy against the reference, both in bf16: the same numbers
+    # bf16 rounding may flip a sampled token here and there, but the policies' scores stay where they were
+    for name in ("demo/sft", "demo/ppo"):
+        assert _policy(lean, name)["score"] == pytest.approx(_policy(report, name)["score"], abs=0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -222,3 +223,13 @@ def test_gradient_checkpointing_trains_the_same_policy_and_value_model(root):
         plain = load_file(dirs["false"] / "checkpoints" / "step-2" / f"{name}.safetensors")
         checkpointed = load_file(dirs["true"] / "checkpoints" / "step-2" / f"{name}.safetensors")
         assert all(torch.allclose(plain[k], checkpointed[k], rtol=1e-4, atol=1e-6) for k in plain), name
+
+
+def test_frozen_roles_in_bf16(root, capsys):
+    cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", "train.max_steps=2",
+                                "model.dtype=bfloat16"], root / "demo" / "ppo_bf16")
+    metrics = ppo.run(cfg)
+    assert "reference and reward model in bfloat16" in capsys.readouterr().out
+    # the reference is the SFT policy rounded to bf16: the first rollout's KL is near 0, not exactly 0
+    assert 0.0 < abs(metrics["first_kl"]) < 0.5 and metrics["iterations"] == 2
+    assert all(math.isfinite(v) for k, v in metrics.items() if isinstance(v, float))

@@ -120,7 +120,7 @@ class TrainConfig:
     # the run; one more stops the stage (exit code 3). 0: stop at the first.
     max_skipped_steps: int = 0
     # Recompute each layer's activations in the backward pass instead of keeping them (the trained models: policy
-    # and value model in ppo): less memory for about a third more compute, the same loss and gradients.
+    # and value model in ppo): much less activation memory for one more forward pass, the same loss and gradients.
     gradient_checkpointing: bool = False
 
 
@@ -215,7 +215,7 @@ class PPOTrainConfig:
     # the run; one more stops the stage (exit code 3). 0: stop at the first.
     max_skipped_steps: int = 0
     # Recompute each layer's activations in the backward pass instead of keeping them (the trained models: policy
-    # and value model in ppo): less memory for about a third more compute, the same loss and gradients.
+    # and value model in ppo): much less activation memory for one more forward pass, the same loss and gradients.
     gradient_checkpointing: bool = False
 
 
@@ -229,6 +229,9 @@ class PPOModelConfig:
     # The value model's initialisation when it should not be the reward model (a reward artifact's run directory).
     value: Optional[str] = None
     trust_remote_code: bool = False
+    # The frozen roles (reference, reward model): auto = bf16 on a CUDA device that supports it (half the memory),
+    # else fp32; or float32 / bfloat16. The trained policy and value model keep fp32 weights (bf16 autocast on CUDA).
+    dtype: str = "auto"
 
 
 @dataclass
@@ -311,6 +314,8 @@ class EvalConfig(StageConfig):
     micro_batch_size: int = 64
     # auto: CUDA when present, else CPU.
     device: str = "auto"
+    # Every model here is frozen: auto = bf16 on a CUDA device that supports it, else fp32; or float32 / bfloat16.
+    dtype: str = "auto"
     # Also evaluate the checkpoints a PPO run kept (checkpoints/step-N/): the over-optimisation curve.
     checkpoints: bool = True
     data: DataConfig = field(default_factory=DataConfig)
@@ -346,6 +351,8 @@ CHOICES = {
     "model.pooling": ("auto", "last", "first", "mean"),
     "ppo.kl_estimator": ("k1", "k3"),
     "train.device": ("auto", "cpu", "cuda"),
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "dtype": ("auto", "float32", "bfloat16"),
     "logger": ("none", "tensorboard"),
     "artifact_check": ("auto", "full", "sizes"),
 }

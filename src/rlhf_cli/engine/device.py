@@ -25,5 +25,13 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def frozen_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype of models that are only run, never trained (`model.dtype`): auto = bf16 on a CUDA device that
+    supports it, else fp32; float32 / bfloat16 as asked."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
 def precision(device: torch.device) -> str:
     return "bf16-autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"

@@ -71,7 +71,7 @@ def run(cfg: EvalConfig) -> dict:
     con.print(f"{len(policies)} policies (baseline {policies[0]['name']}) on {len(prompts)} held-out prompts from "
               f"{source} ({cut} cut to {cfg.data.max_seq_len - cfg.response_length} tokens): one "
               f"response each, seed {cfg.seed}, temperature {cfg.temperature}, at most {cfg.response_length} "
-              f"tokens; {device}")
+              f"tokens; {device}, {str(judge.reference.dtype).removeprefix('torch.')}")
     con.print(f"reward {reward_path} ({'same tokens' if judge.scorer.same_tokens else 're-tokenised text'}), KL to "
               f"the reference {reference_path}")
 
@@ -193,9 +193,10 @@ class Judge:
 
 
 def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str, device) -> Judge:
+    frozen = dev.frozen_dtype(cfg.dtype, device)
     reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), device, dropout=False)
-    reference.eval().requires_grad_(False)
-    reward_model = RewardModel.from_pretrained(reward_path).to(device).eval().requires_grad_(False)
+    reference.to(frozen).eval().requires_grad_(False)
+    reward_model = RewardModel.from_pretrained(reward_path).to(device, frozen).eval().requires_grad_(False)
     reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=reward_path), reward_path)
     scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     return Judge(reference, tokenizer, scorer, tasks.gold_scorer(cfg.data))
@@ -229,7 +230,7 @@ def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, pro
 
     results, curves, baseline = [], {}, None
     for pol in policies:
-        model = None if pol["model"] in measured else load_policy(pol["model"], device)
+        model = None if pol["model"] in measured else load_policy(pol["model"], cfg, device)
         per_prompt, samples = measure(pol["model"], model, pol["name"])
         baseline = per_prompt["score"] if baseline is None else baseline
         results.append({k: pol[k] for k in ("name", "path", "model", "stage")}
@@ -238,7 +239,7 @@ def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, pro
             continue
         curve = [{"step": 0, "model": reference_path} | summarise(
             measure(reference_path, judge.reference, "reference")[0], baseline)]
-        model = model or load_policy(pol["model"], device)  # its numbers came from the cache: load the architecture
+        model = model or load_policy(pol["model"], cfg, device)  # its numbers came from the cache: load the architecture
         for step, path in curve_points[pol["name"]]:
             checkpoint.load(path, {"policy": model}, restore_rng=False, check=cfg.artifact_check)
             curve.append({"step": step, "model": str(path)} | summarise(
@@ -248,8 +249,9 @@ def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, pro
     return results, curves
 
 
-def load_policy(path: str, device) -> torch.nn.Module:
-    return load_causal_lm(ModelConfig(name_or_path=path), device, dropout=False)[0]
+def load_policy(path: str, cfg: EvalConfig, device) -> torch.nn.Module:
+    model = load_causal_lm(ModelConfig(name_or_path=path), device, dropout=False)[0]
+    return model.to(dev.frozen_dtype(cfg.dtype, device))
 
 
 def evaluate(model, judge: Judge, prompt_ids: list[list[int]], cfg: EvalConfig, device) -> tuple[dict, list]:

@@ -164,9 +164,10 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     is a causal LM on the policy's tokens, else the policy with a fresh head. Dropout off in all four."""
     policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
     policy, tokenizer, _ = load_causal_lm(policy_cfg, device, dropout=False)
+    frozen = dev.frozen_dtype(cfg.model.dtype, device)
     reference, _, _ = load_causal_lm(policy_cfg, device, dropout=False)
-    reference.eval().requires_grad_(False)
-    reward = RewardModel.from_pretrained(paths.reward, cfg.model.trust_remote_code).to(device)
+    reference.to(frozen).eval().requires_grad_(False)
+    reward = RewardModel.from_pretrained(paths.reward, cfg.model.trust_remote_code).to(device, frozen)
     reward.eval().requires_grad_(False)
     reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=paths.reward,
                                                   trust_remote_code=cfg.model.trust_remote_code), paths.reward)
@@ -191,7 +192,8 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
     con.print(f"[bold]rlhf ppo[/bold] -> {cfg.run_dir}")
     con.print(f"policy {paths.policy} ({n_params / 1e6:.2f}M), reward {paths.reward} "
               f"({'same tokens' if roles.scorer.same_tokens else 're-tokenised text'}), value model from "
-              f"{roles.value_init}; {device}, {dev.precision(device)}; {prompts}")
+              f"{roles.value_init}; {device}, {dev.precision(device)}, reference and reward model in "
+              f"{str(roles.reference.dtype).removeprefix('torch.')}; {prompts}")
     con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} = num_mini_batches {p.num_mini_batches} x "
               f"(micro_batch_size {t.micro_batch_size} x grad_accum_steps {shape.grad_accum} x world_size "
               f"{d.world_size}); {p.num_ppo_epochs} epochs -> {p.num_ppo_epochs * p.num_mini_batches} optimizer "
