@@ -228,8 +228,8 @@ def seed_everything(seed: int, step: int, rank: int) -> None:
 
 def rollout_prompts(prompt_ids: list[list[int]], step: int, cfg: PPOConfig, d: dist.Dist) -> list[list[int]]:
     """This rank's prompts of iteration `step`: a seeded permutation per epoch over the prompts, as in training."""
-    order = batches.step_indices(step, cfg.ppo.prompts_per_rollout, len(prompt_ids), cfg.seed)
-    return [prompt_ids[i] for i in batches.rank_slice(order, d.rank, d.world_size)]
+    prompts = batches.step_examples(prompt_ids, step, cfg.ppo.prompts_per_rollout, cfg.seed)
+    return batches.rank_slice(prompts, d.rank, d.world_size)
 
 
 def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, device: torch.device) -> Rollout:
