@@ -46,9 +46,13 @@ def _weights(run_dir: Path) -> dict:
     return {**weights, **({f"head.{k}": v for k, v in load_file(head).items()} if head.exists() else {})}
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
-def test_resume_after_kill_gives_identical_weights(stage, tmp_path):
-    LONG_ = [*LONG[stage], *_upstream(stage, tmp_path)]
+@pytest.mark.parametrize("stage,extra", [("sft", []), ("reward", []), ("ppo", []), ("sft", ["model.lora.r=4"]),
+                                         ("ppo", ["model.lora.r=4"])], ids=["sft", "reward", "ppo", "sft-lora",
+                                                                             "ppo-lora"])
+def test_resume_after_kill_gives_identical_weights(stage, extra, tmp_path):
+    """With LoRA too: the checkpoints then hold only the adapters (and the value head), the frozen base is loaded
+    again from where it came from."""
+    LONG_ = [*LONG[stage], *_upstream(stage, tmp_path), *extra]
     straight = run_cli([stage, "experiment=straight", *LONG_], tmp_path)
     assert straight.returncode == 0, straight.stderr
 
@@ -79,6 +83,12 @@ def test_resume_after_kill_gives_identical_weights(stage, tmp_path):
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{killed_at}'}" in resumed.stdout.replace("\n", "")
 
     a, b = _weights(tmp_path / "runs" / "straight" / stage), _weights(run_dir)
+    if extra:  # LoRA: the adapters alone were published too, and checkpoints hold nothing frozen
+        a |= load_file(tmp_path / "runs" / "straight" / stage / "adapter" / "adapter_model.safetensors")
+        b |= load_file(run_dir / "adapter" / "adapter_model.safetensors")
+        name = "policy" if stage == "ppo" else "model"
+        ckpt = load_file(run_dir / "checkpoints" / f"step-{final_step}" / f"{name}.safetensors")
+        assert ckpt and all("lora_" in k for k in ckpt)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -37,8 +37,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 # What a stage owns in its run directory; everything else (a multirun's job directories, a user's notes) is left
 # alone.
-OWNED = ("manifest.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "eval.json", "model", "checkpoints",
-         "tensorboard", ".hydra")
+OWNED = ("manifest.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "eval.json", "model", "adapter",
+         "checkpoints", "tensorboard", ".hydra")
 STAGING = ".overwrite"  # the replacement of a finished artifact, until it is finished and moved into place
 RETIRED = ".replaced"   # the replaced artifact while the move happens
 # Below this size a model or checkpoint is checked byte for byte (sha256) before use; above it, names and sizes
@@ -178,8 +178,10 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def publish(work_dir: Path, save_model: Callable[[Path], None], manifest: dict, run_dir: Path | None = None) -> Path:
-    """Write model/ through `save_model(tmp_dir)`, rename it into place, then write manifest.json (rank 0 only).
+def publish(work_dir: Path, save_model: Callable[[Path], None], manifest: dict, run_dir: Path | None = None,
+            save_adapter: Callable[[Path], None] | None = None) -> Path:
+    """Write model/ through `save_model(tmp_dir)` (and adapter/ through `save_adapter`, first), rename each into
+    place, then write manifest.json (rank 0 only).
 
     `work_dir` is where the run wrote (run_dir, or run_dir/.overwrite for a replacement); a replacement is then
     moved into run_dir by `settle`. Leftover temporaries of killed writes are removed. Returns the model directory.
@@ -187,13 +189,18 @@ def publish(work_dir: Path, save_model: Callable[[Path], None], manifest: dict, 
     run_dir = Path(run_dir or work_dir)
     tmp = work_dir / f".model.tmp-{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(tmp)
-        final = work_dir / "model"
-        if final.exists():  # left by a run killed between the two renames
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        manifest = {**manifest, "model_files": file_sizes(final), "model_sha256": content_hash(final)}
+        for name, save in (("adapter", save_adapter), ("model", save_model)):
+            if save is None:
+                continue
+            tmp = work_dir / f".{name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save(tmp)
+            final = work_dir / name
+            if final.exists():  # left by a run killed between the two renames
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        model = work_dir / "model"
+        manifest = {**manifest, "model_files": file_sizes(model), "model_sha256": content_hash(model)}
         write_text_atomic(work_dir / MANIFEST, dumps(manifest, indent=2) + "\n")
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -46,6 +46,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft): train low-rank updates W + (alpha / r) * B A of the chosen linear layers instead of
+    every weight; the base weights stay frozen. r = 0: off (full fine-tuning)."""
+
+    r: int = 0
+    alpha: float = 16.0
+    # Dropout on the adapters' input while training (sft and reward; PPO's models must be deterministic: 0 there).
+    dropout: float = 0.0
+    # Which linear layers get adapters: all-linear = every linear layer of the attention and MLP blocks (not the
+    # LM head or a reward head); or module names, e.g. [q_proj,k_proj,v_proj,o_proj].
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class ModelConfig:
     # A hub id, a local directory in Hugging Face format, or `builtin:tiny` (built on first use and cached).
     name_or_path: str = BUILTIN_TINY
@@ -53,6 +67,7 @@ class ModelConfig:
     # Executes code shipped with the model: off unless you trust its source.
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -231,7 +246,12 @@ class PPOModelConfig:
     trust_remote_code: bool = False
     # The frozen roles (reference, reward model): auto = bf16 on a CUDA device that supports it (half the memory),
     # else fp32; or float32 / bfloat16. The trained policy and value model keep fp32 weights (bf16 autocast on CUDA).
+    # With LoRA the frozen base weights of the policy and value model are held in this dtype too (the reference
+    # is the policy's base with its adapters off); the adapters and the value head stay fp32.
     dtype: str = "auto"
+    # LoRA on the policy (from the SFT weights) and the value model (on the reward model's backbone; its head
+    # trains in full). The reference is then the policy with its adapters off: no second copy of the weights.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -451,6 +471,27 @@ def _check(cfg: Any) -> None:
         raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
     if train is not None and getattr(train, "max_skipped_steps", 0) < 0:
         raise ConfigError(f"train.max_skipped_steps={train.max_skipped_steps} must be >= 0")
+    lora = getattr(getattr(cfg, "model", None), "lora", None)
+    if lora is not None:
+        _check_lora(lora, cfg.stage)
+
+
+def _check_lora(lora: LoraConfig, stage: str) -> None:
+    if lora.r < 0:
+        raise ConfigError(f"model.lora.r={lora.r} must be >= 0", hint="0 turns LoRA off; 8-64 are common ranks")
+    if lora.r == 0:
+        return
+    if lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha={lora.alpha} must be > 0", hint="a common choice is 2 x model.lora.r")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+    if stage == "ppo" and lora.dropout:
+        raise ConfigError(f"model.lora.dropout={lora.dropout}: PPO's policy and value model must be deterministic "
+                          f"(the ratio of new to old log-probs is 1 before the first update only without dropout)",
+                          hint="set model.lora.dropout=0 for ppo")
+    if not lora.target_modules or any(not str(m).strip() for m in lora.target_modules):
+        raise ConfigError(f"model.lora.target_modules={lora.target_modules} names no module",
+                          hint="model.lora.target_modules=[all-linear] or e.g. [q_proj,v_proj]")
 
 
 def _check_ppo(ppo: PPOAlgoConfig, train: PPOTrainConfig) -> None:

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rlhf_cli import artifacts
 from rlhf_cli.errors import ArtifactError
@@ -35,6 +35,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def save_weights(model: torch.nn.Module, file: Path) -> None:
+    """What trains of a model, as safetensors: every weight of a fully trained model (tied weights once), only the
+    trained ones (LoRA adapters, a reward head) of a model with a frozen base, which stays as loaded."""
+    if all(p.requires_grad for p in model.parameters()):
+        save_model(model, str(file))
+    else:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(file))
+
+
+def load_weights(model: torch.nn.Module, file: Path) -> None:
+    """The counterpart of `save_weights`: a file must hold exactly the weights that train in `model` (a
+    checkpoint of a LoRA run does not load into a full model, or the reverse)."""
+    if all(p.requires_grad for p in model.parameters()):
+        load_model(model, str(file))
+        return
+    weights = load_file(str(file))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trained:
+        extra, missing = sorted(set(weights) - trained), sorted(trained - set(weights))
+        raise ValueError(f"{file.name} holds other weights than this model trains (unexpected: {extra[:3]}, "
+                         f"missing: {missing[:3]}): was it written with other model.lora settings?")
+    model.load_state_dict(weights, strict=False)
 
 
 def rng_state() -> dict:
@@ -62,7 +86,7 @@ def save(ckpt_root: Path, step: int, models: dict, optimizer, scheduler, state: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for name, model in models.items():
-            save_model(unwrap(model), str(tmp / f"{name}.safetensors"))
+            save_weights(unwrap(model), tmp / f"{name}.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = rng_state()
@@ -146,7 +170,7 @@ def load(path: Path, models: dict, optimizer=None, scheduler=None, restore_rng: 
     state = verify(path, check) if check else None
     try:
         for name, model in models.items():
-            load_model(unwrap(model), str(path / f"{name}.safetensors"))
+            load_weights(unwrap(model), path / f"{name}.safetensors")
         if optimizer is not None:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         if scheduler is not None:

@@ -100,7 +100,7 @@ def due(step: int, every: int, last: int) -> bool:
 @dataclass
 class Training:
     """What a training loop steps and records with (`start` builds it)."""
-    params: list                     # the trained parameters (clipped together)
+    params: list                     # the trained parameters (clipped together; a frozen base is left out)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     max_grad_norm: float
@@ -124,7 +124,7 @@ def start(plan: RunPlan, cfg, models: dict, total_steps: int, d: dist.Dist, rest
     """AdamW over the trained `models`' parameters and its schedule over `total_steps` optimizer steps, resumed
     from the plan's checkpoint if there is one (`resume`, announced on the console), the divergence guard (with the
     skipped-step count a resumed run carries), and the metrics log (cut back to the checkpoint's step on resume)."""
-    params = [p for model in models.values() for p in model.parameters()]
+    params = [p for model in models.values() for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     state = resume(plan, models, optimizer, scheduler, cfg.optim, restore_rng)

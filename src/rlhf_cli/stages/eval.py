@@ -39,13 +39,14 @@ from omegaconf import OmegaConf
 from rich.table import Table
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import EvalConfig, ModelConfig, absolute_path
+from rlhf_cli.config import EvalConfig, LoraConfig, ModelConfig, absolute_path
 from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
 from rlhf_cli.engine import checkpoint, device as dev, rundir
 from rlhf_cli.engine.logging import console, fmt, metrics_text, progress_bar, summary_table
 from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample, score_responses
 from rlhf_cli.errors import ArtifactError, ConfigError
+from rlhf_cli.models import lora
 from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
 from rlhf_cli.models.reward import RewardModel
 
@@ -239,7 +240,7 @@ def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, pro
             continue
         curve = [{"step": 0, "model": reference_path} | summarise(
             measure(reference_path, judge.reference, "reference")[0], baseline)]
-        model = model or load_policy(pol["model"], cfg, device)  # its numbers came from the cache: load the architecture
+        model = curve_model(pol, model, cfg, device)
         for step, path in curve_points[pol["name"]]:
             checkpoint.load(path, {"policy": model}, restore_rng=False, check=cfg.artifact_check)
             curve.append({"step": step, "model": str(path)} | summarise(
@@ -247,6 +248,19 @@ def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, pro
         curves[pol["name"]] = curve
         del model
     return results, curves
+
+
+def curve_model(pol: dict, model, cfg: EvalConfig, device) -> torch.nn.Module:
+    """The module a PPO run's checkpoints load into: the policy's own architecture (loaded when its numbers came
+    from the cache); for a LoRA run, whose checkpoints hold only the adapters, its base (the SFT policy the run
+    started from) with fresh adapters of the run's shape."""
+    manifest = artifacts.read_manifest(Path(pol["run_dir"]))
+    lora_cfg = LoraConfig(**manifest["config"]["model"].get("lora", {}))
+    if not lora_cfg.r:
+        return model or load_policy(pol["model"], cfg, device)
+    base = load_policy(manifest["base_model"], cfg, device)
+    lora.add_adapters(base, lora_cfg)
+    return base
 
 
 def load_policy(path: str, cfg: EvalConfig, device) -> torch.nn.Module:

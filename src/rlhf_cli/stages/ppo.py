@@ -32,6 +32,7 @@ from rlhf_cli.engine.logging import MetricsLog, append_jsonl, console, metrics_t
 from rlhf_cli.engine.rollout import (Rollout, Scorer, constants, decode, policy_logits, response_logprobs,
                                     response_values, sample, score_responses, value_slice)
 from rlhf_cli.errors import ArtifactError, ConfigError
+from rlhf_cli.models import lora
 from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
 from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.rl import ppo as rl
@@ -144,7 +145,8 @@ def batch_shape(cfg: PPOConfig, world_size: int) -> BatchShape:
 class Roles:
     """The four models of PPO and the tokenizers between them."""
     policy: torch.nn.Module          # trained; from the SFT artifact
-    reference: torch.nn.Module       # frozen copy of the SFT policy: the KL baseline
+    reference: object                # the frozen SFT policy, the KL baseline: a copy, or the policy's base
+                                     # with its adapters off (models.lora.BaseView)
     value: RewardModel               # trained; per-token values
     scorer: Scorer                   # the frozen reward model and how it reads the policy's samples
     tokenizer: object                # the policy's (and reference's)
@@ -161,12 +163,15 @@ class Roles:
 
 def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     """Policy and reference from the SFT artifact, the reward model, and the value model: the reward model when it
-    is a causal LM on the policy's tokens, else the policy with a fresh head. Dropout off in all four."""
+    is a causal LM on the policy's tokens, else the policy with a fresh head. Dropout off in all four. With
+    model.lora.r > 0 the policy and the value model train adapters on frozen bases held in model.dtype, and the
+    reference is the policy with its adapters off."""
     policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
-    policy, tokenizer, _ = load_causal_lm(policy_cfg, device, dropout=False)
     frozen = dev.frozen_dtype(cfg.model.dtype, device)
-    reference, _, _ = load_causal_lm(policy_cfg, device, dropout=False)
-    reference.to(frozen).eval().requires_grad_(False)
+    policy, tokenizer, _ = load_causal_lm(policy_cfg, device, dropout=False)
+    lora.add_adapters(policy, cfg.model.lora, base_dtype=frozen)
+    reference = lora.frozen_base(policy, lambda: load_causal_lm(policy_cfg, device, dropout=False)[0].to(frozen)
+                                 .eval().requires_grad_(False))
     reward = RewardModel.from_pretrained(paths.reward, cfg.model.trust_remote_code).to(device, frozen)
     reward.eval().requires_grad_(False)
     reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=paths.reward,
@@ -179,6 +184,7 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
         value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
         value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last")
     value.to(device).train()
+    lora.add_adapters(value, cfg.model.lora, base_dtype=frozen)  # on the backbone; the head trains in full
     policy.train()
     if cfg.ppo.normalize_scores and not reward.score_stats.get("std"):
         raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward} records no score statistics",
@@ -188,12 +194,14 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
 
 def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, shape: BatchShape, d, device) -> None:
     p, t = cfg.ppo, cfg.train
-    n_params = sum(x.numel() for x in roles.policy.parameters())
+    reference = ("the policy with its adapters off" if isinstance(roles.reference, lora.BaseView) else
+                 f"a frozen copy ({lora.counts(roles.reference)[1] / 1e6:.2f}M parameters)")
     con.print(f"[bold]rlhf ppo[/bold] -> {cfg.run_dir}")
-    con.print(f"policy {paths.policy} ({n_params / 1e6:.2f}M), reward {paths.reward} "
-              f"({'same tokens' if roles.scorer.same_tokens else 're-tokenised text'}), value model from "
-              f"{roles.value_init}; {device}, {dev.precision(device)}, reference and reward model in "
-              f"{str(roles.reference.dtype).removeprefix('torch.')}; {prompts}")
+    con.print(f"policy {paths.policy} ({lora.describe(roles.policy)}); reference: {reference}; reward {paths.reward} "
+              f"({lora.counts(roles.reward)[1] / 1e6:.2f}M parameters, frozen, "
+              f"{'same tokens' if roles.scorer.same_tokens else 're-tokenised text'}); value model from "
+              f"{roles.value_init} ({lora.describe(roles.value)}); {device}, {dev.precision(device)}, frozen weights "
+              f"in {str(roles.reference.dtype).removeprefix('torch.')}; {prompts}")
     con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} = num_mini_batches {p.num_mini_batches} x "
               f"(micro_batch_size {t.micro_batch_size} x grad_accum_steps {shape.grad_accum} x world_size "
               f"{d.world_size}); {p.num_ppo_epochs} epochs -> {p.num_ppo_epochs * p.num_mini_batches} optimizer "
@@ -382,11 +390,14 @@ def publish(cfg: PPOConfig, paths: Upstream, roles: Roles, metrics: dict, kl_coe
         extra={"ppo": {"reward_model": paths.reward, "same_tokenizer_as_reward": roles.scorer.same_tokens,
                        "final_kl_coef": kl_coef}, "data": data})
 
-    def save(tmp: Path) -> None:
-        roles.policy.save_pretrained(tmp, safe_serialization=True)
+    def save(tmp: Path) -> None:  # with LoRA: the adapters merged into the SFT weights (loaded again in fp32)
+        policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
+        policy = lora.merged(roles.policy, reload=lambda: load_causal_lm(policy_cfg, torch.device("cpu"),
+                                                                         dropout=False)[0])
+        policy.save_pretrained(tmp, safe_serialization=True)
         roles.tokenizer.save_pretrained(tmp)
 
-    artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir))
+    artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir), save_adapter=lora.adapter_writer(roles.policy))
 
 
 def show_summary(con, first: dict, last: dict, run_dir: Path) -> None:

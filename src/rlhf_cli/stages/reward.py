@@ -24,6 +24,7 @@ from rlhf_cli.data import tasks
 from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
 from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.logging import console, metrics_text, progress_bar, summary_table
+from rlhf_cli.models import lora
 from rlhf_cli.models.loading import ensure_pad_token, load_tokenizer, quiet_transformers, resolve, same_tokenizer
 from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.rl.reward import pairwise_loss
@@ -97,7 +98,8 @@ def run(cfg: RewardConfig) -> dict:
 # ---- set up -----------------------------------------------------------------------------------------------------
 
 def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) -> tuple[RewardModel, object, str]:
-    """The reward model (backbone + a fresh scalar head, in training mode), its tokenizer with a pad token, and
+    """The reward model (backbone + a fresh scalar head, in training mode; LoRA adapters on the backbone when
+    model.lora.r > 0), its tokenizer with a pad token, and
     where the backbone came from: the SFT artifact (`parent`), or model.name_or_path (the built-in tiny model is
     built if asked for)."""
     from_artifact = parent is not None
@@ -108,6 +110,7 @@ def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) ->
     model = RewardModel.from_backbone(backbone, tokenizer, pooling=cfg.model.pooling,
                                       revision=None if from_artifact else cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code).to(device)
+    lora.add_adapters(model, cfg.model.lora)  # on the backbone; the head trains in full
     model.train()
     return model, tokenizer, backbone
 
@@ -123,8 +126,8 @@ def tokenize(cfg: RewardConfig, train_rows: list[dict], eval_rows: list[dict], t
 
 def show_plan(con, cfg: RewardConfig, model: RewardModel, backbone: str, device, data: str, batch: str) -> None:
     con.print(f"[bold]rlhf reward[/bold] -> {cfg.run_dir}")
-    con.print(f"backbone {backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"pooling {model.pooling}) on {device}, {dev.precision(device)}; {data}")
+    con.print(f"backbone {backbone} ({lora.describe(model)}, pooling {model.pooling}) on {device}, "
+              f"{dev.precision(device)}; {data}")
     con.print(batch)
 
 
@@ -230,7 +233,9 @@ def publish(cfg: RewardConfig, model: RewardModel, tokenizer, parent: dict | Non
         metrics=metrics, parents=[parent] if parent else [],
         extra={"reward": {"pooling": model.pooling, "is_encoder": model.is_encoder, "score_stats": model.score_stats},
                "policy_tokenizer": policy_tokenizer_match(parent, cfg, tokenizer), "data": data})
-    artifacts.publish(work_dir, lambda tmp: model.save_pretrained(tmp, tokenizer), manifest, Path(cfg.run_dir))
+    # with LoRA: the adapters merged into the backbone, a plain reward model
+    artifacts.publish(work_dir, lambda tmp: lora.merged(model).save_pretrained(tmp, tokenizer), manifest,
+                      Path(cfg.run_dir))
 
 
 def policy_tokenizer_match(parent: dict | None, cfg: RewardConfig, tokenizer) -> dict:

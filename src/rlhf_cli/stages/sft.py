@@ -29,6 +29,7 @@ from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import console, metrics_text, progress_bar, summary_table
 from rlhf_cli.errors import DataError
+from rlhf_cli.models import lora
 from rlhf_cli.models.loading import load_causal_lm
 
 
@@ -41,12 +42,12 @@ def run(cfg: SFTConfig) -> dict:
         torch.manual_seed(cfg.seed + d.rank)
         train_rows, eval_rows, source = tasks.sft_rows(cfg.data, cfg.seed)
         data_sha256 = rundir.check_data(plan, cfg, d, train_rows, eval_rows)
-        model, tokenizer, model_info = train.main_first(d, load_causal_lm, cfg.model, device)
-        model.train()
+        model, tokenizer, model_info = load_model(cfg, d, device)
         train_set, eval_set, truncated = tokenize(cfg, train_rows, eval_rows, tokenizer, source)
         steps = batches.step_plan(t, len(train_set), d.world_size)
-        show_plan(con, cfg, model_info, device, f"data {source}: {len(train_set)} train / {len(eval_set)} held-out "
-                  f"rows, {truncated[0]} truncated to {cfg.data.max_seq_len} tokens", steps.describe(t, d.world_size))
+        show_plan(con, cfg, model, model_info, device, f"data {source}: {len(train_set)} train / {len(eval_set)} "
+                  f"held-out rows, {truncated[0]} truncated to {cfg.data.max_seq_len} tokens",
+                  steps.describe(t, d.world_size))
         training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
         train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing)
@@ -96,6 +97,14 @@ def run(cfg: SFTConfig) -> dict:
 
 # ---- set up -----------------------------------------------------------------------------------------------------
 
+def load_model(cfg: SFTConfig, d: dist.Dist, device) -> tuple:
+    """(model in training mode, with LoRA adapters when model.lora.r > 0, its tokenizer, load facts)."""
+    model, tokenizer, info = train.main_first(d, load_causal_lm, cfg.model, device)
+    lora.add_adapters(model, cfg.model.lora)
+    model.train()
+    return model, tokenizer, info
+
+
 def tokenize(cfg: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tokenizer, source) -> tuple:
     """(train examples, held-out examples, (train rows truncated, held-out rows truncated)); a DataError when
     nothing is left to supervise."""
@@ -109,10 +118,9 @@ def tokenize(cfg: SFTConfig, train_rows: list[dict], eval_rows: list[dict], toke
     return train_set, eval_set, (train_stats["truncated"], eval_stats["truncated"])
 
 
-def show_plan(con, cfg: SFTConfig, model_info: dict, device, data: str, batch: str) -> None:
+def show_plan(con, cfg: SFTConfig, model, model_info: dict, device, data: str, batch: str) -> None:
     con.print(f"[bold]rlhf sft[/bold] -> {cfg.run_dir}")
-    con.print(f"model {model_info['path']} ({model_info['parameters'] / 1e6:.2f}M parameters) on {device}, "
-              f"{dev.precision(device)}; {data}")
+    con.print(f"model {model_info['path']} ({lora.describe(model)}) on {device}, {dev.precision(device)}; {data}")
     con.print(batch)
 
 
@@ -216,7 +224,8 @@ def final_metrics(loop: Counters, guard: Guard, tokens_seen: float, wall: float,
 
 
 def publish(cfg: SFTConfig, model, tokenizer, samples: list[dict], metrics: dict, data: dict, work_dir: Path) -> None:
-    """samples.jsonl, then the policy artifact (the built-in task adds the samples' mean gold score to metrics)."""
+    """samples.jsonl, then the policy artifact (the built-in task adds the samples' mean gold score to metrics);
+    with LoRA, model/ holds the adapters merged into the base and adapter/ the adapters alone."""
     if tasks.gold_scorer(cfg.data):
         metrics["gold_score"] = sum(s["gold"] for s in samples) / len(samples) if samples else None
     artifacts.write_text_atomic(work_dir / "samples.jsonl", "".join(artifacts.dumps(s) + "\n" for s in samples))
@@ -224,11 +233,11 @@ def publish(cfg: SFTConfig, model, tokenizer, samples: list[dict], metrics: dict
                                         base_model=cfg.model.name_or_path, tokenizer=tokenizer, metrics=metrics,
                                         extra={"data": data})
 
-    def save(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+    def save(tmp: Path) -> None:  # with LoRA: the adapters merged into the base, a plain causal LM
+        lora.merged(model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir))
+    artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir), save_adapter=lora.adapter_writer(model))
 
 
 def show_summary(con, metrics: dict, samples: list[dict], num_shown: int, run_dir: Path, wall: float) -> None:
