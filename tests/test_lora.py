@@ -50,7 +50,7 @@ def _logits(model, x=X):
 
 def test_fresh_adapters_change_nothing_and_switched_off_give_the_base_exactly(base_path):
     base, model = _base(base_path), _base(base_path)
-    lora.add_adapters(model, LoraConfig(r=4))
+    lora.add_adapters(model, LoraConfig(r=4), 0)
     trained, total = lora.counts(model)
     assert 0 < trained < total / 5 and lora.has_adapters(model)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -64,7 +64,7 @@ def test_fresh_adapters_change_nothing_and_switched_off_give_the_base_exactly(ba
 
 def test_r_zero_leaves_the_model_as_it_is(base_path):
     model = _base(base_path)
-    lora.add_adapters(model, LoraConfig(r=0))
+    lora.add_adapters(model, LoraConfig(r=0), 0)
     assert not lora.has_adapters(model) and all(p.requires_grad for p in model.parameters())
     assert lora.merged(model) is model and lora.adapter_writer(model) is None
     assert lora.describe(model).endswith("all trained")
@@ -73,18 +73,18 @@ def test_r_zero_leaves_the_model_as_it_is(base_path):
 
 def test_target_modules_pick_the_layers_and_a_wrong_name_is_a_config_error(base_path):
     model = _base(base_path)
-    lora.add_adapters(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora.add_adapters(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), 0)
     names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"q_proj", "v_proj"}
     with pytest.raises(ConfigError, match=r"model.lora.target_modules=\['qkv_typo'\]"):
-        lora.add_adapters(_base(base_path), LoraConfig(r=2, target_modules=["qkv_typo"]))
+        lora.add_adapters(_base(base_path), LoraConfig(r=2, target_modules=["qkv_typo"]), 0)
 
 
 def test_merged_model_and_base_plus_adapter_give_the_adapted_outputs(base_path, tmp_path):
     from peft import PeftModel
 
     model = _base(base_path)
-    lora.add_adapters(model, LoraConfig(r=4, alpha=8))
+    lora.add_adapters(model, LoraConfig(r=4, alpha=8), 0)
     _randomise_adapters(model)
     expected = _logits(model)
     lora.adapter_writer(model)(tmp_path / "adapter")
@@ -99,8 +99,8 @@ def test_merged_model_and_base_plus_adapter_give_the_adapted_outputs(base_path, 
 
 def test_a_bf16_base_is_merged_into_a_fresh_fp32_copy(base_path):
     fp32, bf16 = _base(base_path), _base(base_path)
-    lora.add_adapters(fp32, LoraConfig(r=4))
-    lora.add_adapters(bf16, LoraConfig(r=4), base_dtype=torch.bfloat16)
+    lora.add_adapters(fp32, LoraConfig(r=4), 0)
+    lora.add_adapters(bf16, LoraConfig(r=4), 0, base_dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
     _randomise_adapters(fp32)
@@ -114,7 +114,7 @@ def test_a_bf16_base_is_merged_into_a_fresh_fp32_copy(base_path):
 def test_checkpoints_hold_only_what_trains_and_refuse_the_other_kind(base_path, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = RewardModel.from_backbone(base_path, tokenizer)
-    lora.add_adapters(model, LoraConfig(r=4))
+    lora.add_adapters(model, LoraConfig(r=4), 0)
     assert model.head.weight.requires_grad  # the head trains in full
     _randomise_adapters(model)
     checkpoint.save_weights(model, tmp_path / "value.safetensors")
@@ -122,7 +122,7 @@ def test_checkpoints_hold_only_what_trains_and_refuse_the_other_kind(base_path, 
     assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(k.startswith("head.") for k in saved) and all("lora_" in k or k.startswith("head.") for k in saved)
     fresh = RewardModel.from_backbone(base_path, tokenizer)
-    lora.add_adapters(fresh, LoraConfig(r=4))
+    lora.add_adapters(fresh, LoraConfig(r=4), 0)
     checkpoint.load_weights(fresh, tmp_path / "value.safetensors")
     mask = torch.ones_like(X)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_checkpoints_hold_only_what_trains_and_refuse_the_other_kind(base_path, 
     with pytest.raises(Exception):  # a LoRA checkpoint into a fully trained model
         checkpoint.load_weights(RewardModel.from_backbone(base_path, tokenizer), tmp_path / "value.safetensors")
     other = RewardModel.from_backbone(base_path, tokenizer)
-    lora.add_adapters(other, LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.add_adapters(other, LoraConfig(r=2, target_modules=["q_proj"]), 0)
     with pytest.raises(ValueError, match="other model.lora settings"):
         checkpoint.load_weights(other, tmp_path / "value.safetensors")
 
@@ -139,7 +139,7 @@ def test_gradient_checkpointing_with_adapters_gives_the_same_loss_and_gradients(
     results = []
     for checkpointing in (False, True):
         model = _base(base_path)
-        lora.add_adapters(model, LoraConfig(r=4))
+        lora.add_adapters(model, LoraConfig(r=4), 0)
         _randomise_adapters(model)
         if checkpointing:
             enable_gradient_checkpointing(model)
@@ -282,3 +282,13 @@ def test_eval_draws_the_curve_from_lora_checkpoints(ppo_run, runs):
     assert curve[-1]["score"] == pytest.approx(final["score"], abs=1e-4)
     assert curve[-1]["kl"] == pytest.approx(final["kl"], abs=1e-3)
     assert artifacts.read_manifest(run_dir)["config"]["model"]["lora"]["r"] == 8
+
+
+def test_adapters_are_drawn_from_the_seed_and_leave_the_callers_rng_alone(base_path):
+    models = [_base(base_path) for _ in range(3)]
+    state = torch.get_rng_state()
+    for model, seed in zip(models, (7, 7, 8)):
+        lora.add_adapters(model, LoraConfig(r=4), seed)
+    assert torch.equal(torch.get_rng_state(), state)
+    a, b, c = ({n: p for n, p in m.named_parameters() if "lora_A" in n} for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)

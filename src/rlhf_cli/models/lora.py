@@ -32,11 +32,13 @@ def body(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "backbone", model)
 
 
-def add_adapters(model: torch.nn.Module, cfg: LoraConfig, base_dtype: torch.dtype | None = None) -> None:
+def add_adapters(model: torch.nn.Module, cfg: LoraConfig, seed: int,
+                 base_dtype: torch.dtype | None = None) -> None:
     """Inject LoRA adapters (fp32) into `model`'s linear layers named by cfg.target_modules (`all-linear`: every
     linear layer of the attention and MLP blocks, never the LM head) and freeze its base weights; r = 0: nothing.
-    `base_dtype`: hold the frozen base weights in that dtype (bf16 halves their memory; they never see a gradient).
-    A ConfigError when target_modules names no module of the model."""
+    A is drawn from `seed` (the caller's RNG is left as it was), so a run is reproducible and every rank starts
+    from the same adapters; B = 0. `base_dtype`: hold the frozen base weights in that dtype (bf16 halves their
+    memory; they never see a gradient). A ConfigError when target_modules names no module of the model."""
     if cfg.r == 0:
         return
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
@@ -45,7 +47,8 @@ def add_adapters(model: torch.nn.Module, cfg: LoraConfig, base_dtype: torch.dtyp
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                               bias="none")
     try:
-        with quiet():
+        with quiet(), torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(seed)
             handle = get_peft_model(body(model), peft_cfg)
     except ValueError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -259,7 +259,7 @@ def curve_model(pol: dict, model, cfg: EvalConfig, device) -> torch.nn.Module:
     if not lora_cfg.r:
         return model or load_policy(pol["model"], cfg, device)
     base = load_policy(manifest["base_model"], cfg, device)
-    lora.add_adapters(base, lora_cfg)
+    lora.add_adapters(base, lora_cfg, 0)  # the checkpoint sets the adapters
     return base
 
 

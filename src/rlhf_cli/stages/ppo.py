@@ -169,7 +169,7 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
     frozen = dev.frozen_dtype(cfg.model.dtype, device)
     policy, tokenizer, _ = load_causal_lm(policy_cfg, device, dropout=False)
-    lora.add_adapters(policy, cfg.model.lora, base_dtype=frozen)
+    lora.add_adapters(policy, cfg.model.lora, cfg.seed, base_dtype=frozen)
     reference = lora.frozen_base(policy, lambda: load_causal_lm(policy_cfg, device, dropout=False)[0].to(frozen)
                                  .eval().requires_grad_(False))
     reward = RewardModel.from_pretrained(paths.reward, cfg.model.trust_remote_code).to(device, frozen)
@@ -184,7 +184,7 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
         value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
         value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last")
     value.to(device).train()
-    lora.add_adapters(value, cfg.model.lora, base_dtype=frozen)  # on the backbone; the head trains in full
+    lora.add_adapters(value, cfg.model.lora, cfg.seed + 1, base_dtype=frozen)  # on the backbone; the head trains in full
     policy.train()
     if cfg.ppo.normalize_scores and not reward.score_stats.get("std"):
         raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward} records no score statistics",

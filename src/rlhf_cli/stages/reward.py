@@ -110,7 +110,7 @@ def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) ->
     model = RewardModel.from_backbone(backbone, tokenizer, pooling=cfg.model.pooling,
                                       revision=None if from_artifact else cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code).to(device)
-    lora.add_adapters(model, cfg.model.lora)  # on the backbone; the head trains in full
+    lora.add_adapters(model, cfg.model.lora, cfg.seed)  # on the backbone; the head trains in full
     model.train()
     return model, tokenizer, backbone
 

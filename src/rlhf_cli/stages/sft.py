@@ -100,7 +100,7 @@ def run(cfg: SFTConfig) -> dict:
 def load_model(cfg: SFTConfig, d: dist.Dist, device) -> tuple:
     """(model in training mode, with LoRA adapters when model.lora.r > 0, its tokenizer, load facts)."""
     model, tokenizer, info = train.main_first(d, load_causal_lm, cfg.model, device)
-    lora.add_adapters(model, cfg.model.lora)
+    lora.add_adapters(model, cfg.model.lora, cfg.seed)
     model.train()
     return model, tokenizer, info
 
