@@ -292,3 +292,19 @@ def test_adapters_are_drawn_from_the_seed_and_leave_the_callers_rng_alone(base_p
     assert torch.equal(torch.get_rng_state(), state)
     a, b, c = ({n: p for n, p in m.named_parameters() if "lora_A" in n} for m in models)
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_ppo_lora_with_a_bf16_base_publishes_the_adapters_on_the_fp32_sft_weights(runs):
+    from peft import PeftModel
+
+    root = runs["root"]
+    run_dir = root / "l" / "ppo_bf16"
+    cfg = compose_stage("ppo", [*FAST_PPO, "experiment=l", f"root={root}", "model.lora.r=8", "model.dtype=bfloat16",
+                                "train.max_steps=2"], run_dir)
+    metrics = ppo.run(cfg)
+    assert metrics["first_kl"] == 0.0  # the reference is the policy's own (bf16) base
+    published = load_file(run_dir / "model" / "model.safetensors")
+    assert {v.dtype for v in published.values()} == {torch.float32}
+    sft_dir = root / "l" / "sft" / "model"
+    expected = PeftModel.from_pretrained(_base(sft_dir), str(run_dir / "adapter")).eval()
+    assert torch.allclose(_logits(_base(run_dir / "model")), _logits(expected), atol=1e-5)
