@@ -63,9 +63,11 @@ def add_adapters(model: torch.nn.Module, cfg: LoraConfig, seed: int,
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """peft reads a property transformers 5 deprecates (a FutureWarning on every call): not the user's concern."""
+    """peft reads a property transformers 5 deprecates (a FutureWarning on every call), and says that it saves the
+    embeddings with the adapters when a pad token was added (load_causal_lm resized them): not the user's concern."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
         yield
 
 
