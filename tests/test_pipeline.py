@@ -21,6 +21,15 @@ def test_prefixed_overrides_reach_their_stage():
     assert per["eval"] == ["experiment=exp2", "num_prompts=8"]
 
 
+def test_unprefixed_overrides_reach_every_stage_that_has_them():
+    _, per = split_overrides(["experiment=l", "model.lora.r=16", "optim.lr=1e-4", "data.max_seq_len=256"])
+    for stage in ("sft", "reward", "ppo"):
+        assert per[stage] == ["experiment=l", "model.lora.r=16", "optim.lr=1e-4", "data.max_seq_len=256"]
+    assert per["eval"] == ["experiment=l", "data.max_seq_len=256"]
+    _, per = split_overrides(["bogus.key=1"])  # no stage has it: every stage's compose names it
+    assert all(words == ["bogus.key=1"] for words in per.values())
+
+
 def test_stage_subset_and_bad_words():
     assert split_overrides(["stages=sft,reward"])[0] == ["sft", "reward"]
     with pytest.raises(ConfigError, match="unknown bogus"):

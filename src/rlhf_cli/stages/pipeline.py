@@ -4,8 +4,9 @@
 
 An override with a stage's prefix goes to that stage: `sft.optim.lr=3e-4` reaches `rlhf sft` as `optim.lr=3e-4`;
 one whose remainder is not a top-level key of the stage keeps its prefix, so `ppo.kl_coef=0.1` reaches `rlhf ppo`
-as `ppo.kl_coef=0.1`. An override without a prefix (`experiment=`, `root=`, `seed=`, `logger=`) goes to every
-stage. `stages=sft,reward` runs a subset.
+as `ppo.kl_coef=0.1`. An override without a prefix goes to every stage that has its first part: `experiment=`,
+`root=`, `seed=`, `data.path=` to all four, `model.lora.r=16` or `optim.lr=` to sft, reward and ppo (eval has no
+model or optimizer of its own). `stages=sft,reward` runs a subset.
 
 Every stage's config is composed and checked before the first one starts. A stage whose artifact is finished
 with the same config is reused; one finished with a different config stops the pipeline with the keys that
@@ -54,8 +55,10 @@ def split_overrides(args: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         if stage in ORDER and rest:
             top = {f.name for f in fields(SCHEMAS[stage])} | set(GROUPS)
             per_stage[stage].append(f"{rest}={value}" if rest.split(".")[0] in top else word)
-        else:
-            for s in ORDER:
+        else:  # to every stage that has the key's first part (model.lora.r: not eval); none has it: all say so
+            first = key.lstrip("+~").split(".")[0]
+            having = [s for s in ORDER if first in {f.name for f in fields(SCHEMAS[s])}]
+            for s in having or ORDER:
                 per_stage[s].append(word)
     return [s for s in ORDER if s in stages], per_stage
 
