@@ -1,13 +1,21 @@
-"""The reward model: a pretrained backbone (`AutoModel`) and a linear head from one pooled hidden state to a scalar.
+"""The reward model: a pretrained transformer that maps a text to one scalar score.
 
-Pooling picks the hidden state that summarises a sequence: the last real token for causal LMs (the only position
-that has attended to the whole text), the first token for encoders with a [CLS] token, or the mean over real
-tokens. Dropout is switched off in the backbone: a stochastic reward makes training targets and PPO scores noisy.
+Two forms, one interface (`model(input_ids, attention_mask)` -> [B] scores):
+- backbone + head: a body (`AutoModel`) and a linear head on one pooled hidden state: the last real token for
+  causal LMs (the only position that has attended to the whole text), the first token for encoders with a [CLS]
+  token, or the mean over real tokens. PPO's value model is this form, read at every position (`per_token`).
+- classifier: a whole `AutoModelForSequenceClassification` of an encoder (BERT, RoBERTa, DeBERTa, ...), whose own
+  classification head (pooler, dense, classifier: each architecture has its own) reads [CLS].
+Dropout is switched off everywhere: a stochastic reward makes training targets and PPO scores noisy.
 
-On disk (`save_pretrained`) a reward model is a plain Hugging Face backbone directory (config.json,
-model.safetensors, tokenizer files) plus `reward_head.safetensors` and `reward_config.json` (pooling, pad id,
-encoder or not, score statistics on held-out data), so `RewardModel.from_pretrained(dir)` gives back the same
-scores and the backbone alone still loads with `AutoModel.from_pretrained(dir)`.
+On disk a reward model is, where its pooling follows the architecture's sequence-classification convention (last
+token on a causal LM, [CLS] through the architecture's head on an encoder), a plain Hugging Face
+`<Arch>ForSequenceClassification` with one label, so `AutoModelForSequenceClassification.from_pretrained(dir)`
+gives the same scores and the model works in TRL, OpenRLHF or any evaluation harness; otherwise (mean pooling, or
+first-token pooling on a causal LM) the backbone directory plus `reward_head.safetensors`. Both carry
+`reward_config.json` (pooling, pad id, encoder or not, score statistics on held-out data). `from_pretrained` reads
+both, the layout of earlier versions (backbone + a head with a bias), and any `AutoModelForSequenceClassification`
+checkpoint with one label, ours or not (TRL's RewardTrainer writes them).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from rlhf_cli.rl.reward import pool
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
+SEQ_CLS = "sequence_classification"   # reward_config.json "layout": an HF <Arch>ForSequenceClassification directory
+BACKBONE_AND_HEAD = "backbone_and_head"
 # Model types that are bidirectional encoders: they see the whole text at every position.
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert",
                  "camembert", "mpnet", "modernbert", "mobilebert", "ernie", "longformer", "big_bird"}
@@ -37,20 +47,40 @@ def auto_pooling(model_type: str, tokenizer) -> str:
     return "first" if getattr(tokenizer, "cls_token", None) is not None else "mean"
 
 
-class RewardModel(torch.nn.Module):
-    """score(x) = w · pool(backbone(x)) + b, one scalar per sequence."""
+def seq_cls_class(config):
+    """The architecture's `<Arch>ForSequenceClassification` class, or None when it has none."""
+    from transformers import AutoModelForSequenceClassification
 
-    def __init__(self, backbone, pooling: str, pad_token_id: int, is_encoder: bool, score_stats: dict | None = None):
+    return AutoModelForSequenceClassification._model_mapping.get(type(config), None)
+
+
+class RewardModel(torch.nn.Module):
+    """score(x) = w · pool(backbone(x)) (+ b on encoders and earlier layouts), or an encoder classifier's logit."""
+
+    def __init__(self, backbone, pooling: str, pad_token_id: int, is_encoder: bool, score_stats: dict | None = None,
+                 *, bias: bool | None = None, classifier=None):
+        """backbone + a fresh head (no bias on causal LMs, as their <Arch>ForSequenceClassification has none;
+        `bias` overrides), or `classifier`, a whole encoder AutoModelForSequenceClassification (backbone None)."""
         super().__init__()
-        self.backbone = backbone
-        hidden = backbone.config.hidden_size
-        self.head = torch.nn.Linear(hidden, 1)
-        torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
-        torch.nn.init.zeros_(self.head.bias)
+        if classifier is not None:
+            self.classifier = classifier
+        else:
+            self.backbone = backbone
+            hidden = backbone.config.hidden_size
+            self.head = torch.nn.Linear(hidden, 1, bias=is_encoder if bias is None else bias)
+            torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
+            if self.head.bias is not None:
+                torch.nn.init.zeros_(self.head.bias)
         self.pooling = pooling
         self.pad_token_id = pad_token_id
         self.is_encoder = is_encoder
         self.score_stats = score_stats or {}
+
+    def __getattr__(self, name: str):
+        # A classifier's body is its `backbone` too: where LoRA adapters and gradient checkpointing go.
+        if name == "backbone" and "classifier" in self._modules:
+            return self._modules["classifier"].base_model
+        return super().__getattr__(name)
 
     @property
     def config(self):
@@ -59,6 +89,10 @@ class RewardModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         """One score per sequence [B] read at the pooled position, or (per_token=True, PPO's value model on a causal
         backbone) the head applied at every position [B, L]."""
+        if "classifier" in self._modules:
+            if per_token:
+                raise ValueError("an encoder's classifier gives one score per text, not per-token values")
+            return self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
         kwargs = {}
         if not self.is_encoder:  # padded and unpadded sequences get the same positions
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
@@ -71,51 +105,161 @@ class RewardModel(torch.nn.Module):
     @classmethod
     def from_backbone(cls, path: str, tokenizer, *, pooling: str = "auto", revision: str | None = None,
                       trust_remote_code: bool = False) -> "RewardModel":
-        """A new reward model: pretrained backbone from `path` (a causal LM's body is taken without its LM head),
-        freshly initialised head."""
-        from transformers import AutoConfig, AutoModel
+        """A new reward model from the pretrained model at `path`: a causal LM's body (without its LM head) and a
+        fresh head, or, for an encoder read at [CLS], the architecture's own AutoModelForSequenceClassification
+        with one label (its classification head freshly initialised)."""
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
         try:
             config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
             no_dropout(config)
-            backbone = AutoModel.from_pretrained(path, config=config, revision=revision, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code, dtype=torch.float32)
+            is_encoder = config.model_type in ENCODER_TYPES
+            pooling = auto_pooling(config.model_type, tokenizer) if pooling == "auto" else pooling
+            own_head = is_encoder and pooling == "first" and seq_cls_class(config) is not None
+            kwargs = dict(revision=revision, use_safetensors=True, trust_remote_code=trust_remote_code,
+                          dtype=torch.float32)
+            if own_head:
+                config.num_labels = 1
+                net = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+            else:
+                net = AutoModel.from_pretrained(path, config=config, **kwargs)
         except (OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"could not load a reward-model backbone from '{path}': {first}",
                               hint="model.name_or_path must be a local Hugging Face model directory, a run "
                                    "directory with a finished artifact, or a reachable hub id") from exc
-        if pooling == "auto":
-            pooling = auto_pooling(config.model_type, tokenizer)
-        if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
-            backbone.resize_token_embeddings(len(tokenizer))  # a pad token was added
-        return cls(backbone, pooling, tokenizer.pad_token_id, config.model_type in ENCODER_TYPES)
+        if len(tokenizer) > net.get_input_embeddings().weight.shape[0]:
+            net.resize_token_embeddings(len(tokenizer))  # a pad token was added
+        if own_head:
+            net.config.pad_token_id = tokenizer.pad_token_id
+            return cls(None, pooling, tokenizer.pad_token_id, True, classifier=net)
+        return cls(net, pooling, tokenizer.pad_token_id, is_encoder)
+
+    def layout(self) -> str:
+        """How `save_pretrained` writes this model: as the architecture's AutoModelForSequenceClassification when
+        that gives the same scores, else as backbone + reward_head.safetensors."""
+        if "classifier" in self._modules:
+            return SEQ_CLS
+        hf_convention = (not self.is_encoder and self.pooling == "last" and self.head.bias is None
+                         and seq_cls_class(self.backbone.config) is not None)
+        return SEQ_CLS if hf_convention else BACKBONE_AND_HEAD
 
     def save_pretrained(self, directory: Path, tokenizer=None) -> None:
         directory = Path(directory)
-        self.backbone.save_pretrained(directory, safe_serialization=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  str(directory / HEAD_FILE))
-        meta = {"pooling": self.pooling, "pad_token_id": self.pad_token_id, "is_encoder": self.is_encoder,
-                "hidden_size": self.backbone.config.hidden_size, "score_stats": self.score_stats}
+        layout = self.layout()
+        if "classifier" in self._modules:
+            self.classifier.save_pretrained(directory, safe_serialization=True)
+        elif layout == SEQ_CLS:
+            save_seq_cls(self.backbone, self.head, self.pad_token_id, directory)
+        else:
+            self.backbone.save_pretrained(directory, safe_serialization=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                      str(directory / HEAD_FILE))
+        meta = {"layout": layout, "pooling": self.pooling, "pad_token_id": self.pad_token_id,
+                "is_encoder": self.is_encoder, "hidden_size": self.config.hidden_size, "score_stats": self.score_stats}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
 
     @classmethod
     def from_pretrained(cls, directory, trust_remote_code: bool = False) -> "RewardModel":
-        """Load a saved reward model (the `model/` of a reward artifact)."""
+        """Load a reward model: the `model/` of a reward artifact (either layout, or the layout of earlier versions),
+        or any Hugging Face AutoModelForSequenceClassification directory or hub id with one label."""
         from transformers import AutoConfig, AutoModel
 
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise ArtifactError(f"{directory} is not a reward model (no {CONFIG_FILE})",
-                                hint="point at the model/ directory of a finished `rlhf reward` run")
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        path = str(directory)
+        meta_file = Path(path) / CONFIG_FILE
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ArtifactError(f"could not read a reward model from '{path}': {first}",
+                                hint="point at the model/ directory or run directory of a finished `rlhf reward` run, "
+                                     "or at an AutoModelForSequenceClassification directory or hub id") from exc
         no_dropout(config)
-        backbone = AutoModel.from_pretrained(directory, config=config, use_safetensors=True,
-                                             trust_remote_code=trust_remote_code, dtype=torch.float32)
-        model = cls(backbone, meta["pooling"], meta["pad_token_id"], meta["is_encoder"], meta.get("score_stats"))
-        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        if meta is None or meta.get("layout") == SEQ_CLS:
+            model = from_seq_cls(path, config, meta, trust_remote_code)
+        else:  # backbone + head (this layout, and that of earlier versions)
+            backbone = AutoModel.from_pretrained(path, config=config, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code, dtype=torch.float32)
+            head = load_file(str(Path(path) / HEAD_FILE))
+            model = cls(backbone, meta["pooling"], meta["pad_token_id"], meta["is_encoder"], bias="bias" in head)
+            model.head.load_state_dict(head)
+        if meta is not None:
+            model.score_stats = meta.get("score_stats") or {}
         return model
+
+
+def save_seq_cls(backbone, head: torch.nn.Linear, pad_token_id: int, directory: Path) -> None:
+    """backbone + a bias-free head as the architecture's <Arch>ForSequenceClassification with one label: its config
+    (num_labels 1, our pad id, which it reads the last non-pad token with) and its weights named as it names them
+    (<base_model_prefix>.* and score.weight). Written directly: no second copy of the weights in memory."""
+    seq_cls = seq_cls_class(backbone.config)
+    config = backbone.config.__class__.from_dict(backbone.config.to_dict())
+    config.architectures = [seq_cls.__name__]
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    prefix = seq_cls.base_model_prefix
+    weights = {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+    weights["score.weight"] = head.weight.detach().contiguous().cpu()
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def from_seq_cls(path: str, config, meta: dict | None, trust_remote_code: bool) -> RewardModel:
+    """A RewardModel from an AutoModelForSequenceClassification checkpoint with one label: on a causal LM, its body
+    and its `score` layer as backbone + head, read at the last real token (the scores AutoModelForSequenceClassification
+    gives on unpadded or right-padded text, under any padding here); on an encoder, the whole classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    archs = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ArtifactError(f"{path} is not a reward model: neither one of ours (no {CONFIG_FILE}) nor a sequence "
+                            f"classifier (architectures: {', '.join(archs) or 'none'})",
+                            hint="point at the model/ directory of a finished `rlhf reward` run, or at an "
+                                 "AutoModelForSequenceClassification checkpoint with one label")
+    if config.num_labels != 1:
+        raise ArtifactError(f"{path} is a sequence classifier with {config.num_labels} labels; a reward model has one "
+                            f"(a scalar score)", hint="use a reward model trained with one output, e.g. by TRL's "
+                                                      "RewardTrainer or `rlhf reward`")
+    try:
+        net = AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True,
+                                                                 trust_remote_code=trust_remote_code,
+                                                                 dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"could not load the sequence classifier at '{path}': {first}",
+                            hint="it must hold safetensors weights") from exc
+    pad = meta["pad_token_id"] if meta else config.pad_token_id
+    is_encoder = config.model_type in ENCODER_TYPES
+    score = getattr(net, "score", None)
+    if is_encoder or not isinstance(score, torch.nn.Linear) or score.out_features != 1:
+        return RewardModel(None, "first" if is_encoder else "last", pad, is_encoder, classifier=net)
+    model = RewardModel(getattr(net, net.base_model_prefix), "last", pad, False, bias=score.bias is not None)
+    model.head.load_state_dict(score.state_dict())
+    return model
+
+
+def load_reward_model(path: str, trust_remote_code: bool = False) -> tuple[RewardModel, object]:
+    """(reward model, its tokenizer) for scoring: `RewardModel.from_pretrained` and the tokenizer beside it. A
+    tokenizer without a pad token (Llama reward models) pads with the model's pad id, else EOS, without adding a
+    token (the embeddings stay as trained): the attention mask, not the pad id, says where a text ends."""
+    from transformers import AutoTokenizer
+
+    model = RewardModel.from_pretrained(path, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"no tokenizer beside the reward model at '{path}'",
+                            hint="save the tokenizer with the model (tokenizer.save_pretrained(dir))") from exc
+    if tokenizer.pad_token_id is None:
+        pad = model.pad_token_id if model.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ArtifactError(f"the reward model at '{path}' has neither a pad token nor an EOS token to pad with",
+                                hint="set pad_token_id in its config.json")
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    if model.pad_token_id is None:
+        model.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

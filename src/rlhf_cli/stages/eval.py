@@ -48,7 +48,7 @@ from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample, s
 from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
-from rlhf_cli.models.reward import RewardModel
+from rlhf_cli.models.reward import load_reward_model
 
 NUM_SAMPLES = 4  # responses per policy kept in eval.json, to read what the numbers mean
 
@@ -197,8 +197,8 @@ def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str, device) -
     frozen = dev.frozen_dtype(cfg.dtype, device)
     reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), device, dropout=False)
     reference.to(frozen).eval().requires_grad_(False)
-    reward_model = RewardModel.from_pretrained(reward_path).to(device, frozen).eval().requires_grad_(False)
-    reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=reward_path), reward_path)
+    reward_model, reward_tokenizer = load_reward_model(reward_path)
+    reward_model.to(device, frozen).eval().requires_grad_(False)
     scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     return Judge(reference, tokenizer, scorer, tasks.gold_scorer(cfg.data))
 

@@ -34,7 +34,7 @@ from rlhf_cli.engine.rollout import (Rollout, Scorer, constants, decode, policy_
 from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
-from rlhf_cli.models.reward import RewardModel
+from rlhf_cli.models.reward import RewardModel, load_reward_model
 from rlhf_cli.rl import ppo as rl
 
 
@@ -172,10 +172,8 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     lora.add_adapters(policy, cfg.model.lora, cfg.seed, base_dtype=frozen)
     reference = lora.frozen_base(policy, lambda: load_causal_lm(policy_cfg, device, dropout=False)[0].to(frozen)
                                  .eval().requires_grad_(False))
-    reward = RewardModel.from_pretrained(paths.reward, cfg.model.trust_remote_code).to(device, frozen)
-    reward.eval().requires_grad_(False)
-    reward_tokenizer = load_tokenizer(ModelConfig(name_or_path=paths.reward,
-                                                  trust_remote_code=cfg.model.trust_remote_code), paths.reward)
+    reward, reward_tokenizer = load_reward_model(paths.reward, cfg.model.trust_remote_code)
+    reward.to(device, frozen).eval().requires_grad_(False)
     scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code)
     value_init = "the reward model"
