@@ -156,6 +156,8 @@ def test_our_causal_reward_model_is_a_sequence_classifier_on_disk(tmp_path, tiny
     assert again.score_stats == {"mean": 0.5, "std": 2.0, "n": 10} and again.pooling == "last"
     assert torch.equal(_our_scores(again, tiny_tokenizer, TEXTS), ours)
     AutoModel.from_pretrained(tmp_path / "rm")  # the body alone still loads too
+    value = again.add_head_bias()  # PPO's value model learns the level of the returns with a bias, from 0
+    assert value.head.bias.requires_grad and torch.equal(_our_scores(value, tiny_tokenizer, TEXTS), ours)
 
 
 def test_our_encoder_reward_model_trains_the_architectures_own_head(tmp_path, tiny_bert_dir):
@@ -167,13 +169,13 @@ def test_our_encoder_reward_model_trains_the_architectures_own_head(tmp_path, ti
     net = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     ours = _our_scores(model, tokenizer, TEXTS)
     assert torch.allclose(_hf_scores(net, tokenizer, TEXTS), ours, atol=1e-6)
-    assert torch.equal(_our_scores(RewardModel.from_pretrained(tmp_path / "rm"), tokenizer, TEXTS), ours)
+    assert torch.allclose(_our_scores(RewardModel.from_pretrained(tmp_path / "rm"), tokenizer, TEXTS), ours, atol=1e-6)
     mean = RewardModel.from_backbone(str(tiny_bert_dir), tokenizer, pooling="mean")  # no HF convention: our layout
     assert mean.layout() == "backbone_and_head" and mean.head.bias is not None
     mean.save_pretrained(tmp_path / "mean", tokenizer)
     assert (tmp_path / "mean" / HEAD_FILE).is_file()
-    assert torch.equal(_our_scores(RewardModel.from_pretrained(tmp_path / "mean"), tokenizer, TEXTS),
-                       _our_scores(mean, tokenizer, TEXTS))
+    assert torch.allclose(_our_scores(RewardModel.from_pretrained(tmp_path / "mean"), tokenizer, TEXTS),
+                          _our_scores(mean, tokenizer, TEXTS), atol=1e-6)
 
 
 def test_the_layout_of_earlier_versions_still_loads(tmp_path, tiny_tokenizer):

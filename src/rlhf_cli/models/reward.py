@@ -67,10 +67,11 @@ class RewardModel(torch.nn.Module):
         else:
             self.backbone = backbone
             hidden = backbone.config.hidden_size
-            self.head = torch.nn.Linear(hidden, 1, bias=is_encoder if bias is None else bias)
+            self.head = torch.nn.Linear(hidden, 1)  # with its bias drawn: the same RNG use either way
             torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
-            if self.head.bias is not None:
-                torch.nn.init.zeros_(self.head.bias)
+            torch.nn.init.zeros_(self.head.bias)
+            if not (is_encoder if bias is None else bias):
+                self.head.register_parameter("bias", None)
         self.pooling = pooling
         self.pad_token_id = pad_token_id
         self.is_encoder = is_encoder
@@ -134,6 +135,14 @@ class RewardModel(torch.nn.Module):
             net.config.pad_token_id = tokenizer.pad_token_id
             return cls(None, pooling, tokenizer.pad_token_id, True, classifier=net)
         return cls(net, pooling, tokenizer.pad_token_id, is_encoder)
+
+    def add_head_bias(self) -> "RewardModel":
+        """A trainable bias (0, so no score changes) on a head without one: PPO's value model learns the level of
+        the returns with it, as TRL's value head does. Its layout is then backbone + head."""
+        if "classifier" not in self._modules and self.head.bias is None:
+            self.head.bias = torch.nn.Parameter(torch.zeros(1, dtype=self.head.weight.dtype,
+                                                            device=self.head.weight.device))
+        return self
 
     def layout(self) -> str:
         """How `save_pretrained` writes this model: as the architecture's AutoModelForSequenceClassification when

@@ -181,7 +181,7 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
         # a bidirectional value model would see the very tokens whose return it predicts
         value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
         value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last")
-    value.to(device).train()
+    value.add_head_bias().to(device).train()
     lora.add_adapters(value, cfg.model.lora, cfg.seed + 1, base_dtype=frozen)  # on the backbone; the head trains in full
     policy.train()
     if cfg.ppo.normalize_scores and not reward.score_stats.get("std"):
