@@ -1,18 +1,26 @@
 #!/usr/bin/env python
-"""One PPO iteration, timed: rollout (sampling + the policy, reference, value and reward passes) and update.
+"""One PPO iteration, timed and measured: rollout (sampling + the policy, reference, value and reward passes) and
+update, full fine-tuning or LoRA, through the stage's own code.
 
-    .venv/bin/python scripts/bench_ppo.py --hidden-size 64 --layers 2 --prompts 64 --response-length 16
+    .venv/bin/python scripts/bench_ppo.py --hidden-size 256 --layers 4 --lora-r 16
+    .venv/bin/python scripts/bench_ppo.py --compare --sizes 256x4,512x8      # full vs LoRA r=16, one table
 
-It runs the phases `rlhf ppo` runs, from rlhf_cli.stages.ppo: `collect_rollout`, `check_rollout`, `shape_rewards`
-(normalisation, missing-EOS penalty, KL penalty, GAE, whitening) and `ppo_update` (`--epochs` passes over
-`--mini-batches` minibatches of `--micro-batch` micro-batches, clipping, the schedule, the divergence guard), on a
-built-in tiny Llama (rlhf_cli.models.tiny) as policy and reference and a RewardModel on the same backbone as reward
-and value model, with the default PPO and optimizer config otherwise. Prompts are random, of --prompt-length
-tokens; responses stop at EOS as in training (an untrained model rarely emits it), and the figures count the
-tokens actually generated. `--iterations` iterations after one untimed warm-up.
+A random-init Llama of the given size with a realistic vocabulary (`--vocab-size`, default 32000: at small sizes
+the LM head dominates, and the built-in tokenizer's ~500 tokens would hide it; sampled ids beyond the tokenizer
+decode to nothing) is saved as the "SFT policy", and a reward model on its body (rlhf_cli.models.reward) as the
+reward artifact; `rlhf_cli.stages.ppo.load_roles` then builds the four roles exactly as `rlhf ppo` does
+(`--lora-r`: adapters on policy and value model, the reference = the policy with adapters off; `--dtype`: the
+frozen weights' dtype, model.dtype), and the timed iterations run the stage's phases: `collect_rollout`,
+`check_rollout`, `shape_rewards`, `ppo_update` (`--epochs` passes over `--mini-batches` minibatches of
+`--micro-batch` micro-batches, clipping, the schedule, the divergence guard). Prompts are random, of
+--prompt-length tokens; responses stop at EOS as in training (an untrained model rarely emits it), and the
+figures count the tokens actually generated. `--iterations` iterations after one untimed warm-up.
 
-Figures: rollout tokens/s = generated tokens / rollout seconds; update tokens/s = tokens x epochs / update
-seconds; seconds per iteration; peak memory (CUDA: max_memory_allocated; CPU: peak RSS of the process).
+Figures: parameters (total, trained per role); rollout tokens/s = generated tokens / rollout seconds; update
+tokens/s = tokens x epochs / update seconds; seconds per iteration; memory: on CUDA the allocated bytes after
+loading and the peak during the iterations (torch.cuda.max_memory_allocated); on CPU the resident set after loading
+and the process's peak RSS. Peak RSS is per process, so `--compare` runs each configuration in a process of its
+own, one after another (never in parallel), and prints one table.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,69 +42,115 @@ except ImportError:  # a source checkout without the package installed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None, help="grouped-query attention (default: --heads)")
+    p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: Llama's ~2.7 x hidden)")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--lora-r", type=int, default=0, help="0: full fine-tuning; else LoRA rank (alpha = 2r)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="model.dtype: the frozen weights (reference, reward model, LoRA bases)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--prompts", type=int, default=64, help="prompts per rollout")
     p.add_argument("--prompt-length", type=int, default=8)
     p.add_argument("--response-length", type=int, default=16)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--mini-batches", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--rollout-micro-batch", type=int, default=None, help="default: --prompts")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--compare", action="store_true", help="full vs LoRA r=16 for each of --sizes, one process each")
+    p.add_argument("--sizes", default="", help="with --compare: hidden x layers, comma-separated (e.g. 256x4,512x8)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = p.parse_args(argv)
     if args.prompts % args.mini_batches or (args.prompts // args.mini_batches) % args.micro_batch:
         p.error("--prompts must split into --mini-batches minibatches of whole --micro-batch micro-batches")
+    args.kv_heads = args.kv_heads or args.heads
+    args.intermediate_size = args.intermediate_size or 64 * round(8 * args.hidden_size / 3 / 64) or 64
+    args.rollout_micro_batch = args.rollout_micro_batch or args.prompts
     return args
+
+
+def rss_mib() -> float:
+    """This process's resident set now (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build_upstream(args, cache: str) -> tuple[str, str]:
+    """(policy directory, reward-model directory): a seeded random Llama of the asked size and vocabulary with the
+    built-in tokenizer, and a reward model on its body, saved as `rlhf sft` and `rlhf reward` would."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rlhf_cli.models.reward import RewardModel
+    from rlhf_cli.models.tiny import tiny_model_path
+
+    tok_dir = tiny_model_path(cache_dir=cache)  # the built-in tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    name = (f"llama-h{args.hidden_size}-l{args.layers}-a{args.heads}-kv{args.kv_heads}-i{args.intermediate_size}"
+            f"-v{args.vocab_size}")
+    policy_dir, reward_dir = Path(cache) / name, Path(cache) / f"{name}-reward"
+    if not (reward_dir / "config.json").is_file():
+        config = LlamaConfig(vocab_size=max(args.vocab_size, len(tokenizer)), hidden_size=args.hidden_size,
+                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                             num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+                             max_position_embeddings=max(256, args.prompt_length + args.response_length),
+                             tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(policy_dir)
+        tokenizer.save_pretrained(policy_dir)
+        RewardModel.from_backbone(str(policy_dir), tokenizer).save_pretrained(reward_dir, tokenizer)
+    return str(policy_dir), str(reward_dir)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args, argv or sys.argv[1:])
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_cli.config import PPOAlgoConfig, PPOConfig, PPOTrainConfig
+    from rlhf_cli.config import LoraConfig, PPOAlgoConfig, PPOConfig, PPOModelConfig, PPOTrainConfig
     from rlhf_cli.engine import device as dev, dist, train
     from rlhf_cli.engine.guard import Guard
     from rlhf_cli.engine.logging import MetricsLog
     from rlhf_cli.engine.optim import build_optimizer, build_scheduler
-    from rlhf_cli.engine.rollout import Scorer
+    from rlhf_cli.models import lora
     from rlhf_cli.models.loading import quiet_transformers
-    from rlhf_cli.models.reward import RewardModel
-    from rlhf_cli.models.tiny import tiny_model_path
     from rlhf_cli.stages import ppo
 
     quiet_transformers()
     device = dev.pick(args.device)
     cache = os.environ.get("RLHF_CLI_CACHE") or tempfile.mkdtemp(prefix="bench-ppo-")
-    path = tiny_model_path(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
-                           intermediate_size=4 * args.hidden_size,
-                           max_position_embeddings=max(256, args.prompt_length + args.response_length),
-                           cache_dir=cache)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    policy = AutoModelForCausalLM.from_pretrained(path).to(device)
-    reference = AutoModelForCausalLM.from_pretrained(path).to(device).eval().requires_grad_(False)
-    reward = RewardModel.from_backbone(str(path), tokenizer).to(device).eval().requires_grad_(False)
-    value = RewardModel.from_backbone(str(path), tokenizer).to(device)
-    roles = ppo.Roles(policy, reference, value, Scorer(reward, tokenizer, True, 4096), tokenizer, "the reward model")
-    cfg = PPOConfig(ppo=PPOAlgoConfig(response_length=args.response_length, prompts_per_rollout=args.prompts,
+    policy_dir, reward_dir = build_upstream(args, cache)
+    cfg = PPOConfig(model=PPOModelConfig(dtype=args.dtype, lora=LoraConfig(r=args.lora_r, alpha=2.0 * args.lora_r)),
+                    ppo=PPOAlgoConfig(response_length=args.response_length, prompts_per_rollout=args.prompts,
                                       num_ppo_epochs=args.epochs, num_mini_batches=args.mini_batches),
                     train=PPOTrainConfig(max_steps=args.iterations + 1, micro_batch_size=args.micro_batch,
-                                         rollout_micro_batch_size=args.prompts))
+                                         rollout_micro_batch_size=args.rollout_micro_batch,
+                                         gradient_checkpointing=args.gradient_checkpointing))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, reward_dir, reward_dir, []), device)
     d = dist.Dist()
     shape = ppo.batch_shape(cfg, d.world_size)
-    params = [*policy.parameters(), *value.parameters()]
+    params = [p for m in roles.trained().values() for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim)
     training = train.Training(params, optimizer, build_scheduler(optimizer, cfg.optim, shape.optimizer_steps),
                               cfg.optim.max_grad_norm, Guard("ppo", Path(cache) / "no-checkpoints", cfg.optim.lr,
                                                              unit="iteration"),
                               MetricsLog(Path(cache), False, "none"), {})
+    wrapped = [train.wrap_for_training(m, d, device, args.gradient_checkpointing) for m in (roles.policy, roles.value)]
+    loaded = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, len(tokenizer), (args.prompt_length,), generator=g).tolist()
+    prompts = [torch.randint(3, args.vocab_size, (args.prompt_length,), generator=g).tolist()
                for _ in range(args.prompts)]
 
     def iteration(step: int) -> tuple[float, float, float]:
@@ -104,11 +159,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         roll = ppo.collect_rollout(roles, prompts, cfg, device)
         ppo.check_rollout(training.guard, step + 1, roll, "the benchmark's reward model")
-        shaped = ppo.shape_rewards(roll, cfg.ppo.kl_coef, cfg.ppo, reward.score_stats)
+        shaped = ppo.shape_rewards(roll, cfg.ppo.kl_coef, cfg.ppo, roles.reward.score_stats)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        ppo.ppo_update([policy, value], roll, shaped, training, step, cfg, shape, d, device)
+        ppo.ppo_update(wrapped, roll, shaped, training, step, cfg, shape, d, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return float(roll.mask.sum()), t1 - t0, time.perf_counter() - t1
@@ -119,22 +174,67 @@ def main(argv=None) -> int:
     rollout_s, update_s = sum(r[1] for r in runs), sum(r[2] for r in runs)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    out = {"parameters_m": sum(x.numel() for x in policy.parameters()) / 1e6, "device": str(device),
-           "precision": dev.precision(device), "prompts_per_rollout": args.prompts,
+    out = {"model": f"{args.hidden_size}x{args.layers}", "lora_r": args.lora_r,
+           "parameters_m": lora.counts(roles.policy)[1] / 1e6,
+           "trained_policy_m": lora.counts(roles.policy)[0] / 1e6, "trained_value_m": lora.counts(roles.value)[0] / 1e6,
+           "device": str(device), "precision": dev.precision(device), "frozen_dtype": str(roles.reference.dtype),
+           "gradient_checkpointing": args.gradient_checkpointing, "vocab_size": args.vocab_size,
+           "prompts_per_rollout": args.prompts, "prompt_length": args.prompt_length,
            "response_length": args.response_length, "epochs": args.epochs, "iterations": args.iterations,
            "rollout_tokens_per_s": tokens / rollout_s, "update_tokens_per_s": tokens * args.epochs / update_s,
-           "seconds_per_iteration": (rollout_s + update_s) / args.iterations, "peak_memory_mib": peak,
-           "threads": torch.get_num_threads()}
+           "rollout_s": rollout_s / args.iterations, "update_s": update_s / args.iterations,
+           "seconds_per_iteration": (rollout_s + update_s) / args.iterations,
+           "memory_after_loading_mib": loaded, "peak_memory_mib": peak, "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(out))
     else:
-        from rich.console import Console
-        from rich.table import Table
+        show([out], "PPO iteration benchmark")
+    return 0
 
-        table = Table(title="PPO iteration benchmark", show_header=False, title_justify="left")
-        for k, v in out.items():
-            table.add_row(k, f"{v:,.3f}" if isinstance(v, float) else str(v))
-        Console().print(table)
+
+def show(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    for row in rows:
+        table.add_column(f"{row['model']} {'LoRA r=' + str(row['lora_r']) if row['lora_r'] else 'full'}",
+                         justify="right")
+    for key in rows[0]:
+        table.add_row(key, *[f"{r[key]:,.3f}" if isinstance(r[key], float) else str(r[key]) for r in rows])
+    Console().print(table)
+
+
+def compare(args, argv: list[str]) -> int:
+    """Each of --sizes (default: the --hidden-size x --layers given), full and LoRA r=16, in a process of its own."""
+    sizes = [s.split("x") for s in args.sizes.split(",") if s] or [(args.hidden_size, args.layers)]
+    drop = {"--compare", "--json"}
+    base, skip = [], False
+    for i, word in enumerate(argv):  # the other flags pass through; size and rank are set per run
+        if skip:
+            skip = False
+            continue
+        if word in ("--sizes", "--hidden-size", "--layers", "--lora-r"):
+            skip = True
+            continue
+        if word.split("=")[0] in ("--sizes", "--hidden-size", "--layers", "--lora-r") or word in drop:
+            continue
+        base.append(word)
+    rows = []
+    for hidden, layers in sizes:
+        for r in (0, 16):
+            cmd = [sys.executable, __file__, *base, "--hidden-size", str(hidden), "--layers", str(layers),
+                   "--lora-r", str(r), "--json"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr[-3000:])
+                return proc.returncode
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        show(rows, "PPO iteration benchmark: full fine-tuning vs LoRA r=16")
     return 0
 
 
