@@ -197,6 +197,54 @@ def test_the_layout_of_earlier_versions_still_loads(tmp_path, tiny_tokenizer):
         hidden = backbone.eval()(**enc).last_hidden_state
     expected = pool(hidden, enc["attention_mask"], "last") @ w[0] + b  # w · h_last + b, by hand
     assert torch.allclose(_our_scores(model, tiny_tokenizer, TEXTS), expected, atol=1e-5)
+    (tmp_path / "old" / HEAD_FILE).unlink()
+    with pytest.raises(ArtifactError, match="no reward_head.safetensors"):
+        RewardModel.from_pretrained(tmp_path / "old")
+
+
+def test_a_causal_classifier_whose_pad_is_eos_is_read_where_transformers_reads_it(tmp_path, tiny_tokenizer):
+    """TRL sets pad = EOS on Llama reward models: transformers then reads the rightmost token that is not EOS, so a
+    text's trailing EOS (which the causal reward tokenisation appends) is passed over, here as there."""
+    eos = tiny_tokenizer.eos_token_id
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, num_labels=1,
+                         pad_token_id=eos, eos_token_id=eos)
+    _seeded(LlamaForSequenceClassification, config, seed=4).save_pretrained(tmp_path / "rm")
+    tok = AutoTokenizer.from_pretrained(resolve(ModelConfig()))
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "rm")
+    model, tokenizer = load_reward_model(str(tmp_path / "rm"))
+    assert tokenizer.pad_token_id == eos and model.skip_token_id == eos
+    assert len(tokenizer) == model.backbone.get_input_embeddings().weight.shape[0]  # no token added
+    net = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    rows = [tokenizer(t)["input_ids"] + [eos] for t in TEXTS]
+    with torch.no_grad():
+        expected = torch.cat([net(input_ids=torch.tensor([ids])).logits[:, 0] for ids in rows])
+        for side in ("right", "left"):
+            tokenizer.padding_side = side
+            batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+            assert torch.allclose(model.eval()(batch["input_ids"], batch["attention_mask"]), expected, atol=1e-6)
+    assert RewardModel.from_backbone(resolve(ModelConfig()), tiny_tokenizer).skip_token_id is None  # ours: the mask
+
+
+def test_a_reward_artifact_of_ours_loads_by_hub_id(tmp_path, tiny_tokenizer, monkeypatch):
+    """Our files beside the weights (reward_config.json, reward_head.safetensors) come from the hub too: an artifact
+    pushed to the hub (here: in the offline hub cache) loads by its id with its layout and score statistics."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--org--rm"
+    model = RewardModel.from_backbone(resolve(ModelConfig()), tiny_tokenizer, pooling="mean")
+    torch.nn.init.normal_(model.head.weight)
+    model.score_stats = {"mean": 1.5}
+    model.save_pretrained(repo / "snapshots" / ("a" * 40), tiny_tokenizer)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    again, tokenizer = load_reward_model("org/rm")
+    assert again.layout() == "backbone_and_head" and again.score_stats == {"mean": 1.5}
+    assert torch.equal(_our_scores(again, tokenizer, TEXTS), _our_scores(model, tiny_tokenizer, TEXTS))
+    with pytest.raises(ArtifactError, match="org/absent"):
+        RewardModel.from_pretrained("org/absent")
 
 
 @pytest.mark.parametrize("kind", ["causal", "encoder"])

@@ -157,8 +157,10 @@ def test_diverging_reward_and_ppo_stop(tmp_path, reward_dir):
 def test_ppo_stops_on_a_reward_model_that_scores_nan(tmp_path, reward_dir):
     broken = tmp_path / "broken"
     shutil.copytree(reward_dir, broken)
-    head = broken / "model" / "reward_head.safetensors"
-    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(head).items()}, head)
+    weights = broken / "model" / "model.safetensors"  # a sequence classifier: the head is `score.weight`
+    tensors = load_file(weights)
+    tensors["score.weight"] = torch.full_like(tensors["score.weight"], float("nan"))
+    save_file(tensors, weights, metadata={"format": "pt"})
     manifest = json.loads((broken / "manifest.json").read_text())  # a consistent artifact that scores NaN
     manifest.update(model_files=artifacts.file_sizes(broken / "model"),
                     model_sha256=artifacts.content_hash(broken / "model"))

@@ -15,7 +15,9 @@ gives the same scores and the model works in TRL, OpenRLHF or any evaluation har
 first-token pooling on a causal LM) the backbone directory plus `reward_head.safetensors`. Both carry
 `reward_config.json` (pooling, pad id, encoder or not, score statistics on held-out data). `from_pretrained` reads
 both, the layout of earlier versions (backbone + a head with a bias), and any `AutoModelForSequenceClassification`
-checkpoint with one label, ours or not (TRL's RewardTrainer writes them).
+checkpoint with one label, ours or not (TRL's RewardTrainer writes them), from a directory or a hub id. A causal
+classifier from elsewhere is read where transformers reads it: at the rightmost token that is not its pad id (with
+pad == EOS, before a trailing EOS).
 """
 
 from __future__ import annotations
@@ -76,12 +78,22 @@ class RewardModel(torch.nn.Module):
         self.pad_token_id = pad_token_id
         self.is_encoder = is_encoder
         self.score_stats = score_stats or {}
+        # Last-token pooling passes over this id (None: reads the attention mask's last token). A causal classifier
+        # from elsewhere sets its config's pad id: transformers reads "the rightmost token that is not pad", so
+        # where pad == EOS a text's trailing EOS is not read, and it was trained (e.g. by TRL) that way.
+        self.skip_token_id: int | None = None
 
     def __getattr__(self, name: str):
         # A classifier's body is its `backbone` too: where LoRA adapters and gradient checkpointing go.
         if name == "backbone" and "classifier" in self._modules:
             return self._modules["classifier"].base_model
         return super().__getattr__(name)
+
+    @property
+    def gives_values(self) -> bool:
+        """Can it be PPO's value model (a causal body read at every position, `per_token`)? Not an encoder, which
+        sees the tokens whose return it would predict, nor a whole classifier, which reads one position."""
+        return not self.is_encoder and "classifier" not in self._modules
 
     @property
     def config(self):
@@ -100,7 +112,7 @@ class RewardModel(torch.nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if per_token:
             return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
-        pooled = pool(hidden, attention_mask, self.pooling)
+        pooled = pool(hidden, readable(input_ids, attention_mask, self.skip_token_id, self.pooling), self.pooling)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1)
 
     @classmethod
@@ -166,6 +178,8 @@ class RewardModel(torch.nn.Module):
                       str(directory / HEAD_FILE))
         meta = {"layout": layout, "pooling": self.pooling, "pad_token_id": self.pad_token_id,
                 "is_encoder": self.is_encoder, "hidden_size": self.config.hidden_size, "score_stats": self.score_stats}
+        if self.skip_token_id is not None:  # a classifier from elsewhere, re-saved: still read as transformers reads it
+            meta["skip_token_id"] = self.skip_token_id
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
@@ -177,8 +191,8 @@ class RewardModel(torch.nn.Module):
         from transformers import AutoConfig, AutoModel
 
         path = str(directory)
-        meta_file = Path(path) / CONFIG_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        meta_file = side_file(path, CONFIG_FILE)
+        meta = json.loads(Path(meta_file).read_text()) if meta_file else None
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -192,12 +206,41 @@ class RewardModel(torch.nn.Module):
         else:  # backbone + head (this layout, and that of earlier versions)
             backbone = AutoModel.from_pretrained(path, config=config, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code, dtype=torch.float32)
-            head = load_file(str(Path(path) / HEAD_FILE))
+            head_file = side_file(path, HEAD_FILE)
+            if head_file is None:
+                raise ArtifactError(f"{path} has {CONFIG_FILE} but no {HEAD_FILE}: an unfinished reward artifact",
+                                    hint="re-run `rlhf reward`, or point at a finished artifact's model/ directory")
+            head = load_file(head_file)
             model = cls(backbone, meta["pooling"], meta["pad_token_id"], meta["is_encoder"], bias="bias" in head)
             model.head.load_state_dict(head)
         if meta is not None:
             model.score_stats = meta.get("score_stats") or {}
+            model.skip_token_id = meta.get("skip_token_id")
         return model
+
+
+def readable(input_ids: torch.Tensor, attention_mask: torch.Tensor, skip_token_id: int | None,
+             pooling: str) -> torch.Tensor:
+    """The mask last-token pooling reads: the attention mask, less the tokens equal to `skip_token_id` (transformers'
+    <Arch>ForSequenceClassification reads the rightmost token that is not its pad id). Unchanged otherwise."""
+    if skip_token_id is None or pooling != "last":
+        return attention_mask
+    return attention_mask.bool() & (input_ids != skip_token_id)
+
+
+def side_file(path: str, name: str) -> str | None:
+    """The local path of file `name` of a model directory or hub id (downloaded or from the hub cache), or None when
+    it has none or the hub cannot be reached (then loading the model itself says why)."""
+    local = Path(path)
+    if local.is_dir():
+        return str(local / name) if (local / name).is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):
+        return None
 
 
 def save_seq_cls(backbone, head: torch.nn.Linear, pad_token_id: int, directory: Path) -> None:
@@ -248,6 +291,8 @@ def from_seq_cls(path: str, config, meta: dict | None, trust_remote_code: bool) 
         return RewardModel(None, "first" if is_encoder else "last", pad, is_encoder, classifier=net)
     model = RewardModel(getattr(net, net.base_model_prefix), "last", pad, False, bias=score.bias is not None)
     model.head.load_state_dict(score.state_dict())
+    if meta is None:  # read where transformers reads it (ours are read by the mask: our pad never is a real token)
+        model.skip_token_id = config.pad_token_id
     return model
 
 

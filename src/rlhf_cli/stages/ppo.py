@@ -177,7 +177,7 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code)
     value_init = "the reward model"
-    if value.is_encoder or not same_tokenizer(tokenizer, load_tokenizer(policy_cfg, paths.value)):
+    if not value.gives_values or not same_tokenizer(tokenizer, load_tokenizer(policy_cfg, paths.value)):
         # a bidirectional value model would see the very tokens whose return it predicts
         value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
         value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last")
