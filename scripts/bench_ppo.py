@@ -16,16 +16,24 @@ frozen weights' dtype, model.dtype), and the timed iterations run the stage's ph
 --prompt-length tokens; responses stop at EOS as in training (an untrained model rarely emits it), and the
 figures count the tokens actually generated. `--iterations` iterations after one untimed warm-up.
 
-Figures: parameters (total, trained per role); rollout tokens/s = generated tokens / rollout seconds; update
-tokens/s = tokens x epochs / update seconds; seconds per iteration; memory: on CUDA the allocated bytes after
-loading and the peak during the iterations (torch.cuda.max_memory_allocated); on CPU the resident set after loading
-and the process's peak RSS. Peak RSS is per process, so `--compare` runs each configuration in a process of its
-own, one after another (never in parallel), and prints one table.
+Figures: parameters (per role: total and trained; the reference's own copy, 0 with LoRA); rollout tokens/s =
+generated tokens / rollout seconds; update tokens/s = tokens x epochs / update seconds; seconds per iteration;
+memory: on CUDA torch.cuda.max_memory_allocated during loading, the allocated bytes after loading and the peak
+during the iterations (reset after loading); on CPU the resident set of the runtime (after importing torch,
+transformers and peft, before any model), the peak RSS up to the end of loading, the RSS after loading, and the
+process's peak RSS at the end. The random "SFT" and reward models are built and saved by a child process (cached
+under $RLHF_CLI_CACHE when set, else in a temporary directory removed at the end), so building them does not count
+in this process's peak. Peak RSS is per process, so `--compare` runs each configuration in a process of its own, one
+after another (never in parallel), and prints one table; on CPU, subtract the runtime's RSS to compare with
+`scripts/ppo_memory.py --device cpu`.
+
+MLP width: `--intermediate-size`, default Llama's 8/3 x hidden (~2.7x) rounded to a multiple of 64.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -66,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true", help="full vs LoRA r=16 for each of --sizes, one process each")
     p.add_argument("--sizes", default="", help="with --compare: hidden x layers, comma-separated (e.g. 256x4,512x8)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.add_argument("--build-upstream", metavar="DIR", help=argparse.SUPPRESS)  # the child that saves the models
     args = p.parse_args(argv)
     if args.prompts % args.mini_batches or (args.prompts // args.mini_batches) % args.micro_batch:
         p.error("--prompts must split into --mini-batches minibatches of whole --micro-batch micro-batches")
@@ -81,38 +90,84 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def build_upstream(args, cache: str) -> tuple[str, str]:
-    """(policy directory, reward-model directory): a seeded random Llama of the asked size and vocabulary with the
-    built-in tokenizer, and a reward model on its body, saved as `rlhf sft` and `rlhf reward` would."""
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far (getrusage ru_maxrss, KiB on Linux; the kernel updates it lazily, so
+    at least the resident set now), MiB."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mib())
+
+
+SHAPE_FLAGS = ("--hidden-size", "--layers", "--heads", "--kv-heads", "--intermediate-size", "--vocab-size",
+               "--prompt-length", "--response-length")
+
+
+def upstream_dirs(args, cache: str) -> tuple[Path, Path]:
+    """Where the models of this shape are cached: (policy directory, reward-model directory)."""
+    name = (f"llama-h{args.hidden_size}-l{args.layers}-a{args.heads}-kv{args.kv_heads}-i{args.intermediate_size}"
+            f"-v{args.vocab_size}-p{max(256, args.prompt_length + args.response_length)}")
+    return Path(cache) / name, Path(cache) / f"{name}-reward"
+
+
+def build_upstream(args, cache: str) -> None:
+    """Save a seeded random Llama of the asked size and vocabulary with the built-in tokenizer ("SFT policy"), and a
+    reward model on its body ("reward artifact"), as `rlhf sft` and `rlhf reward` would."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from rlhf_cli.models.reward import RewardModel
+    from rlhf_cli.models.reward import CONFIG_FILE, RewardModel
     from rlhf_cli.models.tiny import tiny_model_path
 
-    tok_dir = tiny_model_path(cache_dir=cache)  # the built-in tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    name = (f"llama-h{args.hidden_size}-l{args.layers}-a{args.heads}-kv{args.kv_heads}-i{args.intermediate_size}"
-            f"-v{args.vocab_size}")
-    policy_dir, reward_dir = Path(cache) / name, Path(cache) / f"{name}-reward"
-    if not (reward_dir / "config.json").is_file():
-        config = LlamaConfig(vocab_size=max(args.vocab_size, len(tokenizer)), hidden_size=args.hidden_size,
-                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                             num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate_size,
-                             max_position_embeddings=max(256, args.prompt_length + args.response_length),
-                             tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(policy_dir)
-        tokenizer.save_pretrained(policy_dir)
-        RewardModel.from_backbone(str(policy_dir), tokenizer).save_pretrained(reward_dir, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path(cache_dir=cache))  # the built-in tokenizer
+    policy_dir, reward_dir = upstream_dirs(args, cache)
+    if (reward_dir / CONFIG_FILE).is_file():
+        return
+    config = LlamaConfig(vocab_size=max(args.vocab_size, len(tokenizer)), hidden_size=args.hidden_size,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+                         max_position_embeddings=max(256, args.prompt_length + args.response_length),
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    RewardModel.from_backbone(str(policy_dir), tokenizer).save_pretrained(reward_dir, tokenizer)
+
+
+def upstream(args, cache: str) -> tuple[str, str]:
+    """(policy directory, reward-model directory), built by a child process when not cached: what building them
+    holds stays out of this process's peak memory."""
+    from rlhf_cli.models.reward import CONFIG_FILE
+
+    policy_dir, reward_dir = upstream_dirs(args, cache)
+    if not (reward_dir / CONFIG_FILE).is_file():
+        shape = [w for flag in SHAPE_FLAGS for w in (flag, str(getattr(args, flag[2:].replace("-", "_"))))]
+        subprocess.run([sys.executable, __file__, "--build-upstream", cache, *shape], check=True)
     return str(policy_dir), str(reward_dir)
+
+
+@contextlib.contextmanager
+def cache_dir():
+    """$RLHF_CLI_CACHE (kept), else a temporary directory removed at the end."""
+    if os.environ.get("RLHF_CLI_CACHE"):
+        yield os.environ["RLHF_CLI_CACHE"]
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
+        yield tmp
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.build_upstream:
+        build_upstream(args, args.build_upstream)
+        return 0
     if args.compare:
-        return compare(args, argv or sys.argv[1:])
+        return compare(args, sys.argv[1:] if argv is None else argv)
+    with cache_dir() as cache:
+        return bench(args, cache)
+
+
+def bench(args, cache: str) -> int:
+    """One configuration, measured in this process."""
+    import peft  # noqa: F401  (imported by LoRA runs: in the runtime's RSS of every run alike)
     import torch
 
     from rlhf_cli.config import LoraConfig, PPOAlgoConfig, PPOConfig, PPOModelConfig, PPOTrainConfig
@@ -126,8 +181,8 @@ def main(argv=None) -> int:
 
     quiet_transformers()
     device = dev.pick(args.device)
-    cache = os.environ.get("RLHF_CLI_CACHE") or tempfile.mkdtemp(prefix="bench-ppo-")
-    policy_dir, reward_dir = build_upstream(args, cache)
+    policy_dir, reward_dir = upstream(args, cache)
+    runtime = rss_mib()
     cfg = PPOConfig(model=PPOModelConfig(dtype=args.dtype, lora=LoraConfig(r=args.lora_r, alpha=2.0 * args.lora_r)),
                     ppo=PPOAlgoConfig(response_length=args.response_length, prompts_per_rollout=args.prompts,
                                       num_ppo_epochs=args.epochs, num_mini_batches=args.mini_batches),
@@ -146,9 +201,11 @@ def main(argv=None) -> int:
                                                              unit="iteration"),
                               MetricsLog(Path(cache), False, "none"), {})
     wrapped = [train.wrap_for_training(m, d, device, args.gradient_checkpointing) for m in (roles.policy, roles.value)]
-    loaded = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else rss_mib()
     if device.type == "cuda":
+        loading_peak, loaded = torch.cuda.max_memory_allocated() / 2**20, torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
+    else:
+        loading_peak, loaded = peak_rss_mib(), rss_mib()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, args.vocab_size, (args.prompt_length,), generator=g).tolist()
                for _ in range(args.prompts)]
@@ -172,11 +229,13 @@ def main(argv=None) -> int:
     runs = [iteration(step) for step in range(1, args.iterations + 1)]
     tokens = sum(r[0] for r in runs)
     rollout_s, update_s = sum(r[1] for r in runs), sum(r[2] for r in runs)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+    reference = 0 if isinstance(roles.reference, lora.BaseView) else lora.counts(roles.reference)[1]
     out = {"model": f"{args.hidden_size}x{args.layers}", "lora_r": args.lora_r,
            "parameters_m": lora.counts(roles.policy)[1] / 1e6,
-           "trained_policy_m": lora.counts(roles.policy)[0] / 1e6, "trained_value_m": lora.counts(roles.value)[0] / 1e6,
+           "trained_policy_m": lora.counts(roles.policy)[0] / 1e6, "reference_copy_m": reference / 1e6,
+           "reward_m": lora.counts(roles.reward)[1] / 1e6, "value_m": lora.counts(roles.value)[1] / 1e6,
+           "trained_value_m": lora.counts(roles.value)[0] / 1e6,
            "device": str(device), "precision": dev.precision(device), "frozen_dtype": str(roles.reference.dtype),
            "gradient_checkpointing": args.gradient_checkpointing, "vocab_size": args.vocab_size,
            "prompts_per_rollout": args.prompts, "prompt_length": args.prompt_length,
@@ -184,7 +243,10 @@ def main(argv=None) -> int:
            "rollout_tokens_per_s": tokens / rollout_s, "update_tokens_per_s": tokens * args.epochs / update_s,
            "rollout_s": rollout_s / args.iterations, "update_s": update_s / args.iterations,
            "seconds_per_iteration": (rollout_s + update_s) / args.iterations,
-           "memory_after_loading_mib": loaded, "peak_memory_mib": peak, "threads": torch.get_num_threads()}
+           "memory_unit": "cuda allocated" if device.type == "cuda" else "rss",
+           **({} if device.type == "cuda" else {"runtime_rss_mib": runtime}),
+           "peak_loading_mib": loading_peak, "memory_after_loading_mib": loaded, "peak_memory_mib": peak,
+           "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(out))
     else:
@@ -222,15 +284,17 @@ def compare(args, argv: list[str]) -> int:
             continue
         base.append(word)
     rows = []
-    for hidden, layers in sizes:
-        for r in (0, 16):
-            cmd = [sys.executable, __file__, *base, "--hidden-size", str(hidden), "--layers", str(layers),
-                   "--lora-r", str(r), "--json"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                sys.stderr.write(proc.stderr[-3000:])
-                return proc.returncode
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with cache_dir() as cache:  # the models of a size are built once, for both runs
+        env = {**os.environ, "RLHF_CLI_CACHE": cache}
+        for hidden, layers in sizes:
+            for r in (0, 16):
+                cmd = [sys.executable, __file__, *base, "--hidden-size", str(hidden), "--layers", str(layers),
+                       "--lora-r", str(r), "--json"]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    sys.stderr.write(proc.stderr[-3000:])
+                    return proc.returncode
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps(rows))
     else:

@@ -1,41 +1,94 @@
 #!/usr/bin/env python
 """How much GPU memory one `rlhf ppo` iteration needs, by category, and the largest Llama that fits one GPU.
 
-    python scripts/ppo_memory.py                                  # the presets at the issue's settings, 80 GB
-    python scripts/ppo_memory.py --gpu-gib 80 --prompts 64 --response-length 256 --prompt-length 512
-    python scripts/ppo_memory.py --device cpu --hidden 512 --layers 8 --vocab 32000 --prompts 64 ...   # one model
+    python scripts/ppo_memory.py                          # the presets at the issue's settings on one 80 GB GPU
+    python scripts/ppo_memory.py --model Llama-3.1-8B --lora-r 16 --micro-batch 8 --rollout-micro-batch 32
+    python scripts/ppo_memory.py --device cpu --hidden 256 --layers 4 --vocab 32000 --prompts 16 ...   # one model
+    python scripts/ppo_memory.py --check                  # the accounting against instantiated models (CPU)
 
-Pure arithmetic (no model is built): bytes of what `rlhf ppo` holds on one device, category by category, under its
-precision rules (engine/device.py, stages/ppo.py):
-- weights: on CUDA the trained weights are fp32 and the frozen ones bf16 (model.dtype=auto). Full fine-tuning:
-  policy fp32 (4P), reference bf16 copy (2P), reward model bf16 (2B), value model fp32 (4B). LoRA: policy base
-  bf16 (2P) + fp32 adapters, no reference (the policy with adapters off), reward model bf16 (2B), value base bf16
-  (2B) + adapters + head. P = policy parameters (with the LM head), B = body parameters (reward/value: no LM head).
-- gradients 4 bytes and AdamW state 8 bytes per trained parameter (fp32).
-- update activations: one micro-batch of b sequences of T = prompt + response tokens through the policy and the
-  value model, kept for the backward pass under bf16 autocast. Per layer and token, without checkpointing,
-  about (20 h + 8 kv·hd + 8 I) bytes: the fp32 residual stream in and out of each block (2 x 4h), the normed inputs,
-  q/k/v/o and the attention output in bf16 (~6 x 2h, k and v at kv·hd), the MLP's gate, up, silu(gate) and their
-  product (4 x 2I); attention itself is SDPA (flash / memory-efficient: no T x T scores kept). With gradient
-  checkpointing only each block's input stays (4h per token and layer), plus one block's activations while it
-  is recomputed. The policy adds its logits: the LM head's bf16 output over all T positions (2 V b T, freed once
-  the response slice is taken), the fp32 response slice and the copies the loss keeps for backward (logits / T,
-  its softmax, the finite-masked copy, logsumexp's input: 5 x 4 V b R).
-- rollout: the KV cache of generation (2 x layers x kv·hd x (prompt + response) x rollout micro-batch x 2 bytes in
-  bf16, 4 when the sampled model is held in fp32), and the forward passes of the rollout, whose largest transient is
-  the logits of `train.rollout_micro_batch_size` sequences: the full [b, T, V] output plus the fp32 response slice
-  and its log-softmax (the policy, fp32 without autocast: 4 bytes each).
-- peak of an iteration = max(rollout phase, update phase); the rollout phase holds weights + AdamW state, the update
-  phase weights + gradients + AdamW state + activations. Plus `--overhead-gib` for the CUDA context, the allocator's
-  fragmentation and workspace (default 3 GiB).
+Pure arithmetic (no model is built, torch is not needed): bytes of what `rlhf ppo` holds on one device, by
+category, under the stage's precision rules (engine/device.py; stages/ppo.py `load_roles`; model.dtype=auto: on
+CUDA the frozen weights are bf16, the trained ones fp32, and the update runs under bf16 autocast; on the CPU
+everything is fp32). Notation: h hidden, L layers, kvd = kv_heads x head_dim, I intermediate, V vocabulary,
+P = parameters of the causal LM (LM head included; once when tied to the embeddings), B = of its body (no LM head),
+A = LoRA adapter parameters of one model, b micro-batch, T = prompt + response tokens, R = response tokens.
 
-On CPU (`--device cpu`) every weight is fp32 and nothing runs under autocast (activations at 4 bytes): this is the
-mode to hold against `scripts/bench_ppo.py` measurements on this machine (peak RSS also holds the Python/torch
-runtime, about 0.35 GiB). The note of issue 9 compares the two.
+weights (per role; frozen f = 2 bytes on CUDA, 4 on the CPU):
+    full:  policy 4P,           reference f·P,  reward f·(B + h),  value 4·(B + h + 1)
+    LoRA:  policy f·P + 4A,     reference 0 (the policy with adapters off), reward f·(B + h), value f·B + 4·(A + h + 1)
+    A = L · r · [2(h + h) + 2(h + kvd) + 3(h + I)]   (all-linear: q, o; k, v; gate, up, down; never the LM head)
+    The reward head is h wide (no bias, as <Arch>ForSequenceClassification); the value head gets a bias (+1).
+trained parameters N:  full P + B + h + 1;  LoRA 2A + h + 1.      gradients 4N;   AdamW 8N (exp_avg, exp_avg_sq).
 
-The largest model that fits: for each preset, the largest micro-batch sizes (powers of two, at most the rollout)
-with which the peak stays under --gpu-gib, with and without gradient checkpointing; a model fits when some
-micro-batch of at least 1 does.
+update (one micro-batch of b sequences through the policy and the value model, one backward of both):
+  saved per token and layer, bytes (counted from the ops, and measured exactly with saved-tensor hooks by --check):
+    CUDA, full (fp32 weights under bf16 autocast): 30h + 4kvd + 8I + 4·heads + 8
+        fp32 residual in (4h) and after attention (4h), both RMSNorms' fp32 normalised input (2 x 4h), autocast's bf16
+        copy of the normed input made by each of q, k, v, gate, up (5 x 2h), q and k after RoPE and v (2h + 4kvd),
+        the attention output (2h, which o_proj reads in place), its logsumexp (4 per head), gate, up, silu(gate) and
+        their product (4 x 2I), two rsqrt (8).
+    CUDA, LoRA (bf16 base, fp32 adapters): 24h + 4kvd + 8I + 14r + 4·heads + 8: the residual is bf16 and the
+        frozen base layers keep nothing of their input; each norm keeps its fp32 upcast (2 x 4h), each adapter its
+        input's bf16 copy (5 x 2h + 2h + 2I: q, k, v, gate, up read the normed input, o and down their own) and
+        A·x (2r each of 7).
+    CPU, full: 32h + 8kvd + 16I + 4·heads + 8;   CPU, LoRA: 24h + 8kvd + 16I + 28r + 4·heads + 8 (fp32, no copies).
+    With gradient checkpointing only each layer's input stays: 4h (fp32 residual; 2h for LoRA on CUDA).
+  plus the transient of the backward: another 1/4 layer of activations without checkpointing, 5/4 with (the layer
+  being recomputed and the gradients through it; measured on the CPU: 0.25 and 1.25 x the formula above).
+  autocast's bf16 copies of the trained fp32 weights it multiplies with, kept for the micro-step: CUDA full
+  2·(matmul weights of the policy, its LM head, the value body and head); LoRA 2·(2A + h).
+  logits the loss keeps (rollout.policy_logits, rl.logprobs_from_logits, rl.entropy_from_logits): the LM head's output
+  over all T positions ([b, T, V], bf16 under autocast, freed when `policy_logits` returns its fp32 response slice
+  [b, R, V] from `.float()`), then z = logits/temp (4, kept by logsumexp), logsumexp's temporary (4), entropy's
+  logits/temp (4), softmax (4), the isfinite mask (1), the finite-masked copy (4), softmax·z (4, temporary):
+  forward peak 25·VbR bytes, 17·VbR kept for the backward, whose gradients take it to 36·VbR (measured: 35.4
+  with the stage's own functions; the half-precision row-at-a-time branch of logprobs_from_logits never runs,
+  the slice arrives in fp32). Peak: max(2VbT + 4VbR, 36VbR) on CUDA. On the CPU the output is fp32 and `.float()`
+  returns a view of it, so all [b, T, V] stays until the loss is built: max(4VbT + 22VbR, 36VbR).
+
+rollout (train.rollout_micro_batch_size = c sequences per pass, no autocast):
+  generation: KV cache 2·L·kvd·t·c·s bytes (s = the sampled policy's dtype: 4 fully trained, 2 with LoRA on CUDA)
+    at t = T, or at t = prompt plus the prefill's MLP transient c·prompt·(2h + 3I)·s, whichever is larger;
+  the log-prob passes of the policy and the reference over [c, T, V]: in fp32 4VcT (the slice is a view) + z +
+  logsumexp's temporary = 4VcT + 8VcR; in bf16 max(2VcT + 4VcR, 12VcR); the value and reward passes
+  c·T·(2h + 3I) x 4 bytes (f with LoRA): a layer's input, its norm and the MLP's three [c, T, I]. The rollout
+  phase holds weights + AdamW state + the largest of these.
+
+loading (load_roles' order): CUDA full: the reference arrives in fp32 before its cast (8P with the policy); LoRA:
+  the value model arrives in fp32 before its base is cast (f·P + 4A + f·(B + h) + 4·(B + h + 1)).
+optimizer step: weights + gradients + AdamW + foreach AdamW's temporary sqrt(exp_avg_sq) (4N on CUDA; on the CPU the
+  single-tensor AdamW: the largest parameter).
+peak = max(loading, rollout, update, step) + --overhead-gib (CUDA context, cuBLAS workspace, allocator slack).
+
+The largest model that fits: per preset, the largest power-of-two train.micro_batch_size (<= prompts_per_rollout /
+num_mini_batches) and train.rollout_micro_batch_size (<= prompts_per_rollout) whose peak fits (the two phases are
+apart, so each is the largest that fits its own); a model fits when 1 / 1 does.
+
+Against measurement. Static part: `check_static` builds the four roles with the stage's own load_roles (on the CPU
+with model.dtype=bfloat16, the CUDA rule) and steps AdamW once: weights per role, gradients and AdamW state match
+this accounting to the byte (tests/test_ppo_memory.py, full and LoRA, tied and untied). Activations:
+`check_activations` counts the bytes autograd saves per added layer (saved-tensor hooks) in all four regimes and
+matches the formulas above exactly (SDPA without a padding mask; the CPU kernel with one keeps more). A whole
+iteration, measured on 2 shared CPU cores (torch 2.13, transformers 5.24): a 19.6M Llama (hidden 256 x 4 layers, 4
+heads, I 704, vocab 32000), 16 prompts of 32 tokens, responses of 32, micro-batch 8, rollout micro-batch 16, 4 epochs
+x 2 minibatches, no checkpointing:
+
+    .venv/bin/python scripts/bench_ppo.py --compare --sizes 256x4 --vocab-size 32000 --prompts 16 \
+        --prompt-length 32 --response-length 32 --micro-batch 8 --iterations 2 --device cpu
+    .venv/bin/python scripts/ppo_memory.py --device cpu --hidden 256 --layers 4 --vocab 32000 --prompts 16 \
+        --prompt-length 32 --response-length 32 --micro-batch 8 --rollout-micro-batch 16 --no-gradient-checkpointing \
+        [--lora-r 16]
+
+    peak RSS less the runtime's (356 MiB after imports)   full 1211 MiB   LoRA r=16  950 MiB
+    this estimate (update phase; live tensors)            full  956 MiB   LoRA r=16  530 MiB
+
+The gap (+255 / +420 MiB) is, as far as checked, glibc's heap rather than tensors (the LoRA run's larger gap is
+not fully explained): the loss's [8, 32, 32000] fp32 copies (31.25 MiB each) fall under glibc's 32 MiB mmap
+threshold, and freed heap is not given back. The loss alone at that shape (the stage's functions, forward and
+backward) peaks at 442 MiB of RSS for 270 MiB of live tensors, and at 270 MiB with MALLOC_MMAP_THRESHOLD_=65536
+(every large block mapped and unmapped): run the bench so to compare live tensors. On
+CUDA the caching allocator's slack and fragmentation are what --overhead-gib stands for; a GPU run of bench_ppo.py
+(torch.cuda.max_memory_allocated) is the check this accounting still lacks.
 """
 
 from __future__ import annotations
@@ -43,10 +96,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 GIB = 2**30
-
 
 @dataclass(frozen=True)
 class Llama:
@@ -64,26 +118,34 @@ class Llama:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    @property
+    def kvd(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_matmul_params(self) -> int:
+        """q, o: h·h; k, v: h·kvd; gate, up, down: h·I."""
+        h = self.hidden
+        return 2 * h * h + 2 * h * self.kvd + 3 * h * self.intermediate
+
     def layer_params(self) -> int:
-        """q, o: h·h; k, v: h·kv·hd; gate, up, down: h·I each; two RMSNorm weights."""
-        h, kvd = self.hidden, self.kv_heads * self.head_dim
-        return 2 * h * h + 2 * h * kvd + 3 * h * self.intermediate + 2 * h
+        """The matmul weights and two RMSNorm weights."""
+        return self.layer_matmul_params() + 2 * self.hidden
 
     def body_params(self) -> int:
-        """The transformer body (AutoModel): embeddings, layers, final norm."""
+        """B: the transformer body (AutoModel): embeddings, layers, final norm."""
         return self.vocab * self.hidden + self.layers * self.layer_params() + self.hidden
 
     def causal_lm_params(self) -> int:
-        """The body plus the LM head (shared with the embeddings when tied)."""
+        """P: the body plus the LM head (shared with the embeddings when tied)."""
         return self.body_params() + (0 if self.tied else self.vocab * self.hidden)
 
     def lora_params(self, r: int) -> int:
-        """Adapters on every linear layer of the blocks (all-linear): r·(in + out) per q, k, v, o, gate, up, down."""
-        h, kvd, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        """A: adapters on every linear layer of the blocks (all-linear): r·(in + out) per q, k, v, o, gate, up, down."""
+        h, kvd, i = self.hidden, self.kvd, self.intermediate
         return self.layers * r * (2 * (h + h) + 2 * (h + kvd) + 3 * (h + i))
 
 
-PRESETS = [
+PRESETS = [  # the public config.json numbers
     Llama("Llama-3.2-1B", 2048, 16, 32, 8, 8192, 128256, tied=True),
     Llama("Llama-3.2-3B", 3072, 28, 24, 8, 8192, 128256, tied=True),
     Llama("Llama-3.1-8B", 4096, 32, 32, 8, 14336, 128256),
@@ -95,123 +157,365 @@ PRESETS = [
 
 @dataclass(frozen=True)
 class Setting:
-    prompts: int = 64             # ppo.prompts_per_rollout
+    prompts: int = 64              # ppo.prompts_per_rollout
     prompt_length: int = 512
-    response_length: int = 256
-    micro_batch: int = 8          # train.micro_batch_size
+    response_length: int = 256     # ppo.response_length
+    micro_batch: int = 8           # train.micro_batch_size
     rollout_micro_batch: int = 64  # train.rollout_micro_batch_size
-    lora_r: int = 0
+    lora_r: int = 0                # model.lora.r
     gradient_checkpointing: bool = True
-    device: str = "cuda"          # cuda: bf16 frozen weights and autocast; cpu: fp32 everything
+    device: str = "cuda"           # cuda: bf16 frozen weights and autocast; cpu: fp32 everything
+    num_mini_batches: int = 2      # ppo.num_mini_batches: micro_batch <= prompts / num_mini_batches
 
 
-def estimate(m: Llama, s: Setting) -> dict[str, float]:
-    """Bytes by category of one PPO iteration (see the module docstring for every formula), and the peak."""
-    cuda = s.device == "cuda"
-    frozen, act = (2, 2) if cuda else (4, 4)     # bytes per frozen weight, per activation element
-    P, B = m.causal_lm_params(), m.body_params()
-    head = m.hidden + 1                           # the scalar head (+ the value head's bias)
+def weights(m: Llama, s: Setting) -> dict[str, int]:
+    """Bytes of each role's weights (see the module docstring)."""
+    f = 2 if s.device == "cuda" else 4
+    P, B, h = m.causal_lm_params(), m.body_params(), m.hidden
     if s.lora_r:
-        adapters = m.lora_params(s.lora_r)
-        trained = 2 * adapters + head
-        weights = {"policy": frozen * P + 4 * adapters, "reference": 0,
-                   "reward": frozen * B + 4 * head, "value": frozen * B + 4 * (adapters + head)}
-        sampled_bytes = frozen                     # the policy samples with its frozen-dtype base
-    else:
-        trained = P + B + head
-        weights = {"policy": 4 * P, "reference": frozen * P, "reward": frozen * B + 4 * head, "value": 4 * (B + head)}
-        sampled_bytes = 4
-    T, R, V = s.prompt_length + s.response_length, s.response_length, m.vocab
-    h, kvd, i, L = m.hidden, m.kv_heads * m.head_dim, m.intermediate, m.layers
-    per_token_layer = (20 * h + 8 * kvd + 8 * i) * act // 2
-    b = s.micro_batch
+        A = m.lora_params(s.lora_r)
+        return {"policy": f * P + 4 * A, "reference": 0, "reward": f * (B + h), "value": f * B + 4 * (A + h + 1)}
+    return {"policy": 4 * P, "reference": f * P, "reward": f * (B + h), "value": 4 * (B + h + 1)}
+
+
+def trained_parameters(m: Llama, s: Setting) -> int:
+    """N = P + B + h + 1 (full) or 2A + h + 1 (LoRA): the policy and the value model with its head."""
+    if s.lora_r:
+        return 2 * m.lora_params(s.lora_r) + m.hidden + 1
+    return m.causal_lm_params() + m.body_params() + m.hidden + 1
+
+
+def layer_activations(m: Llama, s: Setting) -> int:
+    """Bytes autograd keeps per token and layer without checkpointing (the module docstring derives each term)."""
+    h, kvd, i, r, small = m.hidden, m.kvd, m.intermediate, s.lora_r, 4 * m.heads + 8
+    if s.device == "cuda":
+        return (24 * h + 4 * kvd + 8 * i + 14 * r if r else 30 * h + 4 * kvd + 8 * i) + small
+    return (24 * h + 8 * kvd + 16 * i + 28 * r if r else 32 * h + 8 * kvd + 16 * i) + small
+
+
+def checkpoint_activations(m: Llama, s: Setting) -> int:
+    """Bytes per token and layer with gradient checkpointing: the layer's input (the residual stream)."""
+    return 2 * m.hidden if s.device == "cuda" and s.lora_r else 4 * m.hidden
+
+
+def body_activations(m: Llama, s: Setting, b: int, t: int) -> tuple[int, int]:
+    """(kept, backward transient) of one model's body for b sequences of t tokens."""
+    layer = b * t * layer_activations(m, s)
     if s.gradient_checkpointing:
-        body_acts = b * T * (L * 4 * h + per_token_layer)
+        return m.layers * b * t * checkpoint_activations(m, s), layer * 5 // 4
+    return m.layers * layer, layer // 4
+
+
+def autocast_copies(m: Llama, s: Setting) -> int:
+    """bf16 copies autocast makes of the trained fp32 weights it multiplies with (kept for the micro-step)."""
+    if s.device != "cuda":
+        return 0
+    if s.lora_r:
+        return 2 * (2 * m.lora_params(s.lora_r) + m.hidden)
+    matmul = m.layers * m.layer_matmul_params()
+    return 2 * (matmul + m.vocab * m.hidden + matmul + m.hidden)
+
+
+def update_logits(m: Llama, s: Setting, b: int) -> int:
+    """The loss's logits at their peak: max(2VbT + 4VbR, 36VbR) on CUDA, max(4VbT + 22VbR, 36VbR) on the CPU."""
+    V, T, R = m.vocab, s.prompt_length + s.response_length, s.response_length
+    if s.device == "cuda":
+        return max(2 * V * b * T + 4 * V * b * R, 36 * V * b * R)
+    return max(4 * V * b * T + 22 * V * b * R, 36 * V * b * R)
+
+
+def logprob_pass(V: int, c: int, T: int, R: int, dtype_bytes: int) -> int:
+    """One log-prob pass of the rollout over c sequences: 4VcT + 8VcR in fp32, max(2VcT + 4VcR, 12VcR) in bf16."""
+    if dtype_bytes == 4:
+        return 4 * V * c * T + 8 * V * c * R
+    return max(2 * V * c * T + 4 * V * c * R, 12 * V * c * R)
+
+
+def rollout_activations(m: Llama, s: Setting) -> dict[str, int]:
+    """The rollout's transients: generation (KV cache, prefill), the log-prob passes, the value/reward passes."""
+    c, P, R = s.rollout_micro_batch, s.prompt_length, s.response_length
+    T, h, i = P + R, m.hidden, m.intermediate
+    cuda = s.device == "cuda"
+    sampled = 2 if cuda and s.lora_r else 4
+    frozen = 2 if cuda else 4
+    kv = 2 * m.layers * m.kvd * c * sampled
+    generation = max(kv * T, kv * P + c * P * (2 * h + 3 * i) * sampled)
+    logprobs = max(logprob_pass(m.vocab, c, T, R, sampled), logprob_pass(m.vocab, c, T, R, frozen))
+    passes = c * T * (2 * h + 3 * i) * (frozen if s.lora_r else 4)  # the value model: fp32 when fully trained
+    return {"generation": generation, "logprob_pass": logprobs, "value_reward_pass": passes}
+
+
+def estimate(m: Llama, s: Setting) -> dict[str, int]:
+    """Bytes by category and phase of one PPO iteration (the module docstring has every formula), and the peak."""
+    w = weights(m, s)
+    static, N = sum(w.values()), trained_parameters(m, s)
+    grads, adam = 4 * N, 8 * N
+    b, T = s.micro_batch, s.prompt_length + s.response_length
+    kept, transient = body_activations(m, s, b, T)
+    logits = update_logits(m, s, b)
+    copies = autocast_copies(m, s)
+    rollout = rollout_activations(m, s)
+    P, B, h, f = m.causal_lm_params(), m.body_params(), m.hidden, (2 if s.device == "cuda" else 4)
+    if s.device != "cuda":
+        loading = static
+    elif s.lora_r:
+        A = m.lora_params(s.lora_r)
+        loading = max(4 * P, f * P + 4 * A + f * (B + h) + 4 * (B + h + 1))
     else:
-        body_acts = b * T * L * per_token_layer
-    logits = act * V * b * T + 4 * V * b * R + 5 * 4 * V * b * R
-    update_acts = 2 * body_acts + logits          # policy and value model, one micro-batch each, plus the logits
-    rb = s.rollout_micro_batch
-    kv_cache = 2 * L * kvd * T * rb * sampled_bytes
-    rollout_logits = 4 * V * rb * T + 2 * 4 * V * rb * R
-    rollout_acts = max(kv_cache, rollout_logits + rb * T * h * 4 * 2)
-    static = sum(weights.values())
-    out = {**{f"weights_{k}": v for k, v in weights.items()}, "gradients": 4 * trained, "adamw": 8 * trained,
-           "update_activations": update_acts, "rollout_activations": rollout_acts,
-           "trained_parameters": trained, "parameters": P}
-    out["peak"] = max(static + 8 * trained + rollout_acts, static + 12 * trained + update_acts)
+        loading = max(8 * P, static)
+    largest_param = max(m.vocab, m.intermediate) * h
+    out = {**{f"weights_{k}": v for k, v in w.items()}, "gradients": grads, "adamw": adam,
+           "autocast_copies": copies, "update_activations": 2 * kept, "update_transient": transient,
+           "update_logits": logits, **{f"rollout_{k}": v for k, v in rollout.items()},
+           "trained_parameters": N, "parameters": P}
+    out["phase_loading"] = loading
+    out["phase_rollout"] = static + adam + max(rollout.values())
+    out["phase_update"] = static + grads + adam + copies + 2 * kept + max(logits, transient)
+    out["phase_step"] = static + grads + adam + (4 * N if s.device == "cuda" else 4 * largest_param)
+    out["peak"] = max(out["phase_loading"], out["phase_rollout"], out["phase_update"], out["phase_step"])
     return out
 
 
+def powers_of_two(limit: int) -> list[int]:
+    return [1 << k for k in range(limit.bit_length()) if 1 << k <= limit]
+
+
 def largest_micro_batches(m: Llama, s: Setting, budget: float) -> Setting | None:
-    """The setting with the largest power-of-two micro-batches (update first, then rollout) whose peak fits
-    `budget` bytes, or None when even 1 and 1 do not."""
+    """`s` with the largest power-of-two micro-batches (train, then rollout) whose peak fits `budget` bytes, or
+    None when even 1 / 1 does not."""
     best = None
-    mb = 1
-    while mb <= s.prompts:
-        rmb = 1
-        while rmb <= s.prompts:
-            trial = Setting(**{**asdict(s), "micro_batch": mb, "rollout_micro_batch": rmb})
+    for mb in powers_of_two(s.prompts // s.num_mini_batches):
+        for rmb in powers_of_two(s.prompts):
+            trial = replace(s, micro_batch=mb, rollout_micro_batch=rmb)
             if estimate(m, trial)["peak"] <= budget:
-                best = trial if best is None or (mb, rmb) > (best.micro_batch, best.rollout_micro_batch) else best
-            rmb *= 2
-        mb *= 2
+                best = trial  # the loops ascend: the last fit is the largest (train first, then rollout)
     return best
 
 
+KEYS = (("full", 0, True), ("full_no_ckpt", 0, False), ("lora16", 16, True), ("lora16_no_ckpt", 16, False))
+
+
 def table(models: list[Llama], s: Setting, gpu_gib: float, overhead_gib: float) -> list[dict]:
-    """Per model: full and LoRA peaks at the largest micro-batches that fit (or at 1/1 when none does)."""
+    """Per model and way (full / LoRA r=16, with / without gradient checkpointing): the peak GiB (overhead included)
+    at the largest micro-batches that fit, or at 1 / 1 when none does, whether it fits, and the micro-batches."""
     budget = (gpu_gib - overhead_gib) * GIB
     rows = []
     for m in models:
         row = {"model": m.name, "parameters_b": m.causal_lm_params() / 1e9}
-        for label, r in (("full", 0), ("lora16", 16)):
-            for ckpt in (True, False):
-                base = Setting(**{**asdict(s), "lora_r": r, "gradient_checkpointing": ckpt})
-                fit = largest_micro_batches(m, base, budget)
-                at = fit or Setting(**{**asdict(base), "micro_batch": 1, "rollout_micro_batch": 1})
-                key = f"{label}{'' if ckpt else '_no_ckpt'}"
-                row[f"{key}_gib"] = (estimate(m, at)["peak"] + overhead_gib * GIB) / GIB
-                row[f"{key}_fits"] = fit is not None
-                row[f"{key}_micro"] = f"{at.micro_batch}/{at.rollout_micro_batch}" if fit else "-"
+        for key, r, ckpt in KEYS:
+            base = replace(s, lora_r=r, gradient_checkpointing=ckpt)
+            fit = largest_micro_batches(m, base, budget)
+            at = fit or replace(base, micro_batch=1, rollout_micro_batch=1)
+            row[f"{key}_gib"] = estimate(m, at)["peak"] / GIB + overhead_gib
+            row[f"{key}_fits"] = fit is not None
+            row[f"{key}_micro"] = f"{at.micro_batch}/{at.rollout_micro_batch}" if fit else "-"
         rows.append(row)
     return rows
 
 
 def largest(rows: list[dict], key: str) -> str:
-    fitting = [r["model"] for r in rows if r[f"{key}_fits"]]
-    return fitting[-1] if fitting else "none"
+    """The largest model (the rows ascend in size) that fits the given way, or 'none'."""
+    fitting = [r for r in rows if r[f"{key}_fits"]]
+    return f"{fitting[-1]['model']} ({fitting[-1][key + '_micro']})" if fitting else "none"
+
+
+# ---- against measurement (needs torch; small configs only) ------------------------------------------------------
+
+def save_upstream(m: Llama, directory: Path) -> tuple[str, str]:
+    """A seeded random Llama of shape `m` with the built-in tokenizer (the "SFT policy") and a reward model on its
+    body (the "reward artifact"), saved as `rlhf sft` and `rlhf reward` would. m.vocab must cover the tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rlhf_cli.models.reward import RewardModel
+    from rlhf_cli.models.tiny import tiny_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path(cache_dir=str(directory)))
+    if m.vocab < len(tokenizer):
+        raise ValueError(f"vocab {m.vocab} < the built-in tokenizer's {len(tokenizer)} tokens")
+    config = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, num_hidden_layers=m.layers,
+                         num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                         intermediate_size=m.intermediate, tie_word_embeddings=m.tied,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    policy_dir, reward_dir = directory / "policy", directory / "reward"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    RewardModel.from_backbone(str(policy_dir), tokenizer).save_pretrained(reward_dir, tokenizer)
+    return str(policy_dir), str(reward_dir)
+
+
+def check_static(m: Llama, lora_r: int) -> dict[str, tuple[int, int]]:
+    """{category: (this accounting's bytes, measured bytes)} for weights per role, gradients, AdamW state and the
+    trained parameter count: the roles built by the stage's own `load_roles` on the CPU with model.dtype=bfloat16
+    (the CUDA rule: frozen weights bf16, trained fp32), gradients of every trained parameter, AdamW stepped once."""
+    import torch
+
+    from rlhf_cli.config import LoraConfig, PPOConfig, PPOModelConfig
+    from rlhf_cli.engine.optim import build_optimizer
+    from rlhf_cli.models import lora
+    from rlhf_cli.models.loading import quiet_transformers
+    from rlhf_cli.stages import ppo
+
+    quiet_transformers()
+    with tempfile.TemporaryDirectory(prefix="ppo-memory-") as tmp:
+        policy_dir, reward_dir = save_upstream(m, Path(tmp))
+        cfg = PPOConfig(model=PPOModelConfig(dtype="bfloat16", lora=LoraConfig(r=lora_r, alpha=2.0 * lora_r)))
+        roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, reward_dir, reward_dir, []), torch.device("cpu"))
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    trained = [p for model in roles.trained().values() for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trained, cfg.optim)
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    reference = 0 if isinstance(roles.reference, lora.BaseView) else nbytes(roles.reference.parameters())
+    measured = {"weights_policy": nbytes(roles.policy.parameters()), "weights_reference": reference,
+                "weights_reward": nbytes(roles.reward.parameters()), "weights_value": nbytes(roles.value.parameters()),
+                "gradients": nbytes(p.grad for p in trained),
+                "adamw": nbytes(t for st in optimizer.state.values() for k, t in st.items()
+                                if k in ("exp_avg", "exp_avg_sq")),
+                "trained_parameters": sum(p.numel() for p in trained)}
+    est = estimate(m, Setting(lora_r=lora_r, device="cuda"))
+    return {k: (est[k], v) for k, v in measured.items()}
+
+
+def saved_bytes(m: Llama, layers: int, lora_r: int, autocast: bool, b: int, t: int) -> int:
+    """Bytes autograd saves for the backward in one forward of the body of `m` with `layers` layers (b sequences of
+    t tokens, no padding), parameters themselves not counted: bf16 base under CPU autocast (the CUDA rule) when
+    `autocast`, else fp32."""
+    import contextlib
+
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    from rlhf_cli.config import LoraConfig
+    from rlhf_cli.models import lora
+
+    config = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, num_hidden_layers=layers,
+                         num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                         intermediate_size=m.intermediate, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    model = LlamaModel(config).train()
+    lora.add_adapters(model, LoraConfig(r=lora_r, alpha=2.0 * lora_r), 0,
+                      base_dtype=torch.bfloat16 if autocast else None)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    ids = torch.randint(0, m.vocab, (b, t), generator=torch.Generator().manual_seed(0))
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return sum(seen.values())
+
+
+def check_activations(m: Llama, lora_r: int, device: str, b: int = 2, t: int = 16) -> tuple[int, int]:
+    """(this accounting, measured): bytes one more layer adds to what autograd keeps, for b x t tokens: the
+    per-token formula plus, on CUDA, autocast's copies of that layer's trained weights. Measured as the difference
+    of `saved_bytes` between 2 and 1 layers (on the CPU; CPU autocast stands in for CUDA's)."""
+    s = Setting(lora_r=lora_r, device=device, gradient_checkpointing=False)
+    one = Llama(m.name, m.hidden, 1, m.heads, m.kv_heads, m.intermediate, m.vocab)
+    copies = 0
+    if device == "cuda":
+        copies = 2 * (one.lora_params(lora_r) if lora_r else one.layer_matmul_params())
+    expected = b * t * layer_activations(m, s) + copies
+    autocast = device == "cuda"
+    measured = saved_bytes(m, 2, lora_r, autocast, b, t) - saved_bytes(m, 1, lora_r, autocast, b, t)
+    return expected, measured
+
+
+def run_checks() -> int:
+    """Print the static and activation checks for a small config."""
+    m = Llama("check", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, vocab=512)
+    ok = True
+    for tied in (False, True):
+        for r in (0, 4):
+            for k, (est, got) in check_static(replace(m, tied=tied), r).items():
+                ok &= est == got
+                print(f"static  {'tied' if tied else 'untied'} r={r} {k:20s} estimate {est:>10,} measured {got:>10,}"
+                      f"  {'ok' if est == got else 'DIFFERS'}")
+    for device in ("cuda", "cpu"):
+        for r in (0, 4):
+            est, got = check_activations(m, r, device)
+            ok &= est == got
+            print(f"layer   {device} rule r={r:<2} saved bytes per layer estimate {est:>10,} measured {got:>10,}  "
+                  f"{'ok' if est == got else 'DIFFERS'}")
+    return 0 if ok else 1
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+def show_categories(m: Llama, s: Setting, overhead_gib: float, as_json: bool) -> None:
+    out = {k: (v if k in ("trained_parameters", "parameters") else v / GIB) for k, v in estimate(m, s).items()}
+    out["peak_with_overhead"] = out["peak"] + overhead_gib
+    if as_json:
+        print(json.dumps({"model": m.name, "micro_batch": s.micro_batch,
+                          "rollout_micro_batch": s.rollout_micro_batch, **out}))
+        return
+    print(f"{m.name}: {m.causal_lm_params() / 1e9:.2f}B parameters, {'LoRA r=' + str(s.lora_r) if s.lora_r else 'full'}"
+          f", {s.device}, micro-batches {s.micro_batch}/{s.rollout_micro_batch}, gradient checkpointing "
+          f"{'on' if s.gradient_checkpointing else 'off'} (GiB)")
+    for k, v in out.items():
+        print(f"  {k:22s} {v:>14,.3f}" if isinstance(v, float) else f"  {k:22s} {v:>14,}")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--gpu-gib", type=float, default=80 * 1e9 / GIB, help="device memory (80 GB = 74.5 GiB)")
-    p.add_argument("--overhead-gib", type=float, default=3.0)
-    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--gpu-gib", type=float, default=79.2,
+                   help="device memory: an 80 GB A100/H100 reports about 79.2 GiB")
+    p.add_argument("--overhead-gib", type=float, default=3.0,
+                   help="CUDA context, cuBLAS workspace, allocator fragmentation")
+    p.add_argument("--prompts", type=int, default=64, help="ppo.prompts_per_rollout")
+    p.add_argument("--mini-batches", type=int, default=2, help="ppo.num_mini_batches")
     p.add_argument("--prompt-length", type=int, default=512)
     p.add_argument("--response-length", type=int, default=256)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--hidden", type=int, help="one model instead of the presets: its hidden size")
+    p.add_argument("--model", choices=[m.name for m in PRESETS], help="the categories of one preset")
+    p.add_argument("--hidden", type=int, help="the categories of one custom model: its hidden size")
     p.add_argument("--layers", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--intermediate", type=int)
+    p.add_argument("--heads", type=int, help="default hidden / 64")
+    p.add_argument("--kv-heads", type=int, help="default --heads")
+    p.add_argument("--intermediate", type=int, help="default Llama's 8/3 x hidden, to a multiple of 64")
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--rollout-micro-batch", type=int, default=64)
+    p.add_argument("--tied", action="store_true", help="LM head tied to the embeddings")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="train.micro_batch_size (one model: default the largest that fits, or 8 on the CPU)")
+    p.add_argument("--rollout-micro-batch", type=int, default=None,
+                   help="train.rollout_micro_batch_size (default as --micro-batch; 64 on the CPU)")
     p.add_argument("--lora-r", type=int, default=0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="(one model) without gradient checkpointing; the table shows both")
+    p.add_argument("--check", action="store_true", help="compare the accounting with instantiated models")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    s = Setting(args.prompts, args.prompt_length, args.response_length, args.micro_batch, args.rollout_micro_batch,
-                args.lora_r, args.gradient_checkpointing, args.device)
-    if args.hidden:  # one model, one setting: the categories
-        heads = args.heads or max(1, args.hidden // 64)
-        m = Llama("custom", args.hidden, args.layers, heads, args.kv_heads or heads,
-                  args.intermediate or 64 * round(8 * args.hidden / 3 / 64), args.vocab)
-        out = {k: v / GIB if k not in ("trained_parameters", "parameters") else v for k, v in estimate(m, s).items()}
-        print(json.dumps(out) if args.json else "\n".join(f"{k:22s} {v:,.3f}" for k, v in out.items()))
+    if args.check:
+        return run_checks()
+    s = Setting(args.prompts, args.prompt_length, args.response_length, args.micro_batch or 8,
+                args.rollout_micro_batch or min(64, args.prompts), args.lora_r, args.gradient_checkpointing,
+                args.device, args.mini_batches)
+    if args.hidden or args.model:
+        if args.model:
+            m = next(x for x in PRESETS if x.name == args.model)
+        else:
+            heads = args.heads or max(1, args.hidden // 64)
+            m = Llama("custom", args.hidden, args.layers, heads, args.kv_heads or heads,
+                      args.intermediate or 64 * round(8 * args.hidden / 3 / 64), args.vocab, args.tied)
+        if args.device == "cuda" and args.micro_batch is None:
+            s = largest_micro_batches(m, s, (args.gpu_gib - args.overhead_gib) * GIB) or replace(
+                s, micro_batch=1, rollout_micro_batch=1)
+        if args.rollout_micro_batch:
+            s = replace(s, rollout_micro_batch=args.rollout_micro_batch)
+        show_categories(m, s, args.overhead_gib if args.device == "cuda" else 0.0, args.json)
         return 0
     rows = table(PRESETS, s, args.gpu_gib, args.overhead_gib)
     if args.json:
@@ -220,19 +524,23 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"rlhf ppo on one {args.gpu_gib:.1f} GiB GPU: prompts_per_rollout {s.prompts}, prompt "
-                    f"{s.prompt_length} + response {s.response_length} tokens (peak GiB at the largest micro-batch "
-                    f"train/rollout that fits; gradient checkpointing on unless said)", title_justify="left")
-    for col in ("model", "params", "full", "micro", "full, no ckpt", "LoRA r=16", "micro", "LoRA r=16, no ckpt"):
+    t = Table(title=f"rlhf ppo on one GPU of {args.gpu_gib:g} GiB ({args.overhead_gib:g} GiB overhead counted): "
+                    f"prompts_per_rollout {s.prompts}, prompt {s.prompt_length} + response {s.response_length} "
+                    f"tokens; peak GiB at the largest micro-batches train/rollout that fit", title_justify="left")
+    for col in ("model", "params", "full, ckpt", "full, no ckpt", "LoRA r=16, ckpt", "LoRA r=16, no ckpt"):
         t.add_column(col, justify="left" if col == "model" else "right")
+
+    def cell(r: dict, key: str) -> str:
+        if r[key + "_fits"]:
+            return f"{r[key + '_gib']:.1f} ({r[key + '_micro']}) fits"
+        return f"{r[key + '_gib']:.1f} at 1/1: no"
+
     for r in rows:
-        def cell(key: str) -> str:
-            return f"{r[key + '_gib']:.1f}{'' if r[key + '_fits'] else ' (no)'}"
-        t.add_row(r["model"], f"{r['parameters_b']:.2f}B", cell("full"), r["full_micro"], cell("full_no_ckpt"),
-                  cell("lora16"), r["lora16_micro"], cell("lora16_no_ckpt"))
-    Console(width=150).print(t)
-    print(f"largest that fits: full fine-tuning {largest(rows, 'full')}; LoRA r=16 {largest(rows, 'lora16')} "
-          f"(gradient checkpointing on)")
+        t.add_row(r["model"], f"{r['parameters_b']:.2f}B", *(cell(r, key) for key, _, _ in KEYS))
+    Console(width=160).print(t)
+    print(f"largest that fits: full fine-tuning {largest(rows, 'full')} with gradient checkpointing, "
+          f"{largest(rows, 'full_no_ckpt')} without; LoRA r=16 {largest(rows, 'lora16')} with, "
+          f"{largest(rows, 'lora16_no_ckpt')} without (micro-batches train/rollout)")
     return 0
 
 

@@ -29,8 +29,10 @@ def test_bench_ppo_runs_the_stage_phases_and_prints_its_figures(bench, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["prompts_per_rollout"] == 8 and out["epochs"] == 2 and out["iterations"] == 1
     assert out["rollout_tokens_per_s"] > 0 and out["update_tokens_per_s"] > 0 and out["seconds_per_iteration"] > 0
-    assert out["peak_memory_mib"] >= out["memory_after_loading_mib"] > 0
-    assert out["trained_policy_m"] == out["parameters_m"]  # full fine-tuning
+    assert out["peak_memory_mib"] >= out["peak_loading_mib"] >= out["memory_after_loading_mib"] > 0
+    assert out["runtime_rss_mib"] <= out["peak_loading_mib"]  # CPU: the runtime's RSS, before any model
+    assert out["trained_policy_m"] == out["parameters_m"] == out["reference_copy_m"]  # full: a frozen copy
+    assert out["trained_value_m"] == out["value_m"] > out["reward_m"]  # the value head's bias
 
 
 def test_bench_ppo_with_lora_trains_only_adapters(bench, capsys):
@@ -38,6 +40,7 @@ def test_bench_ppo_with_lora_trains_only_adapters(bench, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["lora_r"] == 4 and out["gradient_checkpointing"] is True
     assert 0 < out["trained_policy_m"] < out["parameters_m"] / 5 and out["trained_value_m"] > 0
+    assert out["reference_copy_m"] == 0  # the policy with its adapters off
 
 
 def test_bench_ppo_compare_runs_full_and_lora_in_their_own_processes(bench, capsys):
@@ -45,3 +48,5 @@ def test_bench_ppo_compare_runs_full_and_lora_in_their_own_processes(bench, caps
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["lora_r"] for r in rows] == [0, 16] and {r["model"] for r in rows} == {"16x1"}
     assert rows[1]["trained_policy_m"] < rows[0]["trained_policy_m"]
+    assert rows[0]["reward_m"] == rows[1]["reward_m"]  # the same models, built once for both runs
+    assert rows[1]["parameters_m"] - rows[0]["parameters_m"] == pytest.approx(rows[1]["trained_policy_m"])
