@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_cli.rl.masks import as_bool, last_index
 
 __all__ = [
     "masked_sum", "masked_mean", "masked_var", "masked_whiten", "kl_per_token", "per_token_rewards",
-    "gae", "policy_loss", "value_loss", "entropy_from_logits", "logprobs_from_logits", "explained_variance",
+    "gae", "policy_loss", "value_loss", "entropy_from_logits", "logprobs_from_logits", "logprobs_and_entropy",
+    "explained_variance",
     "adaptive_kl_update", "apply_missing_eos_penalty", "normalize_scores", "truncate_after_stop",
 ]
 
@@ -227,24 +227,93 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T) gathered at `tokens`:  z_tok / T − logsumexp(z / T).
+    """log softmax(logits / T) gathered at `tokens`:  z_tok / T − logsumexp(z / T), in float32.
 
     logits [..., V], tokens [...] → [...]. `temperature` is required on purpose: the rollout log-probs, the
     reference log-probs and the training log-probs must all use the sampling temperature T, or the ratio is not
-    1 on the first minibatch and the KL is biased. Half-precision logits are upcast to float32 one row at a time
-    (memory stays one row of float32 logits).
+    1 on the first minibatch and the KL is biased. Computed chunk-wise (`logprobs_and_entropy`): half-precision
+    logits are upcast a few rows at a time, and no [..., V] float32 tensor is kept for the backward pass.
+    """
+    return logprobs_and_entropy(logits, tokens, temperature, entropy=False)[0]
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                         entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(token), H) of the distribution p = softmax(z / T) at each position, in float32 (float64 for
+    float64 logits), fused and chunked:
+
+        u = z / T,   l = logsumexp(u),   log p = u − l
+        logp = u_tok − l                    H = −Σ_i p_i·log p_i      (entries with z_i = −inf contribute 0)
+
+    and, in the backward pass, with upstream gradients g (of logp) and h (of H):
+
+        ∂/∂z_i = [ g·(1[i = tok] − p_i)  −  h·p_i·(log p_i + H) ] / T
+
+    logits [..., V] in any floating dtype, tokens [...] → two [...] float32 tensors (H is None when `entropy` is
+    false). A few rows at a time are upcast to float32 (`chunk_rows`); the backward pass recomputes p from the
+    logits it keeps, so no [..., V] float32 tensor is materialised, let alone twice: the memory and time of the
+    softmax stay proportional to one chunk (Liger-style, in plain torch). `temperature` > 0, else ValueError.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    tokens = tokens.long().unsqueeze(-1)
-    if logits.dtype in (torch.float32, torch.float64):
-        z = logits / temperature
-        return z.gather(-1, tokens).squeeze(-1) - torch.logsumexp(z, dim=-1)
-    rows = []
-    for row_logits, row_tokens in zip(logits, tokens):
-        row = F.log_softmax(row_logits.float() / temperature, dim=-1)
-        rows.append(row.gather(-1, row_tokens).squeeze(-1))
-    return torch.stack(rows)
+    shape = tokens.shape
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, ent = _LogprobEntropy.apply(flat, tokens.reshape(-1).long(), float(temperature), bool(entropy),
+                                      chunk_rows(flat))
+    return logp.reshape(shape), (ent.reshape(shape) if entropy else None)
+
+
+def chunk_rows(logits: torch.Tensor) -> int:
+    """Rows of [N, V] logits upcast at a time: about 2^18 values (1 MiB of float32, cache-sized) on a CPU, 2^26 on
+    an accelerator (large enough that kernel launches do not dominate)."""
+    budget = 2 ** 18 if logits.device.type == "cpu" else 2 ** 26
+    return max(1, budget // max(1, logits.shape[-1]))
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    """The autograd form of `logprobs_and_entropy` on [N, V] logits (see its docstring for the formulas)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, with_entropy, rows):
+        n, work = logits.shape[0], torch.promote_types(logits.dtype, torch.float32)
+        logp = torch.empty(n, dtype=work, device=logits.device)
+        ent = torch.zeros(n, dtype=work, device=logits.device)
+        lse = torch.empty_like(logp)
+        tiny = torch.finfo(work).min
+        for i in range(0, n, rows):
+            u = logits[i:i + rows].to(work) / temperature
+            lse[i:i + rows] = l = torch.logsumexp(u, dim=-1)
+            log_p = u.sub_(l.unsqueeze(-1))                     # in place: log p
+            logp[i:i + rows] = log_p.gather(-1, tokens[i:i + rows].unsqueeze(-1)).squeeze(-1)
+            if with_entropy:
+                log_p.clamp_(min=tiny)                          # z = −inf: p = 0 and p·log p = 0, not NaN
+                ent[i:i + rows] = -(log_p.exp() * log_p).sum(-1)
+        ctx.save_for_backward(logits, tokens, lse, ent)
+        ctx.temperature, ctx.with_entropy, ctx.rows = temperature, with_entropy, rows
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_ent):
+        logits, tokens, lse, ent = ctx.saved_tensors
+        t, rows = ctx.temperature, ctx.rows
+        grad = torch.empty_like(logits)
+        tiny = torch.finfo(lse.dtype).min
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype)
+        use_ent = ctx.with_entropy and g_ent is not None
+        for i in range(0, logits.shape[0], rows):
+            c = slice(i, i + rows)
+            log_p = (logits[c].to(lse.dtype) / t).sub_(lse[c].unsqueeze(-1)).clamp_(min=tiny)
+            p = log_p.exp()
+            g = g_logp[c].unsqueeze(-1)
+            if use_ent:   # −h·p·(log p + H) − g·p
+                coef = log_p.add_(ent[c].unsqueeze(-1)).mul_(-g_ent[c].to(lse.dtype).unsqueeze(-1)).sub_(g)
+            else:
+                coef = g.neg().expand_as(p)
+            gu = p.mul_(coef)
+            gu.scatter_add_(-1, tokens[c].unsqueeze(-1), g)
+            grad[c] = gu.div_(t)
+        return grad, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------ statistics
