@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rlhf_cli.models.loading import logits_at
 from rlhf_cli.rl import ppo as rl
 from rlhf_cli.rl.masks import position_ids_from_mask
 
@@ -65,17 +66,42 @@ class Scorer:
     max_len: int                  # longest re-tokenised prompt + response (data.max_seq_len)
 
 
+BACKENDS = ("auto", "eager", "compiled")
+
+
+def backend_for(setting: str, device: torch.device) -> str:
+    """`ppo.rollout_backend`: auto = compiled on CUDA (decoding is kernel-launch bound there), eager elsewhere."""
+    if setting not in BACKENDS:
+        raise ValueError(f"unknown rollout backend {setting!r}; expected one of {', '.join(BACKENDS)}")
+    return ("compiled" if device.type == "cuda" else "eager") if setting == "auto" else setting
+
+
+def rollout(policy, prompts: list[list[int]], response_length: int, temperature: float, micro: int, pad_id: int,
+            eos_id: int, device, backend: str = "auto") -> Samples:
+    """B responses to B prompts, the one place a sampler plugs in (an inference engine would replace this
+    function): `Samples` in the shared layout, plain temperature sampling, truncated after the first EOS.
+
+    Backends (`backend_for`): eager = transformers' `generate` with a dynamic KV cache (the CPU path); compiled =
+    `generate` with a static KV cache, whose decoding step transformers compiles (torch.compile, CUDA graphs) on
+    CUDA; prompts are then left-padded to a multiple of 64 tokens for generation only, so a run compiles for a few
+    shapes, not one per batch. Both sample from the same distribution and return the same layout."""
+    static = backend_for(backend, device) == "compiled"
+    return sample(policy, prompts, response_length, temperature, micro, pad_id, eos_id, device, static=static)
+
+
 @torch.inference_mode()
 def sample(policy, prompts: list[list[int]], response_length: int, temperature: float, micro: int, pad_id: int,
-           eos_id: int, device) -> Samples:
+           eos_id: int, device, static: bool = False) -> Samples:
     """Sample responses with the KV cache from left-padded prompts: plain temperature sampling (top_k=0,
     top_p=1, no other logits processor), max_new_tokens = response_length, then everything after the first EOS
-    becomes padding. All rows share one layout: [P left-padded prompt | R response] with R = response_length."""
+    becomes padding. All rows share one layout: [P left-padded prompt | R response] with R = response_length.
+    static: a static KV cache (compiled by transformers on CUDA), over prompts padded to a multiple of 64."""
     from transformers import GenerationConfig
 
+    extra = {"cache_implementation": "static"} if static else {}
     gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                            max_new_tokens=response_length, min_new_tokens=0, repetition_penalty=1.0,
-                           no_repeat_ngram_size=0, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None)
+                           no_repeat_ngram_size=0, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None, **extra)
     width = max(len(x) for x in prompts)
     prompt = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros_like(prompt)
@@ -83,11 +109,15 @@ def sample(policy, prompts: list[list[int]], response_length: int, temperature: 
         prompt[i, width - len(ids):] = torch.tensor(ids)
         prompt_mask[i, width - len(ids):] = 1
     prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
+    lead = -width % 64 if static else 0   # generation-only left padding: a few compiled shapes
     responses = []
     for i in range(0, len(prompts), micro):
-        out = policy.generate(input_ids=prompt[i:i + micro], attention_mask=prompt_mask[i:i + micro],
-                              generation_config=gen)
-        r = out[:, width:]
+        ids, am = prompt[i:i + micro], prompt_mask[i:i + micro]
+        if lead:
+            ids = torch.cat([ids.new_full((ids.shape[0], lead), pad_id), ids], 1)
+            am = torch.cat([am.new_zeros((am.shape[0], lead)), am], 1)
+        out = policy.generate(input_ids=ids, attention_mask=am, generation_config=gen)
+        r = out[:, lead + width:]
         if r.shape[1] < response_length:  # every row stopped early
             r = torch.cat([r, r.new_full((r.shape[0], response_length - r.shape[1]), pad_id)], 1)
         responses.append(r)
@@ -102,12 +132,18 @@ def decode(samples: Samples, tokenizer) -> tuple[list[str], list[str]]:
             tokenizer.batch_decode(samples.response, skip_special_tokens=True))
 
 
-def policy_logits(model, samples: Samples | Rollout, idx) -> torch.Tensor:
-    """Logits at the positions that predict each response token of rows `idx`: [b, R, V]."""
+def response_positions(samples: Samples | Rollout) -> torch.Tensor:
+    """The R positions whose outputs predict (logits) or value (V) the response tokens: P − 1 ... P + R − 2."""
     width, length = samples.prompt.shape[1], samples.response.shape[1]
+    return torch.arange(width - 1, width - 1 + length, device=samples.input_ids.device)
+
+
+def policy_logits(model, samples: Samples | Rollout, idx) -> torch.Tensor:
+    """Logits at the positions that predict each response token of rows `idx`: [b, R, V], in the forward's dtype
+    (the LM head runs on those R positions only; log-probs upcast them chunk-wise)."""
     am = samples.attention_mask[idx]
-    logits = model(input_ids=samples.input_ids[idx], attention_mask=am, position_ids=position_ids_from_mask(am)).logits
-    return logits[:, width - 1:width - 1 + length].float()
+    return logits_at(model, response_positions(samples), input_ids=samples.input_ids[idx], attention_mask=am,
+                     position_ids=position_ids_from_mask(am))
 
 
 def response_logprobs(model, samples: Samples | Rollout, temperature: float, micro: int) -> torch.Tensor:
@@ -121,9 +157,8 @@ def response_logprobs(model, samples: Samples | Rollout, temperature: float, mic
 
 def value_slice(value_model, samples: Samples | Rollout, idx) -> torch.Tensor:
     """V at the positions that predict each response token of rows `idx`: [b, R]."""
-    width, length = samples.prompt.shape[1], samples.response.shape[1]
-    values = value_model(samples.input_ids[idx], samples.attention_mask[idx], per_token=True)
-    return values[:, width - 1:width - 1 + length].float()
+    return value_model(samples.input_ids[idx], samples.attention_mask[idx], per_token=True,
+                       positions=response_positions(samples)).float()
 
 
 def response_values(value_model, samples: Samples, micro: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The training scaffold every stage calls, as plain functions: set up the process, wrap a model for training, run a
 micro-step, take an optimizer step (engine/optim.py), decide what is due at a step, resume and checkpoint.
 
-A capability that changes how models are held or stepped (DDP and gradient checkpointing today; FSDP, LoRA adapters,
-torch.compile next) lands here once, and every stage gets it without a branch of its own:
+A capability that changes how models are held or stepped (DDP, gradient checkpointing, torch.compile; FSDP next)
+lands here once, and every stage gets it without a branch of its own:
 
     with process(cfg.train.device) as (d, device):           # device pick, process group up and down
         train_model = wrap_for_training(model, d, device)     # what the forward/backward runs through
@@ -31,15 +31,18 @@ from rlhf_cli.models.loading import enable_gradient_checkpointing
 
 
 @contextlib.contextmanager
-def process(device_setting: str) -> Iterator[tuple[dist.Dist, torch.device]]:
+def process(device_setting: str, precision: str = "auto") -> Iterator[tuple[dist.Dist, torch.device]]:
     """(ranks, device) for the body of a stage: the device picked (`auto`: this rank's CUDA device when there is
-    one, else the CPU), the process group torchrun describes joined, and left again however the body ends."""
+    one, else the CPU), its precision set (engine.device.autocast), the process group torchrun describes joined,
+    and left again however the body ends."""
     device = dev.pick(device_setting, dist.local_rank_from_env())
+    dev.set_precision(precision)
     d = dist.init(device.type)
     try:
         yield d, device
     finally:
         dist.close()
+        dev.set_precision("auto")
 
 
 def main_first(d: dist.Dist, load, *args, **kwargs):
@@ -54,21 +57,26 @@ def main_first(d: dist.Dist, load, *args, **kwargs):
 
 
 def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device,
-                      gradient_checkpointing: bool = False) -> torch.nn.Module:
+                      gradient_checkpointing: bool = False, compile: bool = False) -> torch.nn.Module:
     """The module a training forward/backward runs through: the model itself in one process, DDP (gradients
     averaged over ranks at the last micro-step) under torchrun. Evaluation, checkpoints and saving use the
     unwrapped model. This is the one place a different way of holding a model for training slots in.
 
     gradient_checkpointing: each transformer layer's activations are recomputed in the backward pass instead of
     kept (transformers' non-reentrant checkpointing, in training mode only: evaluation and sampling are untouched).
+
+    compile (`train.compile`): the training path runs through torch.compile (after DDP, so its graph breaks at
+    gradient buckets); the model itself stays uncompiled for evaluation, sampling and saving. Its first steps
+    compile, and a new input shape may compile again.
     """
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if not d.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    wrapped = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(wrapped) if compile else wrapped
 
 
 def micro_batches(items: Sequence, size: int) -> Iterator[tuple[Sequence, bool]]:
@@ -129,7 +137,9 @@ def start(plan: RunPlan, cfg, models: dict, total_steps: int, d: dist.Dist, rest
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     state = resume(plan, models, optimizer, scheduler, cfg.optim, restore_rng)
     if state:
-        console(d.is_main).print(f"resumed from {plan.resume_from} ({unit} {state['step']})")
+        console(d.is_main).print(f"resumed from {plan.resume_from} ({unit} {state['step']})" + (
+            "; it is a run's final checkpoint, without optimizer state: AdamW's moments start afresh for any further "
+            "steps" if state.get("final") else ""))
     guard = Guard(cfg.stage, plan.checkpoints, cfg.optim.lr, cfg.train.max_skipped_steps,
                   state.get("skipped_steps", 0), unit=unit)
     log = MetricsLog(plan.work_dir, d.is_main, cfg.logger, resume_step=state["step"] if state else None)
@@ -155,13 +165,14 @@ def resume(plan: RunPlan, models: dict, optimizer, scheduler, optim_cfg, restore
 
 
 def save_checkpoint(d: dist.Dist, directory: Path, step: int, models: dict, training: Training, state: dict,
-                    cfg, data_sha256: str) -> None:
+                    cfg, data_sha256: str, final: bool = False) -> None:
     """Checkpoint `step-<step>` (written by rank 0; every rank waits for it): the models, optimizer, scheduler and
     RNG states, the stage's `state` with the guard's skipped-step count, the resolved config and the data's
-    fingerprint (which a resume checks)."""
+    fingerprint (which a resume checks). `final` (the run's last step, whose artifact is published next): without
+    the optimizer state, twice the trained weights; a run resumed from it only publishes."""
     if d.is_main:
-        checkpoint.save(directory, step, models, training.optimizer, training.scheduler,
+        checkpoint.save(directory, step, models, None if final else training.optimizer, training.scheduler,
                         {"step": step, **state, "skipped_steps": training.guard.skipped, "config": asdict(cfg),
-                         "data_sha256": data_sha256},
+                         "data_sha256": data_sha256, **({"final": True} if final else {})},
                         cfg.train.keep_checkpoints, cfg.artifact_check)
     dist.barrier(d)

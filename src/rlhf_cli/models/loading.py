@@ -139,3 +139,73 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def bare(model):
+    """The module a wrapper runs: inside DDP/FSDP (`.module`), torch.compile (`._orig_mod`) and lora.BaseView
+    (`.model` of a non-module view)."""
+    while True:
+        if isinstance(model, torch.nn.Module) and hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif not isinstance(model, torch.nn.Module) and hasattr(model, "model"):
+            model = model.model
+        else:
+            return model
+
+
+def logits_at(model, positions: torch.Tensor, **inputs) -> torch.Tensor:
+    """A causal LM's logits at sequence positions `positions` (1-D, the same for every row) only: [B, len, V].
+
+    The LM head runs on those positions' hidden states alone (transformers' `logits_to_keep` given as an index
+    tensor): at a 32k-150k vocabulary the head is most of a small model's FLOPs, and the logits of a prompt, or
+    of padding, are never used. A model whose forward has no `logits_to_keep` computes every position's logits,
+    and the asked ones are selected from them. No KV cache is built (`use_cache=False` for transformers models:
+    a cache also hides packed rows' example boundaries from transformers' masks)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(bare(model), PreTrainedModel):
+        inputs.setdefault("use_cache", False)
+    if _keeps_logits(type(bare(model))):
+        return model(**inputs, logits_to_keep=positions).logits
+    return model(**inputs).logits[:, positions]
+
+
+_KEEPS: dict[type, bool] = {}
+
+
+def _keeps_logits(cls: type) -> bool:
+    if cls not in _KEEPS:
+        import inspect
+
+        _KEEPS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return _KEEPS[cls]
+
+
+def check_packing(model: torch.nn.Module, name: str) -> None:
+    """Refuse (ConfigError) a model that lets packed examples see each other (data.packing): two short sequences
+    packed into one row, positions restarting at the second, must give the second the outputs it gets alone. A
+    transformers model reads such rows through its attention masks; one that does not would silently train on
+    attention across examples."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(3, 200, (1, 6), generator=g), torch.randint(3, 200, (1, 5), generator=g)
+    packed = torch.cat([first, second], 1).to(device)
+    positions = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone = _outputs(model(input_ids=second.to(device), use_cache=False))
+        both = _outputs(model(input_ids=packed, position_ids=positions, use_cache=False))[:, 6:]
+    model.train(training)
+    gap = float((both.float() - alone.float()).abs().max())
+    if not gap <= 1e-3 * (1.0 + float(alone.float().abs().max())):
+        raise ConfigError(f"data.packing=true, but {name} ({type(bare(model)).__name__}) does not keep packed "
+                          f"examples apart: an example's outputs change when another precedes it in the row "
+                          f"(max difference {gap:.3g})", hint="set data.packing=false")
+
+
+def _outputs(out) -> torch.Tensor:
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state

@@ -99,9 +99,19 @@ class RewardModel(torch.nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, per_token: bool = False,
+                positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                ends: torch.Tensor | None = None) -> torch.Tensor:
         """One score per sequence [B] read at the pooled position, or (per_token=True, PPO's value model on a causal
-        backbone) the head applied at every position [B, L]."""
+        backbone) the head applied at every position [B, L], or at sequence positions `positions` only [B, n].
+
+        Packed (data.collate_packed_pairs, `packable` models): one row [1, T] of sequences whose `position_ids`
+        restart at 0 each, no attention mask; the score of each sequence is read at its last token, `ends` [n]."""
+        if ends is not None:
+            if not self.packable:
+                raise ValueError("only a causal reward model read at its last token scores packed sequences")
+            hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            return self.head(hidden[0, ends].to(self.head.weight.dtype)).squeeze(-1)
         if "classifier" in self._modules:
             if per_token:
                 raise ValueError("an encoder's classifier gives one score per text, not per-token values")
@@ -111,9 +121,17 @@ class RewardModel(torch.nn.Module):
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if per_token:
+            hidden = hidden if positions is None else hidden[:, positions]
             return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
         pooled = pool(hidden, readable(input_ids, attention_mask, self.skip_token_id, self.pooling), self.pooling)
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1)
+
+    @property
+    def packable(self) -> bool:
+        """Can it score padding-free packed rows (data.packing)? A causal backbone read at each sequence's last
+        token: not an encoder (its attention is bidirectional), not a whole classifier, no pad-is-EOS reading."""
+        return "classifier" not in self._modules and not self.is_encoder and self.pooling == "last" and \
+            self.skip_token_id is None
 
     @classmethod
     def from_backbone(cls, path: str, tokenizer, *, pooling: str = "auto", revision: str | None = None,

@@ -30,7 +30,7 @@ from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import MetricsLog, append_jsonl, console, metrics_text, progress_bar, summary_table, \
     truncate_jsonl
 from rlhf_cli.engine.rollout import (Rollout, Scorer, constants, decode, policy_logits, response_logprobs,
-                                    response_values, sample, score_responses, value_slice)
+                                    response_values, rollout, score_responses, value_slice)
 from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
@@ -39,7 +39,7 @@ from rlhf_cli.rl import ppo as rl
 
 
 def run(cfg: PPOConfig) -> dict:
-    with train.process(cfg.train.device) as (d, device):
+    with train.process(cfg.train.device, cfg.train.precision) as (d, device):
         con, p, t = console(d.is_main), cfg.ppo, cfg.train
         # ---- set up: upstream artifacts (checked before anything loads), run directory, roles, prompts -------
         paths = find_upstream(cfg)
@@ -56,7 +56,8 @@ def run(cfg: PPOConfig) -> dict:
         loop = Counters.restore(training.resumed, p.kl_coef)
         if training.resumed and d.is_main:  # those iterations run again: drop what they wrote
             truncate_jsonl(plan.work_dir / "samples.jsonl", loop.step)
-        wrapped = [train.wrap_for_training(m, d, device, t.gradient_checkpointing) for m in (roles.policy, roles.value)]
+        wrapped = [train.wrap_for_training(m, d, device, t.gradient_checkpointing, t.compile)
+                   for m in (roles.policy, roles.value)]
         gold = tasks.gold_scorer(cfg.data)
 
         # ---- loop: rollout, rewards and advantages, clipped updates, metrics ---------------------------------
@@ -82,7 +83,7 @@ def run(cfg: PPOConfig) -> dict:
                 bar.update(task, completed=loop.step, metrics=progress_text(loop.last))
                 if train.due(loop.step, t.checkpoint_every, t.max_steps):
                     train.save_checkpoint(d, plan.checkpoints, loop.step, roles.trained(), training, loop.state(), cfg,
-                                          data_sha256)
+                                          data_sha256, final=loop.step == t.max_steps)
         training.log.close()
 
         # ---- save: the policy artifact and a summary ---------------------------------------------------------
@@ -239,19 +240,23 @@ def rollout_prompts(prompt_ids: list[list[int]], step: int, cfg: PPOConfig, d: d
 
 
 def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, device: torch.device) -> Rollout:
-    """Sample one response per prompt, then one forward pass per role (none computed twice)."""
-    p, micro, tok = cfg.ppo, cfg.train.rollout_micro_batch_size, roles.tokenizer
+    """Sample one response per prompt, then one forward pass per role (none computed twice), under the training
+    forward's precision. The policy's log-probs are computed in the update's micro-batch shape: under bf16 they are
+    then the very numbers the first minibatch recomputes (ratio 1, approx-KL 0)."""
+    p, t, tok = cfg.ppo, cfg.train, roles.tokenizer
+    micro = t.rollout_micro_batch_size
     roles.policy.eval()
-    samples = sample(roles.policy, prompts, p.response_length, p.temperature, micro, tok.pad_token_id,
-                     tok.eos_token_id, device)
-    prompt_text, response_text = decode(samples, tok)
-    with torch.inference_mode():
-        roll = Rollout(**vars(samples),
-                       logprobs=response_logprobs(roles.policy, samples, p.temperature, micro),
-                       ref_logprobs=response_logprobs(roles.reference, samples, p.temperature, micro),
-                       values=response_values(roles.value, samples, micro),
-                       scores=score_responses(roles.scorer, samples, prompt_text, response_text, micro),
-                       prompt_text=prompt_text, response_text=response_text)
+    with dev.autocast(device):
+        samples = rollout(roles.policy, prompts, p.response_length, p.temperature, micro, tok.pad_token_id,
+                          tok.eos_token_id, device, p.rollout_backend)
+        prompt_text, response_text = decode(samples, tok)
+        with torch.inference_mode():
+            roll = Rollout(**vars(samples),
+                           logprobs=response_logprobs(roles.policy, samples, p.temperature, t.micro_batch_size),
+                           ref_logprobs=response_logprobs(roles.reference, samples, p.temperature, micro),
+                           values=response_values(roles.value, samples, t.micro_batch_size),
+                           scores=score_responses(roles.scorer, samples, prompt_text, response_text, micro),
+                           prompt_text=prompt_text, response_text=response_text)
     roles.policy.train()
     return constants(roll)  # leave inference mode: the update reads these as ordinary constants
 
@@ -318,12 +323,11 @@ def ppo_update(wrapped: list, roll: Rollout, shaped: Shaped, training: train.Tra
 def ppo_loss(policy, value_model, roll: Rollout, idx, shaped: Shaped, p: PPOAlgoConfig) -> tuple[torch.Tensor, dict]:
     """L = L_clip(policy) + vf_coef * L_clip(value) - entropy_coef * entropy, on micro-batch rows `idx`."""
     mask = roll.mask[idx]
-    logits = policy_logits(policy, roll, idx)
-    logp = rl.logprobs_from_logits(logits, roll.response[idx], p.temperature)
+    logp, token_entropy = rl.logprobs_and_entropy(policy_logits(policy, roll, idx), roll.response[idx], p.temperature)
     pg_loss, pg = rl.policy_loss(logp, roll.logprobs[idx], shaped.advantages[idx], mask, p.cliprange)
     values = value_slice(value_model, roll, idx)
     vf_loss, vf = rl.value_loss(values, roll.values[idx], shaped.returns[idx], mask, p.cliprange_value)
-    entropy = rl.masked_mean(rl.entropy_from_logits(logits / p.temperature), mask)
+    entropy = rl.masked_mean(token_entropy, mask)
     loss = pg_loss + p.vf_coef * vf_loss - p.entropy_coef * entropy
     return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(),
                   "approx_kl": pg["approx_kl"].detach(), "clipfrac": pg["clipfrac"].detach(),
