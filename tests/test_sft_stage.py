@@ -99,11 +99,12 @@ def test_token_loss_sum_matches_mean_cross_entropy():
     model = Toy()
     batch = {"input_ids": torch.tensor([[1, 2, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]]),
              "labels": torch.tensor([[-100, 2, 3, -100]]), "position_ids": torch.tensor([[0, 1, 2, 2]])}
-    total, n = sft.token_loss_sum(model, batch)
+    positions = sft.supervised_positions(batch)
+    total = sft.token_loss_sum(model, batch, positions)
     logits = model.emb(batch["input_ids"])
-    # position 0 predicts label at 1 (=2), position 1 predicts label at 2 (=3)
+    # position 0 predicts label at 1 (=2), position 1 predicts label at 2 (=3): only those two are read
     hand = -(torch.log_softmax(logits[0, 0], -1)[2] + torch.log_softmax(logits[0, 1], -1)[3])
-    assert n == 2 and torch.allclose(total, hand)
+    assert positions.tolist() == [0, 1] and torch.allclose(total, hand)
 
 
 def test_hh_sft_on_the_shared_file(hh_file, tmp_path):

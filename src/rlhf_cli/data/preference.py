@@ -402,12 +402,14 @@ def _render_or_fail(row: dict, tokenizer: Any, where: str) -> tuple[str, str, st
 # Batching
 
 
-def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(examples: list[dict], pad_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
     """One batch of B pairs: rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones (same order).
 
     `input_ids` right-padded with `pad_id` and `attention_mask` 1/0, both [2B, L] with L the longest sequence;
-    `margin` [B] float.
+    `margin` [B] float. With `packing`: the 2B sequences in one row without padding (`collate_packed_pairs`).
     """
+    if packing:
+        return collate_packed_pairs(examples)
     sequences = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -417,3 +419,19 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[index, : len(ids)] = 1
     margin = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples], dtype=torch.float)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+
+
+def collate_packed_pairs(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """B pairs in one padding-free row: the B chosen sequences, then the B rejected ones, concatenated:
+    `input_ids` and `position_ids` [1, T] (positions restart at 0 with every sequence, so attention never crosses
+    one), `ends` [2B] the index of each sequence's last token (where a causal reward model reads its score, in
+    the order of collate_pairs' rows), `margin` [B] float."""
+    sequences = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
+    ids, positions, ends = [], [], []
+    for seq in sequences:
+        ids += seq
+        positions += range(len(seq))
+        ends.append(len(ids) - 1)
+    margin = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples], dtype=torch.float)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long), "position_ids": torch.tensor([positions]),
+            "ends": torch.tensor(ends, dtype=torch.long), "margin": margin}

@@ -205,7 +205,28 @@ def _example(prompt: list[int], completion: list[int], completion_only: bool) ->
 # Batching
 
 
-def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_sft(examples: list[dict], pad_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
+    """A micro-batch: right-padded rows (`collate_padded`), or with `packing` one padding-free row
+    (`collate_packed`)."""
+    return collate_packed(examples) if packing else collate_padded(examples, pad_id)
+
+
+def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Every example of the micro-batch in one row [1, Σ lengths], no padding: `input_ids`, `labels` (each
+    example's first label -100: the last token of one example never predicts the next example's first), and
+    `position_ids` that restart at 0 with every example. There is no `attention_mask`: transformers reads the
+    restarts as example boundaries and attention never crosses one (a block-diagonal causal mask; varlen kernels
+    under flash attention)."""
+    ids, labels, positions = [], [], []
+    for example in examples:
+        ids += example["input_ids"]
+        labels += [IGNORE_INDEX, *example["labels"][1:]]
+        positions += range(len(example["input_ids"]))
+    return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long)}
+
+
+def collate_padded(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest example: `input_ids` with `pad_id`, `attention_mask` 1/0, `labels` -100."""
     width = max(len(example["input_ids"]) for example in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

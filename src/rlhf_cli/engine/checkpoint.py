@@ -78,7 +78,9 @@ def set_rng_state(state: dict) -> None:
 def save(ckpt_root: Path, step: int, models: dict, optimizer, scheduler, state: dict, keep: int,
          check: str = "auto") -> Path:
     """Write checkpoint `step-<step>` atomically, then keep only the newest `keep`. Call on rank 0 only.
-    A failed write leaves the earlier checkpoints as they were and raises a StorageError naming the last good one."""
+    A failed write leaves the earlier checkpoints as they were and raises a StorageError naming the last good one.
+    optimizer=None: no optimizer.pt (a run's final checkpoint: its artifact is published next, and AdamW's state,
+    twice the weights, would only be written to be thrown away)."""
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".step-{step}.tmp-{os.getpid()}"
     try:
@@ -87,7 +89,8 @@ def save(ckpt_root: Path, step: int, models: dict, optimizer, scheduler, state: 
         tmp.mkdir()
         for name, model in models.items():
             save_weights(unwrap(model), tmp / f"{name}.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = rng_state()
         rng["python"] = _py_state_to_json(rng["python"])
@@ -166,12 +169,13 @@ def verify(path: Path, check: str = "auto") -> dict:
 def load(path: Path, models: dict, optimizer=None, scheduler=None, restore_rng: bool = True,
          check: str | None = None) -> dict:
     """Load a checkpoint into the given objects; returns its `state` dict. `check` (auto | full | sizes) verifies
-    the files first; a file that does not load raises ArtifactError naming it."""
+    the files first; a file that does not load raises ArtifactError naming it. A checkpoint without optimizer.pt
+    (a final one) leaves the optimizer as it is."""
     state = verify(path, check) if check else None
     try:
         for name, model in models.items():
             load_weights(unwrap(model), path / f"{name}.safetensors")
-        if optimizer is not None:
+        if optimizer is not None and (path / "optimizer.pt").is_file():
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         if scheduler is not None:
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -24,8 +24,10 @@ from rlhf_cli.data import tasks
 from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
 from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.logging import console, metrics_text, progress_bar, summary_table
+from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
-from rlhf_cli.models.loading import ensure_pad_token, load_tokenizer, quiet_transformers, resolve, same_tokenizer
+from rlhf_cli.models.loading import (check_packing, ensure_pad_token, load_tokenizer, quiet_transformers, resolve,
+                                     same_tokenizer)
 from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.rl.reward import pairwise_loss
 
@@ -33,7 +35,7 @@ TRAIN_ACCURACY_PAIRS = 1000  # the final train accuracy is measured on at most t
 
 
 def run(cfg: RewardConfig) -> dict:
-    with train.process(cfg.train.device) as (d, device):
+    with train.process(cfg.train.device, cfg.train.precision) as (d, device):
         con, t = console(d.is_main), cfg.train
         # ---- set up: upstream artifact, run directory, seeds, pairs (validated before anything heavy loads) ---
         backbone, parent = artifacts.upstream(cfg.model.name_or_path, cfg.root, cfg.experiment, "sft", "policy",
@@ -52,7 +54,7 @@ def run(cfg: RewardConfig) -> dict:
                   steps.describe(t, d.world_size, " pairs"))
         training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
-        train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing)
+        train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing, t.compile)
 
         # ---- loop: one optimizer step over examples_per_step pairs, evaluation, logs, checkpoints ------------
         pairs_seen, t_start = 0, time.perf_counter()
@@ -79,7 +81,7 @@ def run(cfg: RewardConfig) -> dict:
                      "pairs/s": loop.last["pairs_per_s"]}))
                 if train.due(loop.step, t.checkpoint_every, steps.total):
                     train.save_checkpoint(d, plan.checkpoints, loop.step, {"model": model}, training, loop.state(),
-                                          cfg, data_sha256)
+                                          cfg, data_sha256, final=loop.step == steps.total)
         wall = time.perf_counter() - t_start
         training.log.close()
 
@@ -110,9 +112,21 @@ def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) ->
     model = RewardModel.from_backbone(backbone, tokenizer, pooling=cfg.model.pooling,
                                       revision=None if from_artifact else cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code).to(device)
+    if cfg.data.packing:
+        check_packable(model, backbone)
     lora.add_adapters(model, cfg.model.lora, cfg.seed)  # on the backbone; the head trains in full
     model.train()
     return model, tokenizer, backbone
+
+
+def check_packable(model: RewardModel, backbone: str) -> None:
+    """data.packing needs a causal reward model read at each sequence's last token, whose body keeps packed
+    sequences apart (models.loading.check_packing); else a ConfigError."""
+    if not model.packable:
+        raise ConfigError(f"data.packing=true, but the reward model on {backbone} is "
+                          f"{'an encoder' if model.is_encoder else 'not read at its last token'}: packed sequences "
+                          f"would see each other or be read elsewhere", hint="set data.packing=false")
+    check_packing(model.backbone, backbone)
 
 
 def tokenize(cfg: RewardConfig, train_rows: list[dict], eval_rows: list[dict], tokenizer, is_encoder: bool,
@@ -149,10 +163,15 @@ class Counters:
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
-def pair_scores(net, examples: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected, margin) of a micro-batch of pairs, chosen and rejected in one forward pass."""
-    batch = batches.to_device(collate_pairs(examples, pad_id), device)
-    r = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+def pair_scores(net, examples: list[dict], pad_id: int, device,
+                packing: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected, margin) of a micro-batch of pairs, chosen and rejected in one forward pass (padded
+    rows, or with `packing` one padding-free row)."""
+    batch = batches.to_device(collate_pairs(examples, pad_id, packing), device)
+    if packing:
+        r = net(input_ids=batch["input_ids"], position_ids=batch["position_ids"], ends=batch["ends"]).float()
+    else:
+        r = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
     n = len(examples)
     return r[:n], r[n:], batch["margin"]
 
@@ -160,17 +179,18 @@ def pair_scores(net, examples: list[dict], pad_id: int, device) -> tuple[torch.T
 def train_step(train_model, examples: list[dict], pad_id: int, training: train.Training, step: int,
                cfg: RewardConfig, d: dist.Dist, device) -> dict:
     """One optimizer step on this step's pairs (this rank's share, in micro-batches): loss, accuracy (a tie counts
-    as wrong) and margin, means over the step's pairs on all ranks, and the gradient norm (None when skipped)."""
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, margin
+    as wrong) and margin, means over the step's pairs on all ranks, and the gradient norm (None when skipped). The
+    micro-batches do not wait for the device: one sync per step."""
+    sums = torch.zeros(3, device=device)  # loss, correct, margin: summed on the device, read once per step
     for micro, last in train.micro_batches(batches.rank_slice(examples, d.rank, d.world_size),
                                            cfg.train.micro_batch_size):
         with train.micro_step([train_model], last, device):
-            rc, rr, m = pair_scores(train_model, micro, pad_id, device)
+            rc, rr, m = pair_scores(train_model, micro, pad_id, device, cfg.data.packing)
             loss = pairwise_loss(rc, rr, m if cfg.reward.use_margin else None, cfg.reward.center_coef,
                                  reduction="sum")
             # DDP averages gradients over ranks: scale so the total is the mean over the global step
             (loss * d.world_size / cfg.train.examples_per_step).backward()
-        sums += torch.tensor([loss.item(), float((rc > rr).sum()), (rc - rr).sum().item()], dtype=torch.float64)
+        sums += torch.stack([loss.detach(), (rc > rr).sum().float(), (rc - rr).detach().sum()])
     loss_sum, correct, margin = dist.all_sum(d, sums.tolist(), device)
     n = cfg.train.examples_per_step
     return {"loss": loss_sum / n, "accuracy": correct / n, "margin": margin / n,
@@ -189,7 +209,7 @@ def evaluate(model, examples: list[dict], pad_id: int, cfg: RewardConfig, d: dis
     with torch.no_grad(), dev.autocast(device):
         for i in range(0, len(idx), cfg.train.micro_batch_size):
             part = idx[i:i + cfg.train.micro_batch_size]
-            rc, rr, m = pair_scores(model, [examples[j] for j in part], pad_id, device)
+            rc, rr, m = pair_scores(model, [examples[j] for j in part], pad_id, device, cfg.data.packing)
             loss = pairwise_loss(rc, rr, m if cfg.reward.use_margin else None, cfg.reward.center_coef,
                                  reduction="sum")
             both = torch.cat([rc, rr])

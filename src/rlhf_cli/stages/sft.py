@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 
 from rlhf_cli import artifacts
@@ -30,11 +29,12 @@ from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import console, metrics_text, progress_bar, summary_table
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
-from rlhf_cli.models.loading import load_causal_lm
+from rlhf_cli.models.loading import check_packing, load_causal_lm, logits_at
+from rlhf_cli.rl import ppo as rl
 
 
 def run(cfg: SFTConfig) -> dict:
-    with train.process(cfg.train.device) as (d, device):
+    with train.process(cfg.train.device, cfg.train.precision) as (d, device):
         con, t = console(d.is_main), cfg.train
         # ---- set up: run directory, seeds, data rows (validated before anything heavy loads), model, tokens -----
         plan = rundir.prepare(cfg, d)
@@ -50,7 +50,7 @@ def run(cfg: SFTConfig) -> dict:
                   steps.describe(t, d.world_size))
         training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
-        train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing)
+        train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing, t.compile)
         pad_id = tokenizer.pad_token_id
         if loop.first_eval_loss is None and eval_set:
             loop.first_eval_loss = loop.eval_loss = held_out_loss(model, eval_set, pad_id, training.guard, 0, cfg, d,
@@ -78,7 +78,7 @@ def run(cfg: SFTConfig) -> dict:
                     {"loss": loss, "eval": loop.eval_loss, "lr": loop.last["lr"], "tok/s": loop.last["tokens_per_s"]}))
                 if train.due(loop.step, t.checkpoint_every, steps.total):
                     train.save_checkpoint(d, plan.checkpoints, loop.step, {"model": model}, training, loop.state(),
-                                          cfg, data_sha256)
+                                          cfg, data_sha256, final=loop.step == steps.total)
         wall = time.perf_counter() - t_start
         training.log.close()
 
@@ -100,6 +100,8 @@ def run(cfg: SFTConfig) -> dict:
 def load_model(cfg: SFTConfig, d: dist.Dist, device) -> tuple:
     """(model in training mode, with LoRA adapters when model.lora.r > 0, its tokenizer, load facts)."""
     model, tokenizer, info = train.main_first(d, load_causal_lm, cfg.model, device)
+    if cfg.data.packing:
+        check_packing(model, cfg.model.name_or_path or "the model")
     lora.add_adapters(model, cfg.model.lora, cfg.seed)
     model.train()
     return model, tokenizer, info
@@ -146,19 +148,20 @@ class Counters:
 def train_step(train_model, examples: list[dict], pad_id: int, training: train.Training, step: int, cfg: SFTConfig,
                d: dist.Dist, device) -> tuple[float, float | None, float]:
     """One optimizer step on this step's examples (this rank's share, in micro-batches): (loss = mean over the
-    step's supervised tokens on all ranks, gradient norm (None when skipped), input tokens on all ranks)."""
+    step's supervised tokens on all ranks, gradient norm (None when skipped), input tokens on all ranks). The
+    micro-batches queue their work without waiting for the device: one sync per step, for the loss."""
     n_sup = sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in examples)
-    loss_sum, n_in = 0.0, 0
+    loss_sum, n_in = torch.zeros((), device=device), 0
     for micro, last in train.micro_batches(batches.rank_slice(examples, d.rank, d.world_size),
                                            cfg.train.micro_batch_size):
-        batch = batches.to_device(collate_sft(micro, pad_id), device)
+        batch = collate_sft(micro, pad_id, cfg.data.packing)
+        n_in += sum(len(ex["input_ids"]) for ex in micro)
         with train.micro_step([train_model], last, device):
-            s, _ = token_loss_sum(train_model, batch)
+            s = token_loss_sum(train_model, batches.to_device(batch, device), supervised_positions(batch))
             # DDP averages gradients over ranks: scale so the total is the mean over the global step
             (s * d.world_size / max(n_sup, 1)).backward()
-        loss_sum += s.item()
-        n_in += int(batch["attention_mask"].sum())
-    loss_sum, n_in = dist.all_sum(d, [loss_sum, float(n_in)], device)
+        loss_sum += s.detach()
+    loss_sum, n_in = dist.all_sum(d, [float(loss_sum), float(n_in)], device)
     loss = loss_sum / max(n_sup, 1)
     return loss, train.take_step(training, step + 1, loss), n_in
 
@@ -169,14 +172,14 @@ def held_out_loss(model, eval_set: list[dict], pad_id: int, guard: Guard, step: 
     stops (DivergedError) when it is not finite."""
     micro = cfg.train.micro_batch_size
     model.eval()
-    loss_sum, n_tok = 0.0, 0.0
+    loss_sum, n_tok = torch.zeros((), device=device), 0.0
     with torch.no_grad(), dev.autocast(device):
         mine = eval_set[d.rank::d.world_size]
         for i in range(0, len(mine), micro):
-            batch = batches.to_device(collate_sft(mine[i:i + micro], pad_id), device)
-            s, n = token_loss_sum(model, batch)
-            loss_sum, n_tok = loss_sum + s.item(), n_tok + n
-    loss_sum, n_tok = dist.all_sum(d, [loss_sum, n_tok], device)
+            batch = collate_sft(mine[i:i + micro], pad_id, cfg.data.packing)
+            loss_sum += token_loss_sum(model, batches.to_device(batch, device), supervised_positions(batch))
+            n_tok += int((batch["labels"][:, 1:] != -100).sum())
+    loss_sum, n_tok = dist.all_sum(d, [float(loss_sum), n_tok], device)
     model.train()
     loss = loss_sum / max(n_tok, 1.0)
     guard.require_finite(step, "held-out loss", loss, hint=None if step else "the model gives non-finite outputs "
@@ -184,14 +187,22 @@ def held_out_loss(model, eval_set: list[dict], pad_id: int, guard: Guard, step: 
     return loss
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over supervised positions (labels != -100), and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
+def supervised_positions(batch: dict) -> torch.Tensor:
+    """The positions whose logits predict a supervised token in some row (labels[:, i + 1] != -100), from the
+    batch as collated on the host: computing them costs no device sync."""
+    return torch.nonzero((batch["labels"][:, 1:] != -100).any(0)).squeeze(-1)
+
+
+def token_loss_sum(model, batch: dict, positions: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the supervised targets (labels[:, 1:] != -100): the LM head runs only
+    at `positions` (supervised_positions: a prompt's logits are never computed) and log-probs are upcast to fp32
+    a few rows at a time (rl.ppo.logprobs_from_logits), never the whole [B, L, V] tensor."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    positions = positions.to(batch["input_ids"].device)
+    logits = logits_at(model, positions, **inputs)
+    targets = batch["labels"][:, positions + 1]
+    logp = rl.logprobs_from_logits(logits, targets.clamp_min(0), 1.0)
+    return -torch.where(targets != -100, logp, torch.zeros((), device=logp.device, dtype=logp.dtype)).sum()
 
 
 @torch.no_grad()
