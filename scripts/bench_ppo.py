@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="model.dtype: the frozen weights (reference, reward model, LoRA bases)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = autocast on CPU too")
+    p.add_argument("--rollout-backend", choices=("auto", "eager", "compiled"), default="auto",
+                   help="ppo.rollout_backend: auto = compiled (static cache, torch.compile) on CUDA, else eager")
     p.add_argument("--prompts", type=int, default=64, help="prompts per rollout")
     p.add_argument("--prompt-length", type=int, default=8)
     p.add_argument("--response-length", type=int, default=16)
@@ -172,6 +176,7 @@ def bench(args, cache: str) -> int:
 
     from rlhf_cli.config import LoraConfig, PPOAlgoConfig, PPOConfig, PPOModelConfig, PPOTrainConfig
     from rlhf_cli.engine import device as dev, dist, train
+    from rlhf_cli.engine.flops import matmul_params, mfu
     from rlhf_cli.engine.guard import Guard
     from rlhf_cli.engine.logging import MetricsLog
     from rlhf_cli.engine.optim import build_optimizer, build_scheduler
@@ -181,14 +186,17 @@ def bench(args, cache: str) -> int:
 
     quiet_transformers()
     device = dev.pick(args.device)
+    dev.set_precision(args.precision)
     policy_dir, reward_dir = upstream(args, cache)
     runtime = rss_mib()
     cfg = PPOConfig(model=PPOModelConfig(dtype=args.dtype, lora=LoraConfig(r=args.lora_r, alpha=2.0 * args.lora_r)),
                     ppo=PPOAlgoConfig(response_length=args.response_length, prompts_per_rollout=args.prompts,
-                                      num_ppo_epochs=args.epochs, num_mini_batches=args.mini_batches),
+                                      num_ppo_epochs=args.epochs, num_mini_batches=args.mini_batches,
+                                      rollout_backend=args.rollout_backend),
                     train=PPOTrainConfig(max_steps=args.iterations + 1, micro_batch_size=args.micro_batch,
                                          rollout_micro_batch_size=args.rollout_micro_batch,
-                                         gradient_checkpointing=args.gradient_checkpointing))
+                                         gradient_checkpointing=args.gradient_checkpointing,
+                                         precision=args.precision))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, reward_dir, reward_dir, []), device)
@@ -210,6 +218,20 @@ def bench(args, cache: str) -> int:
     prompts = [torch.randint(3, args.vocab_size, (args.prompt_length,), generator=g).tolist()
                for _ in range(args.prompts)]
 
+    sampler, generation = ppo.rollout, []
+
+    def timed_rollout(*a, **k):  # the sampling alone, inside collect_rollout
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = sampler(*a, **k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        generation.append(time.perf_counter() - t)
+        return out
+
+    ppo.rollout = timed_rollout
+
     def iteration(step: int) -> tuple[float, float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -226,9 +248,13 @@ def bench(args, cache: str) -> int:
         return float(roll.mask.sum()), t1 - t0, time.perf_counter() - t1
 
     iteration(0)  # warm-up
+    generation.clear()
     runs = [iteration(step) for step in range(1, args.iterations + 1)]
     tokens = sum(r[0] for r in runs)
     rollout_s, update_s = sum(r[1] for r in runs), sum(r[2] for r in runs)
+    # the update's FLOPs: 6 N per token of every trained model, over whole rows (prompt + response), every epoch
+    row_tokens = args.prompts * (args.prompt_length + args.response_length) * args.epochs * args.iterations
+    update_flops = 6 * (matmul_params(roles.policy) + matmul_params(roles.value)) * row_tokens
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
     reference = 0 if isinstance(roles.reference, lora.BaseView) else lora.counts(roles.reference)[1]
     out = {"model": f"{args.hidden_size}x{args.layers}", "lora_r": args.lora_r,
@@ -236,11 +262,15 @@ def bench(args, cache: str) -> int:
            "trained_policy_m": lora.counts(roles.policy)[0] / 1e6, "reference_copy_m": reference / 1e6,
            "reward_m": lora.counts(roles.reward)[1] / 1e6, "value_m": lora.counts(roles.value)[1] / 1e6,
            "trained_value_m": lora.counts(roles.value)[0] / 1e6,
-           "device": str(device), "precision": dev.precision(device), "frozen_dtype": str(roles.reference.dtype),
+           "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+           "precision": dev.precision(device), "rollout_backend": args.rollout_backend,
+           "frozen_dtype": str(roles.reference.dtype),
            "gradient_checkpointing": args.gradient_checkpointing, "vocab_size": args.vocab_size,
            "prompts_per_rollout": args.prompts, "prompt_length": args.prompt_length,
            "response_length": args.response_length, "epochs": args.epochs, "iterations": args.iterations,
            "rollout_tokens_per_s": tokens / rollout_s, "update_tokens_per_s": tokens * args.epochs / update_s,
+           "generation_tokens_per_s": tokens / sum(generation), "generation_s": sum(generation) / args.iterations,
+           "update_mfu": mfu(update_flops, update_s, device),
            "rollout_s": rollout_s / args.iterations, "update_s": update_s / args.iterations,
            "seconds_per_iteration": (rollout_s + update_s) / args.iterations,
            "memory_unit": "cuda allocated" if device.type == "cuda" else "rss",

@@ -4,13 +4,14 @@
     .venv/bin/python scripts/bench_reward.py --pairs 32 --seq-len 32 --steps 50
     .venv/bin/python scripts/bench_reward.py --model-path /path/to/all-MiniLM-L6-v2 --pairs 16 --seq-len 256 --steps 10
 
-It runs the project's own pieces, as `rlhf reward` does: the model is `rlhf_cli.models.reward.RewardModel.from_backbone`
-(the backbone's `AutoModel` body with dropout off, fp32 master weights, a linear head on the pooled hidden state),
-the chosen and rejected sequences of a step go through it in ONE forward pass of 2 x pairs sequences (rows 0..P-1
-chosen, P..2P-1 rejected), the loss is `rlhf_cli.rl.reward.pairwise_loss`, gradients are clipped, and the optimizer
-and schedule come from `rlhf_cli.engine.optim` under `rlhf_cli.engine.device.autocast` (bf16 on CUDA where
-supported, fp32 on CPU). `--warmup` untimed steps come first; each of the `--steps` timed steps is timed on its own
-(with a CUDA synchronize).
+It runs the project's own pieces, as `rlhf reward` does: the model is
+`rlhf_cli.models.reward.RewardModel.from_backbone` (the backbone's `AutoModel` body with dropout off, fp32 master
+weights, a linear head on the pooled hidden state), the chosen and rejected sequences of a step go through it in ONE
+forward pass of 2 x pairs sequences (rows 0..P-1 chosen, P..2P-1 rejected), the loss is
+`rlhf_cli.rl.reward.pairwise_loss`, gradients are clipped, and the optimizer and schedule come from
+`rlhf_cli.engine.optim` under `rlhf_cli.engine.device.autocast` (bf16 on CUDA where supported, fp32 on CPU;
+`--precision` as train.precision). `--warmup` untimed steps come first; each of the `--steps` timed steps is timed
+on its own (with a CUDA synchronize).
 
 The backbone is the built-in tiny Llama by default (`--hidden-size/--layers/--heads/--intermediate-size` size it),
 or any local Hugging Face model directory with `--model-path` (an encoder such as all-MiniLM-L6-v2, or a causal
@@ -21,7 +22,8 @@ Figures: pairs/s mean = all timed pairs / all timed seconds (what a long run wou
 single step; s/step = mean seconds per step; tokens/s counts both sides (2 x pairs x seq len per step). Peak memory
 is torch.cuda.max_memory_allocated on CUDA (tensors only: weights, gradients, optimizer state, activations), and on
 CPU the process's peak resident set size (ru_maxrss, so it includes the Python interpreter and libraries, roughly
-0.5 GiB with torch + transformers).
+0.5 GiB with torch + transformers). MFU, on a known GPU: 6 · N · tokens / (seconds · the chip's dense bf16 peak), N
+the parameters but the input embedding (rlhf_cli.engine.flops).
 
 The tiny model is cached in $RLHF_CLI_CACHE when that is set, else built into a temporary directory that is removed.
 """
@@ -55,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help=f"tiny only; default {TINY_SIZES['layers']}")
     p.add_argument("--heads", type=int, default=None, help=f"tiny only; default {TINY_SIZES['heads']}")
     p.add_argument("--intermediate-size", type=int, default=None, help="tiny only; default: 4 x hidden size")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="tiny only: embedding rows (default: the built-in tokenizer's ~500; 32000 is realistic)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = autocast on CPU too")
     p.add_argument("--pooling", choices=("auto", "last", "first", "mean"), default="auto",
                    help="auto: last token for causal LMs, [CLS] for encoders that have one, else mean")
     p.add_argument("--pairs", type=int, default=32, help="ranked pairs per optimizer step (2x sequences)")
@@ -66,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = p.parse_args(argv)
     tiny = args.backbone == TINY
-    size_flags = ("hidden_size", "layers", "heads", "intermediate_size")
+    size_flags = ("hidden_size", "layers", "heads", "intermediate_size", "vocab_size")
     if not tiny:
         given = [f"--{n.replace('_', '-')}" for n in size_flags if getattr(args, n) is not None]
         if given:
@@ -80,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.intermediate_size is None:
             args.intermediate_size = 4 * args.hidden_size
         for name in size_flags:
-            if getattr(args, name) <= 0:
+            if getattr(args, name) is not None and getattr(args, name) <= 0:
                 p.error(f"--{name.replace('_', '-')} must be > 0")
         if args.hidden_size % args.heads:
             p.error(f"--hidden-size {args.hidden_size} must be divisible by --heads {args.heads}")
@@ -137,6 +143,7 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
     from rlhf_cli.config import OptimConfig
     from rlhf_cli.engine import device as dev
     from rlhf_cli.engine.optim import build_optimizer, build_scheduler
+    from rlhf_cli.engine.flops import matmul_params, mfu
     from rlhf_cli.errors import RlhfError
     from rlhf_cli.models.loading import ensure_pad_token, quiet_transformers
     from rlhf_cli.models.reward import RewardModel
@@ -147,6 +154,7 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
         device = dev.pick(args.device)
     except RlhfError:
         raise SystemExit("error: --device cuda but no CUDA device is visible (use --device auto or cpu)")
+    dev.set_precision(args.precision)
     tiny = args.backbone == TINY
     if tiny:
         from rlhf_cli.models.tiny import tiny_model_path
@@ -154,7 +162,7 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
         path = str(tiny_model_path(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
                                    intermediate_size=args.intermediate_size,
                                    max_position_embeddings=max(256, args.seq_len), seed=args.seed,
-                                   cache_dir=cache_dir))
+                                   cache_dir=cache_dir, vocab_size=args.vocab_size))
     else:
         path = str(Path(args.backbone).resolve())
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -210,6 +218,7 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
         times.append(time.perf_counter() - t0)
 
     config = model.config
+    tokens = 2 * P * args.seq_len * len(times)
     return {
         "backbone": "builtin:tiny" if tiny else path,
         "model_type": config.model_type,
@@ -223,7 +232,9 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
         "pairs": args.pairs, "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps,
         "pairs_per_s_mean": P * len(times) / sum(times),
         "pairs_per_s_min": P / max(times),
-        "tokens_per_s_mean": 2 * P * args.seq_len * len(times) / sum(times),
+        "tokens_per_s_mean": tokens / sum(times),
+        "vocab_size": model.backbone.get_input_embeddings().weight.shape[0],
+        "mfu": mfu(6 * matmul_params(model) * tokens, sum(times), device),
         "s_per_step": sum(times) / len(times),
         "peak_memory_mib": peak_memory_mib(device),
         "loss_first": losses[0], "loss_last": losses[-1],
@@ -244,7 +255,7 @@ def show(result: dict) -> None:
         ("backbone", result["backbone"]),
         ("parameters", f"{result['parameters'] / 1e6:.2f}M"),
         ("model", f"{result['model_type']}: hidden {result['hidden_size']}, {result['layers']} layers, "
-                  f"{result['heads']} heads{ffn}"),
+                  f"{result['heads']} heads{ffn}, vocab {result['vocab_size']}"),
         ("pooling", f"{result['pooling']} ({'encoder' if result['is_encoder'] else 'causal'})"),
         ("device", result["device"] + (f", {result['threads']} threads" if result["threads"] else "")),
         ("precision", result["precision"]),
@@ -255,6 +266,7 @@ def show(result: dict) -> None:
         ("pairs/s min", f"{result['pairs_per_s_min']:,.1f}"),
         ("tokens/s mean", f"{result['tokens_per_s_mean']:,.0f}"),
         ("seconds/step", f"{result['s_per_step']:.4f}"),
+        ("MFU (6·N·tokens)", f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (not a known GPU)"),
         (f"peak memory ({mem_kind})", f"{result['peak_memory_mib']:,.0f} MiB"),
     ]
     for key, value in rows:

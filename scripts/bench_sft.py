@@ -1,19 +1,29 @@
 #!/usr/bin/env python
-"""SFT training throughput: forward + backward + AdamW step of a built-in tiny Llama on random token batches.
+"""SFT training throughput: optimizer steps of `rlhf sft` (its own `train_step`) on random demonstrations.
 
-    .venv/bin/python scripts/bench_sft.py --hidden-size 256 --layers 4 --batch 16 --seq-len 256 --steps 20
+    .venv/bin/python scripts/bench_sft.py --hidden-size 256 --layers 4 --intermediate-size 688 --batch 8 \
+        --seq-len 256 --steps 40                                  # the CPU workload of issue 10
+    .venv/bin/python scripts/bench_sft.py ... --packing            # data.packing=true
+    .venv/bin/python scripts/bench_sft.py --hidden-size 1024 --layers 24 --batch 32 --micro-batch 32 \
+        --seq-len 512 --steps 20                                  # a 465M Llama: tokens/s and MFU on a GPU
 
-It runs the project's own pieces, as `rlhf sft` does: the model is built by `rlhf_cli.models.tiny.tiny_model_path`
-and loaded with `AutoModelForCausalLM.from_pretrained` (fp32 master weights), the loss is
-`rlhf_cli.stages.sft.token_loss_sum` (every token supervised), gradients are clipped, and the optimizer and
-schedule come from `rlhf_cli.engine.optim` under `rlhf_cli.engine.device.autocast` (bf16 on CUDA where supported,
-fp32 on CPU). `--warmup` untimed steps come first; each of the `--steps` timed steps is timed on its own (with a
-CUDA synchronize).
+The model is a random-init Llama built by `rlhf_cli.models.tiny.tiny_model_path` with a realistic vocabulary
+(`--vocab-size`, default 32000, untied LM head: at small sizes the head dominates, and the built-in tokenizer's ~500
+tokens would hide it), loaded with `AutoModelForCausalLM.from_pretrained` in fp32 as `rlhf sft` loads it. Each
+step runs `rlhf_cli.stages.sft.train_step`: the stage's collation (padded rows, or `--packing`: one padding-free
+row per micro-batch), its loss (the LM head only where a token is supervised), gradient accumulation over
+`--micro-batch` rows, clipping, AdamW and the schedule, under the stage's precision (`--precision`, as
+train.precision) and optionally torch.compile (`--compile`).
 
-Figures: tokens/s mean = all timed tokens / all timed seconds (what a long run would see); tokens/s min = the
-slowest single step; s/step = mean seconds per step. Peak memory is torch.cuda.max_memory_allocated on CUDA
-(tensors only: weights, gradients, optimizer state, activations), and on CPU the process's peak resident set size
-(ru_maxrss, so it includes the Python interpreter and libraries, roughly 0.5 GiB with torch + transformers).
+The data is what demonstrations look like: `--batch` examples per step, lengths uniform in [--min-len, --seq-len]
+(default min: a quarter of --seq-len), the first `--prompt-fraction` of each example a prompt (not supervised,
+as train.completion_only=true), random token ids. `--warmup` untimed steps come first.
+
+Figures: tokens/s = real (non-pad) tokens per second over the timed steps, what a run's `tokens_per_s` reports;
+supervised tokens/s; s/step; MFU on a known GPU = 6 · N · real tokens / (seconds · the chip's dense bf16 peak), N
+every parameter but the input embedding (rlhf_cli.engine.flops; the usual 6·N·D convention: the LM head counts at
+every token, though the stage runs it only where a token is supervised). Peak memory: torch.cuda.max_memory_allocated
+on CUDA; on CPU the process's peak resident set (ru_maxrss, with ~0.5 GiB of Python, torch and transformers).
 
 The model is cached in $RLHF_CLI_CACHE when that is set, else built into a temporary directory that is removed.
 """
@@ -36,29 +46,42 @@ except ImportError:  # a source checkout without the package installed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="SFT training throughput of a built-in tiny Llama on random tokens.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="SFT training throughput of `rlhf sft`'s train_step on random "
+                                            "demonstrations.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate-size", type=int, default=None, help="default: 4 x hidden size")
-    p.add_argument("--batch", type=int, default=32, help="sequences per optimizer step")
-    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=32, help="examples per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=None, help="examples per forward/backward (default: --batch)")
+    p.add_argument("--seq-len", type=int, default=32, help="the longest example, in tokens")
+    p.add_argument("--min-len", type=int, default=None, help="the shortest example (default: --seq-len / 4)")
+    p.add_argument("--prompt-fraction", type=float, default=0.5, help="the unsupervised share of each example")
+    p.add_argument("--packing", action="store_true", help="data.packing=true: one padding-free row per micro-batch")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = autocast on CPU too")
+    p.add_argument("--compile", action="store_true", help="train.compile=true (the warmup steps compile)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (train.gradient_checkpointing=true)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass (train.gradient_checkpointing=true)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = p.parse_args(argv)
-    if args.intermediate_size is None:
-        args.intermediate_size = 4 * args.hidden_size
-    for name in ("hidden_size", "layers", "heads", "intermediate_size", "batch", "steps"):
+    args.intermediate_size = args.intermediate_size or 4 * args.hidden_size
+    args.micro_batch = args.micro_batch or args.batch
+    args.min_len = args.min_len or max(2, args.seq_len // 4)
+    for name in ("hidden_size", "layers", "heads", "intermediate_size", "batch", "steps", "vocab_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
-    if args.seq_len < 2:
-        p.error("--seq-len must be >= 2 (next-token loss needs two tokens)")
+    if not 2 <= args.min_len <= args.seq_len:
+        p.error("need 2 <= --min-len <= --seq-len (the next-token loss needs two tokens)")
+    if args.batch % args.micro_batch:
+        p.error("--batch must be a multiple of --micro-batch")
+    if not 0 <= args.prompt_fraction < 1:
+        p.error("--prompt-fraction must be in [0, 1)")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     if args.hidden_size % args.heads:
@@ -75,93 +98,93 @@ def peak_memory_mib(device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+def demonstrations(args, n: int, vocab: int) -> list[dict]:
+    """n random examples as tokenize_sft makes them: input_ids, labels (-100 on the prompt part)."""
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(args.min_len, args.seq_len + 1, (1,), generator=g))
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        prompt = min(length - 1, int(length * args.prompt_fraction))
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
 def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.config import OptimConfig
-    from rlhf_cli.engine import device as dev
+    from rlhf_cli.config import DataConfig, SFTConfig, SFTTrainConfig
+    from rlhf_cli.engine import device as dev, dist, train
+    from rlhf_cli.engine.flops import matmul_params, mfu
+    from rlhf_cli.engine.guard import Guard
+    from rlhf_cli.engine.logging import MetricsLog
     from rlhf_cli.engine.optim import build_optimizer, build_scheduler
     from rlhf_cli.errors import RlhfError
     from rlhf_cli.models.loading import quiet_transformers
     from rlhf_cli.models.tiny import tiny_model_path
-    from rlhf_cli.stages.sft import token_loss_sum
+    from rlhf_cli.stages.sft import train_step
 
     quiet_transformers()
     try:
         device = dev.pick(args.device)
     except RlhfError:
         raise SystemExit("error: --device cuda but no CUDA device is visible (use --device auto or cpu)")
+    dev.set_precision(args.precision)
     path = tiny_model_path(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
-                           intermediate_size=args.intermediate_size,
-                           max_position_embeddings=max(256, args.seq_len), seed=args.seed, cache_dir=cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
-    model.train()
-    if args.gradient_checkpointing:
-        from rlhf_cli.models.loading import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    optim_cfg = OptimConfig()
-    total = args.warmup + args.steps
-    optimizer = build_optimizer(model.parameters(), optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, total)
-
-    # Random batches made up front (outside the timing): token ids past the special tokens, every token supervised.
+                           intermediate_size=args.intermediate_size, max_position_embeddings=max(256, args.seq_len),
+                           seed=args.seed, cache_dir=cache_dir, vocab_size=args.vocab_size, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device).train()
+    cfg = SFTConfig(data=DataConfig(packing=args.packing, max_seq_len=args.seq_len),
+                    train=SFTTrainConfig(max_steps=args.warmup + args.steps, examples_per_step=args.batch,
+                                         micro_batch_size=args.micro_batch, precision=args.precision,
+                                         compile=args.compile, gradient_checkpointing=args.gradient_checkpointing))
+    d = dist.Dist()
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    training = train.Training([p for p in model.parameters()], optimizer,
+                              build_scheduler(optimizer, cfg.optim, cfg.train.max_steps), cfg.optim.max_grad_norm,
+                              Guard("sft", Path(cache_dir or ".") / "no-checkpoints", cfg.optim.lr),
+                              MetricsLog(Path(cache_dir or "."), False, "none"), {})
+    train_model = train.wrap_for_training(model, d, device, args.gradient_checkpointing, args.compile)
     vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(args.seed)
-    n_batches = min(total, 4)
-    position_ids = torch.arange(args.seq_len, device=device).expand(args.batch, -1)
-    batches = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, vocab, (args.batch, args.seq_len), generator=g).to(device)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                        "position_ids": position_ids})
+    steps = [demonstrations(args, args.batch, vocab)]
+    for k in range(1, min(args.warmup + args.steps, 4)):  # a few different batches, made up front
+        steps.append(demonstrations(argparse.Namespace(**{**vars(args), "seed": args.seed + k}), args.batch, vocab))
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def train_step(batch: dict) -> float:
-        with dev.autocast(device):
-            loss_sum, n_tok = token_loss_sum(model, batch)
-            loss = loss_sum / max(n_tok, 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(args.warmup):
-        train_step(batches[i % n_batches])
-    times, losses = [], []
-    for i in range(args.steps):
-        batch = batches[(args.warmup + i) % n_batches]
+    losses, times, tokens, supervised = [], [], 0, 0
+    for i in range(args.warmup + args.steps):
+        examples = steps[i % len(steps)]
         sync()
         t0 = time.perf_counter()
-        losses.append(train_step(batch))  # .item() waits for the step's work
+        loss, _, n_in = train_step(train_model, examples, 0, training, i, cfg, d, device)  # reads the loss: syncs
         sync()
-        times.append(time.perf_counter() - t0)
-
-    tokens_per_step = args.batch * args.seq_len
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(loss)
+            tokens += n_in
+            supervised += sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in examples)
+    seconds = sum(times)
+    n_matmul = matmul_params(model)
     return {
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_matmul,
         "hidden_size": args.hidden_size, "layers": args.layers, "heads": args.heads,
-        "intermediate_size": args.intermediate_size,
-        "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
-        "precision": dev.precision(device),
+        "intermediate_size": args.intermediate_size, "vocab_size": vocab,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "precision": dev.precision(device), "compile": args.compile, "packing": args.packing,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "batch": args.batch, "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "tokens_per_s_mean": tokens_per_step * len(times) / sum(times),
-        "tokens_per_s_min": tokens_per_step / max(times),
-        "s_per_step": sum(times) / len(times),
-        "peak_memory_mib": peak_memory_mib(device),
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "batch": args.batch, "micro_batch": args.micro_batch, "seq_len": args.seq_len, "min_len": args.min_len,
+        "warmup": args.warmup, "steps": args.steps, "gradient_checkpointing": args.gradient_checkpointing,
+        "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
+        "s_per_step": seconds / len(times), "mfu": mfu(6 * n_matmul * tokens, seconds, device),
+        "peak_memory_mib": peak_memory_mib(device), "loss_first": losses[0], "loss_last": losses[-1],
         "torch": torch.__version__,
     }
 
@@ -173,20 +196,24 @@ def show(result: dict) -> None:
     table = Table(title="sft training throughput", show_header=False, title_justify="left")
     table.add_column("what", style="cyan")
     table.add_column("value", justify="right")
-    mem_kind = "allocated" if result["device"].startswith("cuda") else "RSS"
+    mem_kind = "allocated" if result["device"] != "cpu" else "RSS"
+    extras = [x for x, on in (("packing", result["packing"]), ("torch.compile", result["compile"]),
+                              ("gradient checkpointing", result["gradient_checkpointing"])) if on]
     rows = [
-        ("parameters", f"{result['parameters'] / 1e6:.2f}M"),
+        ("parameters", f"{result['parameters'] / 1e6:.2f}M ({result['matmul_parameters'] / 1e6:.2f}M in matmuls)"),
         ("model", f"hidden {result['hidden_size']}, {result['layers']} layers, {result['heads']} heads, "
-                  f"ffn {result['intermediate_size']}"),
+                  f"ffn {result['intermediate_size']}, vocab {result['vocab_size']}"),
         ("device", result["device"] + (f", {result['threads']} threads" if result["threads"] else "")),
-        ("precision", result["precision"] + (", gradient checkpointing" if result["gradient_checkpointing"] else "")),
-        ("batch", str(result["batch"])),
-        ("seq len", str(result["seq_len"])),
+        ("precision", ", ".join([result["precision"], *extras])),
+        ("batch", f"{result['batch']} examples of {result['min_len']}-{result['seq_len']} tokens, micro-batches of "
+                  f"{result['micro_batch']}"),
         ("steps", f"{result['steps']} timed (+{result['warmup']} warmup)"),
-        ("tokens/s mean", f"{result['tokens_per_s_mean']:,.0f}"),
-        ("tokens/s min", f"{result['tokens_per_s_min']:,.0f}"),
+        ("tokens/s (non-pad)", f"{result['tokens_per_s']:,.0f}"),
+        ("supervised tokens/s", f"{result['supervised_tokens_per_s']:,.0f}"),
         ("seconds/step", f"{result['s_per_step']:.4f}"),
+        ("MFU (6·N·tokens)", f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (not a known GPU)"),
         (f"peak memory ({mem_kind})", f"{result['peak_memory_mib']:,.0f} MiB"),
+        ("loss", f"{result['loss_first']:.3f} -> {result['loss_last']:.3f}"),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -196,7 +223,7 @@ def show(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.environ.get("RLHF_CLI_CACHE"):
-        result = bench(args, cache_dir=None)
+        result = bench(args, cache_dir=os.environ["RLHF_CLI_CACHE"])
     else:
         with tempfile.TemporaryDirectory(prefix="rlhf_bench_") as tmp:
             result = bench(args, cache_dir=tmp)

@@ -55,8 +55,13 @@ def tiny_model_path(
     max_position_embeddings: int = 256,
     seed: int = 0,
     cache_dir: str | None = None,
+    vocab_size: int | None = None,
+    tie_word_embeddings: bool = True,
 ) -> pathlib.Path:
-    """The directory of the tiny model with these settings, building it first if it is not cached yet."""
+    """The directory of the tiny model with these settings, building it first if it is not cached yet.
+    vocab_size: the embedding and LM-head rows (default: the tokenizer's ~500; a benchmark asks for a realistic
+    32k, whose ids past the tokenizer's decode to nothing); tie_word_embeddings=False gives the LM head its own
+    weights, as most models at 1B+ have."""
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     settings = {
@@ -67,6 +72,8 @@ def tiny_model_path(
         "max_position_embeddings": max_position_embeddings,
         "seed": seed,
     }
+    if vocab_size is not None or not tie_word_embeddings:  # only then: the default models keep their cache names
+        settings |= {"vocab_size": vocab_size, "tie_word_embeddings": tie_word_embeddings}
     root = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     final = root / f"tiny-llama-h{hidden_size}-l{num_layers}-{_settings_hash(settings)}"
     if _is_complete(final):
@@ -161,19 +168,21 @@ def _build_model(
     intermediate_size: int,
     max_position_embeddings: int,
     seed: int,
+    vocab_size: int | None = None,
+    tie_word_embeddings: bool = True,
 ):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         attention_dropout=0.0,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
