@@ -247,9 +247,12 @@ def bench(args, cache: str) -> int:
             torch.cuda.synchronize()
         return float(roll.mask.sum()), t1 - t0, time.perf_counter() - t1
 
-    iteration(0)  # warm-up
-    generation.clear()
-    runs = [iteration(step) for step in range(1, args.iterations + 1)]
+    try:
+        iteration(0)  # warm-up
+        generation.clear()
+        runs = [iteration(step) for step in range(1, args.iterations + 1)]
+    finally:
+        ppo.rollout = sampler
     tokens = sum(r[0] for r in runs)
     rollout_s, update_s = sum(r[1] for r in runs), sum(r[2] for r in runs)
     # the update's FLOPs: 6 N per token of every trained model, over whole rows (prompt + response), every epoch

@@ -37,27 +37,26 @@ update (one micro-batch of b sequences through the policy and the value model, o
   being recomputed and the gradients through it; measured on the CPU: 0.25 and 1.25 x the formula above).
   autocast's bf16 copies of the trained fp32 weights it multiplies with, kept for the micro-step: CUDA full
   2·(matmul weights of the policy, its LM head, the value body and head); LoRA 2·(2A + h).
-  logits the loss keeps (rollout.policy_logits, rl.logprobs_from_logits, rl.entropy_from_logits): the LM head's output
-  over all T positions ([b, T, V], bf16 under autocast, freed when `policy_logits` returns its fp32 response slice
-  [b, R, V] from `.float()`), then z = logits/temp (4, kept by logsumexp), logsumexp's temporary (4), entropy's
-  logits/temp (4), softmax (4), the isfinite mask (1), the finite-masked copy (4), softmax·z (4, temporary):
-  forward peak 25·VbR bytes, 17·VbR kept for the backward, whose gradients take it to 36·VbR (measured: 35.4
-  with the stage's own functions; the half-precision row-at-a-time branch of logprobs_from_logits never runs,
-  the slice arrives in fp32). Peak: max(2VbT + 4VbR, 36VbR) on CUDA. On the CPU the output is fp32 and `.float()`
-  returns a view of it, so all [b, T, V] stays until the loss is built: max(4VbT + 22VbR, 36VbR).
+  logits the loss keeps (rollout.policy_logits, rl.logprobs_and_entropy): the LM head runs only at the R response
+  positions, [b, R, V] in the forward's dtype (s = 2 under CUDA autocast, 4 on the CPU), which the fused log-prob
+  and entropy function keeps for its backward instead of any fp32 copy; its backward adds the gradient [b, R, V]
+  (s bytes again), and both directions upcast one chunk at a time, C = min(bR, rows)·V values with rows = 2^26 // V
+  on CUDA (2^18 // V on the CPU), four fp32 buffers at most: 2s·VbR + 16·C.
 
-rollout (train.rollout_micro_batch_size = c sequences per pass, no autocast):
-  generation: KV cache 2·L·kvd·t·c·s bytes (s = the sampled policy's dtype: 4 fully trained, 2 with LoRA on CUDA)
-    at t = T, or at t = prompt plus the prefill's MLP transient c·prompt·(2h + 3I)·s, whichever is larger;
-  the log-prob passes of the policy and the reference over [c, T, V]: in fp32 4VcT (the slice is a view) + z +
-  logsumexp's temporary = 4VcT + 8VcR; in bf16 max(2VcT + 4VcR, 12VcR); the value and reward passes
-  c·T·(2h + 3I) x 4 bytes (f with LoRA): a layer's input, its norm and the MLP's three [c, T, I]. The rollout
-  phase holds weights + AdamW state + the largest of these.
+rollout (train.rollout_micro_batch_size = c sequences per pass; the policy's log-prob pass uses the update's b, so
+  its numbers are the update's; under the training precision, bf16 autocast on CUDA):
+  generation: KV cache 2·L·kvd·t·c·s bytes (s = 2 on CUDA: k and v come out of autocast's bf16 matmuls, or of the
+    bf16 base with LoRA; 4 on the CPU) at t = T, or at t = prompt plus the prefill's MLP transient
+    c·prompt·(2h + 3I)·s, whichever is larger;
+  the log-prob passes over the R response positions (inference mode, nothing kept): s·VxR + 8·C (two fp32 chunk
+    buffers), x = b for the policy and c for the reference; the value and reward passes c·T·(2h + 3I) x 4 bytes
+    (f with LoRA or under autocast): a layer's input, its norm and the MLP's three [c, T, I]. Autocast's bf16 copies
+    of the trained weights (as in the update) live for the whole rollout on CUDA. The rollout phase holds weights +
+    AdamW state + those copies + the largest of these.
 
 loading (load_roles' order): CUDA full: the reference arrives in fp32 before its cast (8P with the policy); LoRA:
   the value model arrives in fp32 before its base is cast (f·P + 4A + f·(B + h) + 4·(B + h + 1)).
-optimizer step: weights + gradients + AdamW + foreach AdamW's temporary sqrt(exp_avg_sq) (4N on CUDA; on the CPU the
-  single-tensor AdamW: the largest parameter).
+optimizer step: weights + gradients + AdamW (fused AdamW: no temporaries).
 peak = max(loading, rollout, update, step) + --overhead-gib (CUDA context, cuBLAS workspace, allocator slack).
 
 The largest model that fits: per preset, the largest power-of-two train.micro_batch_size (<= prompts_per_rollout /
@@ -79,14 +78,14 @@ x 2 minibatches, no checkpointing:
         --prompt-length 32 --response-length 32 --micro-batch 8 --rollout-micro-batch 16 --no-gradient-checkpointing \
         [--lora-r 16]
 
-    peak RSS less the runtime's (356 MiB after imports)   full 1211 MiB   LoRA r=16  950 MiB
-    this estimate (update phase; live tensors)            full  956 MiB   LoRA r=16  530 MiB
+    peak RSS less the runtime's (356 MiB after imports)   full  841 MiB   LoRA r=16  556 MiB
+    this estimate (update phase; live tensors)            full  742 MiB   LoRA r=16  316 MiB
 
-The gap (+255 / +420 MiB) is, as far as checked, glibc's heap rather than tensors (the LoRA run's larger gap is
-not fully explained): the loss's [8, 32, 32000] fp32 copies (31.25 MiB each) fall under glibc's 32 MiB mmap
-threshold, and freed heap is not given back. The loss alone at that shape (the stage's functions, forward and
-backward) peaks at 442 MiB of RSS for 270 MiB of live tensors, and at 270 MiB with MALLOC_MMAP_THRESHOLD_=65536
-(every large block mapped and unmapped): run the bench so to compare live tensors. On
+The gap (+99 / +240 MiB; +255 / +420 before the loss kept only the response positions' logits) is, as far as
+checked, glibc's heap rather than tensors (the LoRA run's larger gap is not fully explained): blocks under glibc's
+32 MiB mmap threshold are not given back when freed, and the embedding gradient and the [8, 32, 32000] logits
+(31.25 MiB each) fall under it. The logits' share of this accounting (`update_logits`, `logprob_pass`) is counted
+from the code of rl.ppo.logprobs_and_entropy, not measured. On
 CUDA the caching allocator's slack and fragmentation are what --overhead-gib stands for; a GPU run of bench_ppo.py
 (torch.cuda.max_memory_allocated) is the check this accounting still lacks.
 """
@@ -216,32 +215,34 @@ def autocast_copies(m: Llama, s: Setting) -> int:
     return 2 * (matmul + m.vocab * m.hidden + matmul + m.hidden)
 
 
+def chunk(V: int, rows: int, device: str) -> int:
+    """Values one chunk of the fused log-prob function upcasts at a time (rl.ppo.chunk_rows)."""
+    budget = 2 ** 26 if device == "cuda" else 2 ** 18
+    return min(rows, max(1, budget // V)) * V
+
+
 def update_logits(m: Llama, s: Setting, b: int) -> int:
-    """The loss's logits at their peak: max(2VbT + 4VbR, 36VbR) on CUDA, max(4VbT + 22VbR, 36VbR) on the CPU."""
-    V, T, R = m.vocab, s.prompt_length + s.response_length, s.response_length
-    if s.device == "cuda":
-        return max(2 * V * b * T + 4 * V * b * R, 36 * V * b * R)
-    return max(4 * V * b * T + 22 * V * b * R, 36 * V * b * R)
+    """The loss's logits at their peak: the [b, R, V] logits and their gradient, s bytes each, and four fp32 chunk
+    buffers: 2s·VbR + 16·C."""
+    V, R, dtype = m.vocab, s.response_length, (2 if s.device == "cuda" else 4)
+    return 2 * dtype * V * b * R + 16 * chunk(V, b * R, s.device)
 
 
-def logprob_pass(V: int, c: int, T: int, R: int, dtype_bytes: int) -> int:
-    """One log-prob pass of the rollout over c sequences: 4VcT + 8VcR in fp32, max(2VcT + 4VcR, 12VcR) in bf16."""
-    if dtype_bytes == 4:
-        return 4 * V * c * T + 8 * V * c * R
-    return max(2 * V * c * T + 4 * V * c * R, 12 * V * c * R)
+def logprob_pass(V: int, rows: int, R: int, dtype_bytes: int, device: str) -> int:
+    """One log-prob pass of the rollout over `rows` sequences: its [rows, R, V] logits and two fp32 chunk buffers."""
+    return dtype_bytes * V * rows * R + 8 * chunk(V, rows * R, device)
 
 
 def rollout_activations(m: Llama, s: Setting) -> dict[str, int]:
     """The rollout's transients: generation (KV cache, prefill), the log-prob passes, the value/reward passes."""
     c, P, R = s.rollout_micro_batch, s.prompt_length, s.response_length
     T, h, i = P + R, m.hidden, m.intermediate
-    cuda = s.device == "cuda"
-    sampled = 2 if cuda and s.lora_r else 4
-    frozen = 2 if cuda else 4
-    kv = 2 * m.layers * m.kvd * c * sampled
-    generation = max(kv * T, kv * P + c * P * (2 * h + 3 * i) * sampled)
-    logprobs = max(logprob_pass(m.vocab, c, T, R, sampled), logprob_pass(m.vocab, c, T, R, frozen))
-    passes = c * T * (2 * h + 3 * i) * (frozen if s.lora_r else 4)  # the value model: fp32 when fully trained
+    half = 2 if s.device == "cuda" else 4      # bf16 under CUDA autocast (or a bf16 base), fp32 on the CPU
+    kv = 2 * m.layers * m.kvd * c * half
+    generation = max(kv * T, kv * P + c * P * (2 * h + 3 * i) * half)
+    logprobs = max(logprob_pass(m.vocab, min(s.micro_batch, c), R, half, s.device),
+                   logprob_pass(m.vocab, c, R, half, s.device))
+    passes = c * T * (2 * h + 3 * i) * half
     return {"generation": generation, "logprob_pass": logprobs, "value_reward_pass": passes}
 
 
@@ -263,15 +264,14 @@ def estimate(m: Llama, s: Setting) -> dict[str, int]:
         loading = max(4 * P, f * P + 4 * A + f * (B + h) + 4 * (B + h + 1))
     else:
         loading = max(8 * P, static)
-    largest_param = max(m.vocab, m.intermediate) * h
     out = {**{f"weights_{k}": v for k, v in w.items()}, "gradients": grads, "adamw": adam,
            "autocast_copies": copies, "update_activations": 2 * kept, "update_transient": transient,
            "update_logits": logits, **{f"rollout_{k}": v for k, v in rollout.items()},
            "trained_parameters": N, "parameters": P}
     out["phase_loading"] = loading
-    out["phase_rollout"] = static + adam + max(rollout.values())
+    out["phase_rollout"] = static + adam + copies + max(rollout.values())
     out["phase_update"] = static + grads + adam + copies + 2 * kept + max(logits, transient)
-    out["phase_step"] = static + grads + adam + (4 * N if s.device == "cuda" else 4 * largest_param)
+    out["phase_step"] = static + grads + adam
     out["peak"] = max(out["phase_loading"], out["phase_rollout"], out["phase_update"], out["phase_step"])
     return out
 

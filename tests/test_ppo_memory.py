@@ -59,7 +59,9 @@ def test_estimate_grows_with_the_work_and_lora_needs_less():
     longer = mem.estimate(m, replace(s, response_length=512))
     assert longer["phase_update"] > base["phase_update"] and longer["phase_rollout"] > base["phase_rollout"]
     lora_s = replace(s, lora_r=16)
-    assert mem.estimate(m, replace(lora_s, response_length=512))["peak"] > mem.estimate(m, lora_s)["peak"]
+    longer_lora, lora = mem.estimate(m, replace(lora_s, response_length=512)), mem.estimate(m, lora_s)
+    # (its peak at these micro-batches is the loading transient, which the response length does not change)
+    assert longer_lora["phase_update"] > lora["phase_update"] and longer_lora["phase_rollout"] > lora["phase_rollout"]
     assert mem.estimate(m, replace(s, micro_batch=16))["phase_update"] > base["phase_update"]
     assert mem.estimate(m, replace(s, rollout_micro_batch=128))["phase_rollout"] > base["phase_rollout"]
     assert mem.estimate(m, replace(s, gradient_checkpointing=False))["update_activations"] > \

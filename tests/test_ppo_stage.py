@@ -75,6 +75,8 @@ def test_every_iteration_logs_the_notes_metrics(trained):
               "update_tokens_per_s", "gold", "policy_loss"}
     assert all(needed <= set(r) for r in rows)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
+    # the rollout's log-probs are the very numbers the first minibatch recomputes, every iteration
+    assert all(r["first_minibatch_approx_kl"] < 1e-12 for r in rows) and rows[-1]["approx_kl"] > 1e-8
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2, 4} and {"prompt", "response", "score", "gold"} <= set(samples[0])
 

@@ -254,7 +254,7 @@ def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, devi
             roll = Rollout(**vars(samples),
                            logprobs=response_logprobs(roles.policy, samples, p.temperature, t.micro_batch_size),
                            ref_logprobs=response_logprobs(roles.reference, samples, p.temperature, micro),
-                           values=response_values(roles.value, samples, t.micro_batch_size),
+                           values=response_values(roles.value, samples, micro),
                            scores=score_responses(roles.scorer, samples, prompt_text, response_text, micro),
                            prompt_text=prompt_text, response_text=response_text)
     roles.policy.train()
@@ -337,7 +337,8 @@ def ppo_loss(policy, value_model, roll: Rollout, idx, shaped: Shaped, p: PPOAlgo
 def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef: float, gold, seconds: dict,
                       p: PPOAlgoConfig, d: dist.Dist, device: torch.device) -> dict:
     """The iteration's numbers over all ranks, reduced by name: per-response means of the rollout (score, KL,
-    length, ...), the mean of every micro-batch statistic of the update, the value model's explained variance, and
+    length, ...), the mean of every micro-batch statistic of the update, the approx-KL of the first minibatch (0
+    when the rollout's and the update's log-probs share their numerics), the value model's explained variance, and
     response tokens per second of the rollout and of the update (tokens x epochs)."""
     seq_kl = (shaped.kl * roll.mask).sum(1)
     golds = [gold(pr, rs) for pr, rs in zip(roll.prompt_text, roll.response_text)] if gold else None
@@ -346,7 +347,10 @@ def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef:
         "kl": float(seq_kl.sum()), "rlhf_reward": float((shaped.scores - kl_coef * seq_kl).sum()),
         "response_length": float(roll.mask.sum(1).sum()), "stop_rate": float(roll.ended.sum()),
         "gold": float(sum(golds)) if golds else 0.0, "tokens": float(roll.mask.sum())}, device)
-    means = dist.all_sum_named(d, {k: float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0]}, device)
+    first = stats[:len(stats) // (p.num_ppo_epochs * p.num_mini_batches)]   # epoch 1's first minibatch: ratio 1
+    means = {k: float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0]}
+    means["first_minibatch_approx_kl"] = float(torch.stack([s["approx_kl"] for s in first]).mean())
+    means = dist.all_sum_named(d, means, device)
     n, tokens = sums.pop("n"), sums.pop("tokens")
     out = {k: v / n for k, v in sums.items() if k != "gold"}
     out |= {"kl_coef": kl_coef, **{k: v / d.world_size for k, v in means.items()},
@@ -407,7 +411,8 @@ def show_summary(con, first: dict, last: dict, run_dir: Path) -> None:
     for col in ("metric", "first iteration", "last iteration"):
         table.add_column(col, justify="right" if col != "metric" else "left")
     for key in ("score", "gold", "kl", "rlhf_reward", "response_length", "stop_rate", "entropy", "approx_kl",
-                "clipfrac", "value_loss", "explained_variance", "rollout_tokens_per_s", "update_tokens_per_s"):
+                "first_minibatch_approx_kl", "clipfrac", "value_loss", "explained_variance", "rollout_tokens_per_s",
+                "update_tokens_per_s"):
         if key in last:
             table.add_row(key, f"{first.get(key, float('nan')):.4g}", f"{last[key]:.4g}")
     con.print(table)
