@@ -25,16 +25,15 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rlhf_cli import artifacts
 from rlhf_cli.errors import ArtifactError
+from rlhf_cli.models.loading import bare
 
 STATE = "state.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module inside DDP/compile wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+    """The bare module inside DDP/compile wrappers (models.loading.bare)."""
+    return bare(model)
 
 
 def save_weights(model: torch.nn.Module, file: Path) -> None:

@@ -75,10 +75,7 @@ def run(cfg: RewardConfig) -> dict:
                     loop.last.update({f"eval_{k}": v for k, v in loop.held.items()})
                 if train.due(loop.step, t.log_every, steps.total) or train.due(loop.step, t.eval_every, steps.total):
                     training.log.log(loop.step, loop.last)
-                bar.update(task, completed=loop.step, metrics=metrics_text(
-                    {"loss": loop.last["loss"], "acc": loop.last["accuracy"],
-                     "eval_acc": loop.held.get("accuracy", float("nan")), "lr": loop.last["lr"],
-                     "pairs/s": loop.last["pairs_per_s"]}))
+                bar.update(task, completed=loop.step, metrics=progress_text(loop))
                 if train.due(loop.step, t.checkpoint_every, steps.total):
                     train.save_checkpoint(d, plan.checkpoints, loop.step, {"model": model}, training, loop.state(),
                                           cfg, data_sha256, final=loop.step == steps.total)
@@ -195,6 +192,12 @@ def train_step(train_model, examples: list[dict], pad_id: int, training: train.T
     n = cfg.train.examples_per_step
     return {"loss": loss_sum / n, "accuracy": correct / n, "margin": margin / n,
             "grad_norm": train.take_step(training, step + 1, loss_sum / n)}
+
+
+def progress_text(loop: Counters) -> str:
+    return metrics_text({"loss": loop.last["loss"], "acc": loop.last["accuracy"],
+                         "eval_acc": loop.held.get("accuracy", float("nan")), "lr": loop.last["lr"],
+                         "pairs/s": loop.last["pairs_per_s"]})
 
 
 def evaluate(model, examples: list[dict], pad_id: int, cfg: RewardConfig, d: dist.Dist, device,
