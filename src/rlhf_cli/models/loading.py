@@ -165,9 +165,10 @@ def logits_at(model, positions: torch.Tensor, **inputs) -> torch.Tensor:
     a cache also hides packed rows' example boundaries from transformers' masks)."""
     from transformers import PreTrainedModel
 
-    if isinstance(bare(model), PreTrainedModel):
+    inner = bare(model)
+    if isinstance(inner, PreTrainedModel):
         inputs.setdefault("use_cache", False)
-    if _keeps_logits(type(bare(model))):
+    if _keeps_logits(type(inner)):
         return model(**inputs, logits_to_keep=positions).logits
     return model(**inputs).logits[:, positions]
 
