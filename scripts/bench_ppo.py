@@ -208,7 +208,7 @@ def bench(args, cache: str) -> int:
                               cfg.optim.max_grad_norm, Guard("ppo", Path(cache) / "no-checkpoints", cfg.optim.lr,
                                                              unit="iteration"),
                               MetricsLog(Path(cache), False, "none"), {})
-    wrapped = [train.wrap_for_training(m, d, device, args.gradient_checkpointing) for m in (roles.policy, roles.value)]
+    wrapped = [train.wrap_for_training(m, d, device, cfg.train) for m in (roles.policy, roles.value)]
     if device.type == "cuda":
         loading_peak, loaded = torch.cuda.max_memory_allocated() / 2**20, torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()

@@ -147,7 +147,7 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
                               build_scheduler(optimizer, cfg.optim, cfg.train.max_steps), cfg.optim.max_grad_norm,
                               Guard("sft", Path(cache_dir or ".") / "no-checkpoints", cfg.optim.lr),
                               MetricsLog(Path(cache_dir or "."), False, "none"), {})
-    train_model = train.wrap_for_training(model, d, device, args.gradient_checkpointing, args.compile)
+    train_model = train.wrap_for_training(model, d, device, cfg.train)
     vocab = model.config.vocab_size
     steps = [demonstrations(args, args.batch, vocab)]
     for k in range(1, min(args.warmup + args.steps, 4)):  # a few different batches, made up front

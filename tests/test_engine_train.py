@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_cli.config import OptimConfig, SFTConfig
+from rlhf_cli.config import OptimConfig, SFTConfig, TrainConfig
 from rlhf_cli.engine import checkpoint, dist, train
 from rlhf_cli.engine.rollout import Rollout, constants
 from rlhf_cli.engine.rundir import RunPlan
@@ -59,12 +59,12 @@ def _free_port() -> int:
 
 def test_wrap_for_training_is_the_model_itself_in_one_process_and_ddp_under_a_process_group(monkeypatch):
     model = torch.nn.Linear(3, 1)
-    assert train.wrap_for_training(model, dist.Dist(), torch.device("cpu")) is model
+    assert train.wrap_for_training(model, dist.Dist(), torch.device("cpu"), TrainConfig()) is model
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
-        wrapped = train.wrap_for_training(model, dist.Dist(rank=0, world_size=2), torch.device("cpu"))
+        wrapped = train.wrap_for_training(model, dist.Dist(rank=0, world_size=2), torch.device("cpu"), TrainConfig())
         assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and wrapped.module is model
         with train.micro_step([wrapped], False, torch.device("cpu")):
             assert not wrapped.require_backward_grad_sync
@@ -167,7 +167,8 @@ def test_step_plan_holds_the_batch_arithmetic_and_prints_it():
 
 def _loss_and_grads(model, checkpointing: bool, forward) -> tuple[float, dict]:
     model.zero_grad(set_to_none=True)
-    wrapped = train.wrap_for_training(model, dist.Dist(), torch.device("cpu"), gradient_checkpointing=checkpointing)
+    wrapped = train.wrap_for_training(model, dist.Dist(), torch.device("cpu"),
+                                     TrainConfig(gradient_checkpointing=checkpointing))
     wrapped.train()
     loss = forward(wrapped)
     loss.backward()
@@ -207,7 +208,8 @@ def test_gradient_checkpointing_on_a_model_without_it_is_a_config_error():
     from rlhf_cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match="does not support gradient checkpointing"):
-        train.wrap_for_training(torch.nn.Linear(2, 2), dist.Dist(), torch.device("cpu"), gradient_checkpointing=True)
+        train.wrap_for_training(torch.nn.Linear(2, 2), dist.Dist(), torch.device("cpu"),
+                                TrainConfig(gradient_checkpointing=True))
 
 
 def test_frozen_dtype_is_bf16_only_where_asked_or_on_capable_cuda():

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import FAST_SFT, compose_stage
-from rlhf_cli.config import PPOAlgoConfig, PPOConfig, PPOTrainConfig
+from rlhf_cli.config import PPOAlgoConfig, PPOConfig, PPOTrainConfig, TrainConfig
 from rlhf_cli.data.preference import collate_pairs
 from rlhf_cli.data.sft import collate_sft
 from rlhf_cli.engine import batches, device as dev, dist, flops, train
@@ -223,7 +223,7 @@ def test_compiled_training_forward_gives_the_eager_loss_and_gradients(tiny):
     out = []
     for compiled in (False, True):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
-        wrapped = train.wrap_for_training(model, dist.Dist(), CPU, compile=compiled)
+        wrapped = train.wrap_for_training(model, dist.Dist(), CPU, TrainConfig(compile=compiled))
         loss = sft.token_loss_sum(wrapped, batches.to_device(batch, CPU), sft.supervised_positions(batch))
         loss.backward()
         out.append((loss.detach(), model.lm_head.weight.grad.clone(), type(wrapped).__name__))

@@ -119,6 +119,20 @@ class OptimConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """train.strategy=fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) shards each transformer block and the rest
+    of every model over the processes; parameters, gradients and optimizer state each take 1/world_size of the
+    memory per process, and a block's weights are gathered only while it runs."""
+
+    # Keep the shards (parameters, gradients, optimizer state) in host memory and step the optimizer there:
+    # larger models fit in less GPU memory, at the price of host-device copies every step. CUDA only.
+    cpu_offload: bool = False
+    # Free each block's gathered weights after its forward pass (the backward gathers them again): the least
+    # memory. false keeps them until the backward (one all-gather fewer per block and step, more memory).
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class TrainConfig:
     """The loop knobs every training stage shares."""
 
@@ -147,6 +161,11 @@ class TrainConfig:
     # Recompute each layer's activations in the backward pass instead of keeping them (the trained models: policy
     # and value model in ppo): much less activation memory for one more forward pass, the same loss and gradients.
     gradient_checkpointing: bool = False
+    # How the processes of a torchrun (or SLURM) launch share the work: ddp = a full copy of every model on each
+    # process, gradients averaged; fsdp = every model sharded over the processes (train.fsdp), for models whose
+    # weights, gradients and AdamW state do not fit one device. One process: the same numbers either way.
+    strategy: str = "ddp"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -251,6 +270,11 @@ class PPOTrainConfig:
     # Recompute each layer's activations in the backward pass instead of keeping them (the trained models: policy
     # and value model in ppo): much less activation memory for one more forward pass, the same loss and gradients.
     gradient_checkpointing: bool = False
+    # How the processes of a torchrun (or SLURM) launch share the work: ddp = a full copy of every model on each
+    # process, gradients averaged; fsdp = every model sharded over the processes (train.fsdp), for models whose
+    # weights, gradients and AdamW state do not fit one device. One process: the same numbers either way.
+    strategy: str = "ddp"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 @dataclass
@@ -296,6 +320,9 @@ class StageConfig:
     artifact_check: str = "auto"
     # none | tensorboard (needs the `tensorboard` extra); metrics.jsonl is always written.
     logger: str = "none"
+    # The metric of the stage's manifest (e.g. eval_accuracy of reward, final_gold of ppo) that a Hydra sweeper
+    # optimises: the run returns it to Hydra (`hydra/sweeper=maximize`). null: the run returns nothing.
+    objective: Optional[str] = None
 
 
 @dataclass
@@ -391,6 +418,7 @@ CHOICES = {
     "ppo.kl_estimator": ("k1", "k3"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.strategy": ("ddp", "fsdp"),
     "ppo.rollout_backend": ("auto", "eager", "compiled"),
     "model.dtype": ("auto", "float32", "bfloat16"),
     "dtype": ("auto", "float32", "bfloat16"),
@@ -401,9 +429,9 @@ CHOICES = {
 # Keys that say how to run, not what is trained: a difference in them neither makes a finished artifact stale
 # (`rlhf pipeline`) nor stops an interrupted run from resuming. Micro-batch sizes only split the same step.
 RUN_KEYS = ("run_dir", "root", "experiment", "resume", "overwrite", "force_resume", "logger", "artifact_check",
-            "train.device", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+            "objective", "train.device", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
             "train.sample_every", "train.micro_batch_size", "train.rollout_micro_batch_size", "train.compile",
-            "ppo.rollout_backend")
+            "ppo.rollout_backend", "train.strategy", "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

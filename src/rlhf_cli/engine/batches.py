@@ -52,6 +52,18 @@ def rank_slice(examples: list, rank: int, world_size: int) -> list:
     return examples[rank * per_rank:(rank + 1) * per_rank]
 
 
+def rank_micro_batches(items: list, rank: int, world_size: int, size: int):
+    """This rank's share of `items` (every world_size-th one from `rank`) in micro-batches of `size`, as
+    (micro-batch, real). Every rank gets as many micro-batches as the busiest one needs, a rank past the end of its
+    share getting `[items[0]]` with real=False (run it, discard it): ranks whose forward passes gather weights
+    together (FSDP) stay in step. No items: no micro-batches."""
+    mine = items[rank::world_size]
+    per_rank = -(-len(items) // world_size)
+    for k in range(-(-per_rank // size)):
+        part = mine[k * size:(k + 1) * size]
+        yield (part, True) if part else ([items[0]], False)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a collated batch and add position_ids = position_ids_from_mask(attention_mask) (cumsum(mask) - 1,
     clamped at 0), so padded and unpadded sequences get the same positions."""

@@ -64,7 +64,8 @@ def optimizer_step(params, optimizer, scheduler, max_grad_norm: float, guard: Gu
     before clipping. A NaN/inf loss or gradient norm (`guard.step_ok`) drops the update instead, or stops the stage
     once train.max_skipped_steps is spent: the weights never see it. The schedule advances either way, so the
     learning rate stays a function of the step. Returns None for a skipped step."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded (FSDP): a DTensor
     ok = guard.step_ok(step, loss=loss, gradient_norm=grad_norm)
     with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule moves before the weights
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rlhf_cli.engine.fsdp import generating
 from rlhf_cli.models.loading import logits_at
 from rlhf_cli.rl import ppo as rl
 from rlhf_cli.rl.masks import position_ids_from_mask
@@ -84,12 +85,16 @@ def rollout(policy, prompts: list[list[int]], response_length: int, temperature:
     Backends (`backend_for`): eager = transformers' `generate` with a dynamic KV cache (the CPU path); compiled =
     `generate` with a static KV cache, whose decoding step transformers compiles (torch.compile, CUDA graphs) on
     CUDA; prompts are then left-padded to a multiple of 64 tokens for generation only, so a run compiles for a few
-    shapes, not one per batch. Both sample from the same distribution and return the same layout."""
+    shapes, not one per batch. Both sample from the same distribution and return the same layout.
+
+    A sharded (FSDP) policy is gathered for the whole rollout (engine.fsdp.generating): every rank decodes its own
+    prompts with the full weights, without a collective per token."""
     static = backend_for(backend, device) == "compiled"
-    return sample(policy, prompts, response_length, temperature, micro, pad_id, eos_id, device, static=static)
+    with generating(policy):
+        return sample(policy, prompts, response_length, temperature, micro, pad_id, eos_id, device, static=static)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample(policy, prompts: list[list[int]], response_length: int, temperature: float, micro: int, pad_id: int,
            eos_id: int, device, static: bool = False) -> Samples:
     """Sample responses with the KV cache from left-padded prompts: plain temperature sampling (top_k=0,

@@ -1,11 +1,12 @@
 """The training scaffold every stage calls, as plain functions: set up the process, wrap a model for training, run a
 micro-step, take an optimizer step (engine/optim.py), decide what is due at a step, resume and checkpoint.
 
-A capability that changes how models are held or stepped (DDP, gradient checkpointing, torch.compile; FSDP next)
+A capability that changes how models are held or stepped (DDP or FSDP2, gradient checkpointing, torch.compile)
 lands here once, and every stage gets it without a branch of its own:
 
-    with process(cfg.train.device) as (d, device):           # device pick, process group up and down
-        train_model = wrap_for_training(model, d, device)     # what the forward/backward runs through
+    with process(t.device, t.precision, t.strategy) as (d, device):  # device, precision, process group up and down
+        train_model = wrap_for_training(model, d, device, t)  # what the forward/backward runs through (FSDP: before
+        training = start(plan, cfg, {"model": model}, ...)    #   the optimizer is built over the sharded weights)
         for micro, last in micro_batches(mine, micro_batch_size):
             with micro_step([train_model], last, device):     # gradient sync only on the last one, autocast
                 loss.backward()
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.engine import checkpoint, device as dev, dist
+from rlhf_cli.engine import checkpoint, device as dev, dist, fsdp
 from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import MetricsLog, console
 from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
@@ -31,13 +32,16 @@ from rlhf_cli.models.loading import enable_gradient_checkpointing
 
 
 @contextlib.contextmanager
-def process(device_setting: str, precision: str = "auto") -> Iterator[tuple[dist.Dist, torch.device]]:
+def process(device_setting: str, precision: str = "auto", strategy: str = "ddp"
+            ) -> Iterator[tuple[dist.Dist, torch.device]]:
     """(ranks, device) for the body of a stage: the device picked (`auto`: this rank's CUDA device when there is
-    one, else the CPU), its precision set (engine.device.autocast), the process group torchrun describes joined,
-    and left again however the body ends."""
+    one, else the CPU), its precision set (engine.device.autocast), the process group the launcher describes
+    (torchrun, or a submitit/SLURM task: engine.dist) joined, and left again however the body ends. FSDP shards
+    over a group even in a single process."""
+    dist.from_submitit()
     device = dev.pick(device_setting, dist.local_rank_from_env())
     dev.set_precision(precision)
-    d = dist.init(device.type)
+    d = dist.init(device.type, group_of_one=strategy == "fsdp")
     try:
         yield d, device
     finally:
@@ -56,27 +60,50 @@ def main_first(d: dist.Dist, load, *args, **kwargs):
     return result
 
 
-def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device,
-                      gradient_checkpointing: bool = False, compile: bool = False) -> torch.nn.Module:
-    """The module a training forward/backward runs through: the model itself in one process, DDP (gradients
-    averaged over ranks at the last micro-step) under torchrun. Evaluation, checkpoints and saving use the
-    unwrapped model. This is the one place a different way of holding a model for training slots in.
+def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device, t) -> torch.nn.Module:
+    """The module a training forward/backward runs through, as `t` (the stage's train config) says; call it before
+    `start` builds the optimizer. This is the one place a different way of holding a model for training slots in.
 
-    gradient_checkpointing: each transformer layer's activations are recomputed in the backward pass instead of
+    t.strategy: ddp = the model itself in one process, DDP (gradients averaged over ranks at the last micro-step)
+    under torchrun; evaluation, checkpoints and saving use the unwrapped model. fsdp = the model sharded in place
+    over the processes (engine/fsdp.py, t.fsdp): the same object trains, evaluates and checkpoints.
+
+    t.gradient_checkpointing: each transformer layer's activations are recomputed in the backward pass instead of
     kept (transformers' non-reentrant checkpointing, in training mode only: evaluation and sampling are untouched).
 
-    compile (`train.compile`): the training path runs through torch.compile (after DDP, so its graph breaks at
-    gradient buckets); the model itself stays uncompiled for evaluation, sampling and saving. Its first steps
-    compile, and a new input shape may compile again.
+    t.compile: the training path runs through torch.compile (after DDP, so its graph breaks at gradient buckets);
+    the model itself stays uncompiled for evaluation, sampling and saving. Its first steps compile, and a new input
+    shape may compile again.
     """
-    if gradient_checkpointing:
+    if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     wrapped = model
-    if d.enabled:
+    if t.strategy == "fsdp":
+        fsdp.shard(model, device, d, t.fsdp)
+    elif d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(wrapped) if compile else wrapped
+    return torch.compile(wrapped) if t.compile else wrapped
+
+
+def hold_frozen(model, d: dist.Dist, device: torch.device, t):
+    """A model that is only run (PPO's reference and reward model), held as `t.strategy` says: sharded like the
+    trained ones under fsdp (no optimizer state, no copy kept for saving), a full copy per process under ddp."""
+    if t.strategy == "fsdp" and isinstance(model, torch.nn.Module):
+        fsdp.shard(model, device, d, t.fsdp, publishable=False)
+    return model
+
+
+def published(model, d: dist.Dist):
+    """The trained model with its full weights, to save and publish on rank 0 (every rank calls it: a sharded
+    model's weights are gathered together; ranks other than 0 get None): engine.fsdp.gathered."""
+    return fsdp.gathered(model, d)
+
+
+def generating(model):
+    """The context a model samples in (every rank, together): engine.fsdp.generating."""
+    return fsdp.generating(model)
 
 
 def micro_batches(items: Sequence, size: int) -> Iterator[tuple[Sequence, bool]]:
@@ -89,12 +116,13 @@ def micro_batches(items: Sequence, size: int) -> Iterator[tuple[Sequence, bool]]
 @contextlib.contextmanager
 def micro_step(wrapped: Sequence[torch.nn.Module], sync: bool, device: torch.device) -> Iterator[None]:
     """The context of one forward/backward of a gradient-accumulation window: the ranks exchange gradients only
-    when `sync` (the window's last micro-batch), and the forward runs under the device's autocast."""
+    when `sync` (the window's last micro-batch; DDP's no_sync, FSDP's gradient sync switch), and the forward runs
+    under the device's autocast."""
     with contextlib.ExitStack() as stack:
-        if not sync:
-            for model in wrapped:
-                if hasattr(model, "no_sync"):
-                    stack.enter_context(model.no_sync())
+        for model in wrapped:
+            fsdp.set_gradient_sync(model, sync)
+            if not sync and hasattr(model, "no_sync"):
+                stack.enter_context(model.no_sync())
         stack.enter_context(dev.autocast(device))
         yield
 
@@ -166,13 +194,17 @@ def resume(plan: RunPlan, models: dict, optimizer, scheduler, optim_cfg, restore
 
 def save_checkpoint(d: dist.Dist, directory: Path, step: int, models: dict, training: Training, state: dict,
                     cfg, data_sha256: str, final: bool = False) -> None:
-    """Checkpoint `step-<step>` (written by rank 0; every rank waits for it): the models, optimizer, scheduler and
-    RNG states, the stage's `state` with the guard's skipped-step count, the resolved config and the data's
-    fingerprint (which a resume checks). `final` (the run's last step, whose artifact is published next): without
-    the optimizer state, twice the trained weights; a run resumed from it only publishes."""
-    if d.is_main:
-        checkpoint.save(directory, step, models, None if final else training.optimizer, training.scheduler,
-                        {"step": step, **state, "skipped_steps": training.guard.skipped, "config": asdict(cfg),
-                         "data_sha256": data_sha256, **({"final": True} if final else {})},
-                        cfg.train.keep_checkpoints, cfg.artifact_check)
+    """Checkpoint `step-<step>` (every rank waits for it): the models, optimizer, scheduler and RNG states, the
+    stage's `state` with the guard's skipped-step count, the resolved config and the data's fingerprint (which a
+    resume checks). Written by rank 0, or, for sharded models, by every rank with torch.distributed.checkpoint
+    (engine.checkpoint.save_sharded). `final` (the run's last step, whose artifact is published next): without the
+    optimizer state, twice the trained weights; a run resumed from it only publishes."""
+    args = (directory, step, models, None if final else training.optimizer, training.scheduler,
+            {"step": step, **state, "skipped_steps": training.guard.skipped, "config": asdict(cfg),
+             "data_sha256": data_sha256, **({"final": True} if final else {})},
+            cfg.train.keep_checkpoints, cfg.artifact_check)
+    if any(fsdp.is_sharded(m) for m in models.values()):
+        checkpoint.save_sharded(*args, d=d)
+    elif d.is_main:
+        checkpoint.save(*args)
     dist.barrier(d)

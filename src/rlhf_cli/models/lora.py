@@ -14,6 +14,7 @@ With `model.lora.r=0` (the default) every function here leaves the model as it i
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -69,6 +70,19 @@ def quiet() -> Iterator[None]:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
         yield
+
+
+def structure_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` (its adapters and peft's bookkeeping of them included) whose parameters are empty tensors
+    on the meta device: the same names, shapes, dtypes and tied weights, no memory. It takes a full state dict with
+    `load_state_dict(state, assign=True)` and is then a plain model to merge and save (engine/fsdp.py). Buffers and
+    other attributes are copied as they are."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    replica, handle = copy.deepcopy((model, _PEFT.get(model)), memo)
+    if handle is not None:
+        _PEFT[replica] = handle
+    return replica
 
 
 def has_adapters(model: torch.nn.Module) -> bool:

@@ -39,13 +39,14 @@ from rlhf_cli.rl import ppo as rl
 
 
 def run(cfg: PPOConfig) -> dict:
-    with train.process(cfg.train.device, cfg.train.precision) as (d, device):
+    with train.process(cfg.train.device, cfg.train.precision, cfg.train.strategy) as (d, device):
         con, p, t = console(d.is_main), cfg.ppo, cfg.train
         # ---- set up: upstream artifacts (checked before anything loads), run directory, roles, prompts -------
         paths = find_upstream(cfg)
         plan = rundir.prepare(cfg, d)
         shape = batch_shape(cfg, d.world_size)
         roles = load_roles(cfg, paths, device)
+        wrapped = hold_roles(roles, d, device, t)
         prompts, source = tasks.train_prompts(cfg.data, roles.tokenizer)
         data_sha256 = rundir.check_data(plan, cfg, d, prompts)
         prompt_ids, cut = encode_prompts(prompts, roles.tokenizer, cfg.data.max_seq_len - p.response_length)
@@ -56,8 +57,6 @@ def run(cfg: PPOConfig) -> dict:
         loop = Counters.restore(training.resumed, p.kl_coef)
         if training.resumed and d.is_main:  # those iterations run again: drop what they wrote
             truncate_jsonl(plan.work_dir / "samples.jsonl", loop.step)
-        wrapped = [train.wrap_for_training(m, d, device, t.gradient_checkpointing, t.compile)
-                   for m in (roles.policy, roles.value)]
         gold = tasks.gold_scorer(cfg.data)
 
         # ---- loop: rollout, rewards and advantages, clipped updates, metrics ---------------------------------
@@ -88,8 +87,9 @@ def run(cfg: PPOConfig) -> dict:
 
         # ---- save: the policy artifact and a summary ---------------------------------------------------------
         metrics = final_metrics(loop, training.guard)
+        policy = train.published(roles.policy, d)  # the full weights, on rank 0
         if d.is_main:
-            publish(cfg, paths, roles, metrics, loop.kl_coef, {"source": str(source), "sha256": data_sha256,
+            publish(cfg, paths, roles, policy, metrics, loop.kl_coef, {"source": str(source), "sha256": data_sha256,
                                                                "prompts": len(prompts)}, plan.work_dir)
             show_summary(con, loop.first or {}, loop.last, Path(cfg.run_dir))
         dist.barrier(d)
@@ -191,6 +191,15 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     return Roles(policy, reference, value, scorer, tokenizer, value_init)
 
 
+def hold_roles(roles: Roles, d: dist.Dist, device: torch.device, t) -> list:
+    """The trained roles as the update runs them (engine.train.wrap_for_training) and the frozen ones held alike
+    (sharded under train.strategy=fsdp): [policy, value model] to train through."""
+    wrapped = [train.wrap_for_training(m, d, device, t) for m in (roles.policy, roles.value)]
+    train.hold_frozen(roles.reference, d, device, t)
+    train.hold_frozen(roles.reward, d, device, t)
+    return wrapped
+
+
 def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, shape: BatchShape, d, device) -> None:
     p, t = cfg.ppo, cfg.train
     reference = ("the policy with its adapters off" if isinstance(roles.reference, lora.BaseView) else
@@ -250,7 +259,7 @@ def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, devi
         samples = rollout(roles.policy, prompts, p.response_length, p.temperature, micro, tok.pad_token_id,
                           tok.eos_token_id, device, p.rollout_backend)
         prompt_text, response_text = decode(samples, tok)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference mode: sharded (FSDP) weights gathered in it could not train after
             roll = Rollout(**vars(samples),
                            logprobs=response_logprobs(roles.policy, samples, p.temperature, t.micro_batch_size),
                            ref_logprobs=response_logprobs(roles.reference, samples, p.temperature, micro),
@@ -258,7 +267,7 @@ def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, devi
                            scores=score_responses(roles.scorer, samples, prompt_text, response_text, micro),
                            prompt_text=prompt_text, response_text=response_text)
     roles.policy.train()
-    return constants(roll)  # leave inference mode: the update reads these as ordinary constants
+    return constants(roll)
 
 
 def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_path: str) -> None:
@@ -388,8 +397,9 @@ def final_metrics(loop: Counters, guard: Guard) -> dict:
             **{f"first_{k}": first[k] for k in ("score", "kl", "gold", "response_length", "stop_rate") if k in first}}
 
 
-def publish(cfg: PPOConfig, paths: Upstream, roles: Roles, metrics: dict, kl_coef: float, data: dict,
+def publish(cfg: PPOConfig, paths: Upstream, roles: Roles, policy, metrics: dict, kl_coef: float, data: dict,
             work_dir: Path) -> None:
+    """The policy artifact from `policy` (engine.train.published: the trained policy with its full weights)."""
     manifest = artifacts.build_manifest(
         stage="ppo", kind="policy", config=asdict(cfg), base_model=paths.policy, tokenizer=roles.tokenizer,
         metrics=metrics, parents=paths.parents,
@@ -398,12 +408,11 @@ def publish(cfg: PPOConfig, paths: Upstream, roles: Roles, metrics: dict, kl_coe
 
     def save(tmp: Path) -> None:  # with LoRA: the adapters merged into the SFT weights (loaded again in fp32)
         policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
-        policy = lora.merged(roles.policy, reload=lambda: load_causal_lm(policy_cfg, torch.device("cpu"),
-                                                                         dropout=False)[0])
-        policy.save_pretrained(tmp, safe_serialization=True)
+        plain = lora.merged(policy, reload=lambda: load_causal_lm(policy_cfg, torch.device("cpu"), dropout=False)[0])
+        plain.save_pretrained(tmp, safe_serialization=True)
         roles.tokenizer.save_pretrained(tmp)
 
-    artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir), save_adapter=lora.adapter_writer(roles.policy))
+    artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir), save_adapter=lora.adapter_writer(policy))
 
 
 def show_summary(con, first: dict, last: dict, run_dir: Path) -> None:

@@ -35,7 +35,7 @@ TRAIN_ACCURACY_PAIRS = 1000  # the final train accuracy is measured on at most t
 
 
 def run(cfg: RewardConfig) -> dict:
-    with train.process(cfg.train.device, cfg.train.precision) as (d, device):
+    with train.process(cfg.train.device, cfg.train.precision, cfg.train.strategy) as (d, device):
         con, t = console(d.is_main), cfg.train
         # ---- set up: upstream artifact, run directory, seeds, pairs (validated before anything heavy loads) ---
         backbone, parent = artifacts.upstream(cfg.model.name_or_path, cfg.root, cfg.experiment, "sft", "policy",
@@ -52,9 +52,9 @@ def run(cfg: RewardConfig) -> dict:
         show_plan(con, cfg, model, backbone, device, f"data {source}: {len(train_set)} train / {len(eval_set)} "
                   f"held-out pairs, {truncated} truncated to {cfg.data.max_seq_len} tokens",
                   steps.describe(t, d.world_size, " pairs"))
+        train_model = train.wrap_for_training(model, d, device, t)
         training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
-        train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing, t.compile)
 
         # ---- loop: one optimizer step over examples_per_step pairs, evaluation, logs, checkpoints ------------
         pairs_seen, t_start = 0, time.perf_counter()
@@ -86,8 +86,9 @@ def run(cfg: RewardConfig) -> dict:
         metrics = final_metrics(model, train_set, eval_set, eval_gold, loop, cfg, d, device) | {
             "pairs_per_s": pairs_seen / wall if wall > 0 and pairs_seen else None, "truncated_pairs": truncated,
             "skipped_steps": training.guard.skipped, **tasks.label_noise_ceiling(cfg.data)}
+        published = train.published(model, d)  # the full weights (and score statistics), on rank 0
         if d.is_main:
-            publish(cfg, model, tokenizer, parent, metrics, {"source": str(source), "sha256": data_sha256,
+            publish(cfg, published, tokenizer, parent, metrics, {"source": str(source), "sha256": data_sha256,
                                                              **data_stats, "truncated": truncated}, plan.work_dir)
             show_summary(con, metrics, wall, Path(cfg.run_dir))
         dist.barrier(d)
@@ -207,12 +208,13 @@ def evaluate(model, examples: list[dict], pad_id: int, cfg: RewardConfig, d: dis
     if not examples:
         return {}
     model.eval()
-    idx = list(range(d.rank, len(examples), d.world_size))
     acc = torch.zeros(7, dtype=torch.float64)  # n, correct, loss, margin, r, r², gold-correct
     with torch.no_grad(), dev.autocast(device):
-        for i in range(0, len(idx), cfg.train.micro_batch_size):
-            part = idx[i:i + cfg.train.micro_batch_size]
+        for part, real in batches.rank_micro_batches(list(range(len(examples))), d.rank, d.world_size,
+                                                     cfg.train.micro_batch_size):
             rc, rr, m = pair_scores(model, [examples[j] for j in part], pad_id, device, cfg.data.packing)
+            if not real:
+                continue
             loss = pairwise_loss(rc, rr, m if cfg.reward.use_margin else None, cfg.reward.center_coef,
                                  reduction="sum")
             both = torch.cat([rc, rr])

@@ -34,7 +34,7 @@ from rlhf_cli.rl import ppo as rl
 
 
 def run(cfg: SFTConfig) -> dict:
-    with train.process(cfg.train.device, cfg.train.precision) as (d, device):
+    with train.process(cfg.train.device, cfg.train.precision, cfg.train.strategy) as (d, device):
         con, t = console(d.is_main), cfg.train
         # ---- set up: run directory, seeds, data rows (validated before anything heavy loads), model, tokens -----
         plan = rundir.prepare(cfg, d)
@@ -48,9 +48,9 @@ def run(cfg: SFTConfig) -> dict:
         show_plan(con, cfg, model, model_info, device, f"data {source}: {len(train_set)} train / {len(eval_set)} "
                   f"held-out rows, {truncated[0]} truncated to {cfg.data.max_seq_len} tokens",
                   steps.describe(t, d.world_size))
+        train_model = train.wrap_for_training(model, d, device, t)
         training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
-        train_model = train.wrap_for_training(model, d, device, t.gradient_checkpointing, t.compile)
         pad_id = tokenizer.pad_token_id
         if loop.first_eval_loss is None and eval_set:
             loop.first_eval_loss = loop.eval_loss = held_out_loss(model, eval_set, pad_id, training.guard, 0, cfg, d,
@@ -84,9 +84,10 @@ def run(cfg: SFTConfig) -> dict:
 
         # ---- save: samples, the artifact, a summary -----------------------------------------------------------
         metrics = final_metrics(loop, training.guard, tokens_seen, wall, len(train_set), sum(truncated))
+        samples = sample_responses(model, tokenizer, cfg, eval_rows, device)  # every rank (FSDP gathers together)
+        published = train.published(model, d)                                 # the full weights, on rank 0
         if d.is_main:
-            samples = sample_responses(model, tokenizer, cfg, eval_rows, device)
-            publish(cfg, model, tokenizer, samples, metrics, {
+            publish(cfg, published, tokenizer, samples, metrics, {
                 "source": str(source), "sha256": data_sha256, "train_rows": len(train_set),
                 "eval_rows": len(eval_set), "truncated": truncated[0],
                 "added_pad_token": model_info["added_pad_token"]}, plan.work_dir)
@@ -174,11 +175,12 @@ def held_out_loss(model, eval_set: list[dict], pad_id: int, guard: Guard, step: 
     model.eval()
     loss_sum, n_tok = torch.zeros((), device=device), 0.0
     with torch.no_grad(), dev.autocast(device):
-        mine = eval_set[d.rank::d.world_size]
-        for i in range(0, len(mine), micro):
-            batch = collate_sft(mine[i:i + micro], pad_id, cfg.data.packing)
-            loss_sum += token_loss_sum(model, batches.to_device(batch, device), supervised_positions(batch))
-            n_tok += int((batch["labels"][:, 1:] != -100).sum())
+        for part, real in batches.rank_micro_batches(eval_set, d.rank, d.world_size, micro):
+            batch = collate_sft(part, pad_id, cfg.data.packing)
+            s = token_loss_sum(model, batches.to_device(batch, device), supervised_positions(batch))
+            if real:
+                loss_sum += s
+                n_tok += int((batch["labels"][:, 1:] != -100).sum())
     loss_sum, n_tok = dist.all_sum(d, [float(loss_sum), n_tok], device)
     model.train()
     loss = loss_sum / max(n_tok, 1.0)
@@ -207,7 +209,8 @@ def token_loss_sum(model, batch: dict, positions: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, cfg: SFTConfig, eval_rows: list[dict], device) -> list[dict]:
-    """Sample (temperature 1, no top-k/top-p) for up to 64 held-out prompts; gold scores on the built-in task."""
+    """Sample (temperature 1, no top-k/top-p) for up to 64 held-out prompts; gold scores on the built-in task.
+    Every rank samples the same (a sharded model decodes on all of them together); rank 0 keeps them."""
     prompts = [render(r, tokenizer)[0] for r in eval_rows[:64]]
     if not prompts or cfg.train.num_samples <= 0:
         return []
@@ -217,9 +220,10 @@ def sample_responses(model, tokenizer, cfg: SFTConfig, eval_rows: list[dict], de
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     tokenizer.padding_side = side
-    out = model.generate(**enc, max_new_tokens=cfg.train.sample_max_new_tokens, do_sample=True, temperature=1.0,
-                         top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    with train.generating(model):
+        out = model.generate(**enc, max_new_tokens=cfg.train.sample_max_new_tokens, do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
     responses = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     gold = tasks.gold_scorer(cfg.data)
     model.train()
