@@ -105,6 +105,41 @@ def _job_dir_naming(args: list[str]) -> str:
     return "hydra.job.config.override_dirname.exclude_keys=[" + ",".join(dict.fromkeys(fixed)) + "]"
 
 
+# Hydra plugins behind the shipped presets (optional extras): the words that need one -> (module, extra)
+PLUGINS = {"hydra/launcher=": ("hydra_plugins.hydra_submitit_launcher", "slurm", ("slurm", "submitit_slurm",
+                                                                                  "submitit_local")),
+           "hydra/sweeper=": ("hydra_plugins.hydra_optuna_sweeper", "optuna", ("maximize", "optuna"))}
+
+
+def missing_plugin(args: list[str]):
+    """A ConfigError for a launcher or sweeper preset whose Hydra plugin is not installed (else None): one line
+    that names the extra to install, instead of Hydra's "could not find" deep in composition."""
+    import importlib.util
+
+    from rlhf_cli.errors import ConfigError
+
+    for word in args:
+        for prefix, (module, extra, names) in PLUGINS.items():
+            if word.startswith(prefix) and word[len(prefix):] in names and importlib.util.find_spec(module) is None:
+                return ConfigError(f"{word} needs Hydra's {extra} plugin ({module.split('.')[-1]}), which is not "
+                                   f"installed", hint=f"pip install 'rlhf-cli[{extra}]'")
+    return None
+
+
+def objective_value(metrics, name: str | None):
+    """What the Hydra task returns: the `objective` metric (a float, for a sweeper to optimise), else None."""
+    from rlhf_cli.errors import ConfigError
+
+    if name is None:
+        return None
+    value = metrics.get(name) if isinstance(metrics, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        known = sorted(k for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ConfigError(f"objective={name} is not a number in this stage's metrics",
+                          hint=f"use one of: {', '.join(known)}")
+    return float(value)
+
+
 def run_stage(stage: str, args: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -117,22 +152,31 @@ def run_stage(stage: str, args: list[str]) -> int:
         OmegaConf.register_new_resolver("rlhf_stage_help", lambda name: STAGES[name][1])
     if "-m" in args or "--multirun" in args:
         args = [*args, _job_dir_naming(args)]
+        if any(a.startswith("hydra/sweeper=") for a in args) and not any(a.startswith("hydra.sweep.subdir=")
+                                                                         for a in args):
+            # a sweeper may draw the same values twice: its trials are numbered, so each has its own directory
+            args.append("hydra.sweep.subdir='trial${hydra.job.num}__${rlhf_slug:${hydra.job.override_dirname},0}'")
 
     from rlhf_cli.errors import RlhfError
 
     failed: list[RlhfError] = []  # user mistakes inside jobs; a multirun goes on with its other jobs
 
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=stage)
-    def task(cfg: DictConfig) -> None:
+    def task(cfg: DictConfig) -> float | None:  # None: no objective, or a failed run
         try:
             stage_cfg = finalize(cfg)  # config mistakes surface here, before torch or any model loads
-            importlib.import_module(STAGES[stage][0]).run(stage_cfg)
+            metrics = importlib.import_module(STAGES[stage][0]).run(stage_cfg)
+            return objective_value(metrics, stage_cfg.objective)  # what a sweeper optimises
         except Exception as exc:  # noqa: BLE001 - the user's problems are collected, bugs go on up
             own = _project_error(exc)
             if wants_traceback or own is None:
                 raise
             failed.append(own)
+            return None  # a failed trial, to a sweeper
 
+    if (plugin := missing_plugin(args)) is not None:
+        _report(Console(stderr=True), plugin)
+        return plugin.exit_code
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
     completing = "-sc" in args or "--shell-completion" in args
     sys.argv = ["rlhf" if completing else f"rlhf {stage}", *args]  # completion registers itself for `rlhf`
