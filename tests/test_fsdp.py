@@ -179,3 +179,48 @@ def test_a_submitit_task_takes_its_rank_and_world_from_the_job(monkeypatch):
     dist.from_submitit()
     assert os.environ["WORLD_SIZE"] == "1"
     assert tdist.is_initialized() is False
+
+
+def test_the_slurm_and_optuna_presets_compose_onto_their_plugins():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from helpers import REPO
+    from rlhf_cli.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="reward", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra/sweeper=maximize",
+                                 "objective=eval_accuracy", "seed=7"])
+    GlobalHydra.instance().clear()
+    launcher, sweeper = cfg.hydra.launcher, cfg.hydra.sweeper
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8  # one task per GPU
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper.sampler.seed == 7 and cfg.objective == "eval_accuracy"
+
+
+def test_a_preset_without_its_plugin_is_one_line_naming_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    from rlhf_cli import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_submitit") else real(name, *a))
+    assert cli.main(["sft", "-m", "hydra/launcher=slurm"]) == 2
+    err = capsys.readouterr().err
+    assert "hydra/launcher=slurm needs Hydra's slurm plugin" in err and "pip install 'rlhf-cli[slurm]'" in err
+
+
+def test_the_objective_is_the_named_metric_or_a_message_listing_the_numeric_ones():
+    from rlhf_cli.cli import objective_value
+
+    metrics = {"eval_accuracy": 0.75, "steps": 24, "eval_gold_accuracy": None, "note": "x"}
+    assert objective_value(metrics, "eval_accuracy") == 0.75
+    assert objective_value(metrics, None) is None
+    with pytest.raises(ConfigError, match="objective=accuracy") as err:
+        objective_value(metrics, "accuracy")
+    assert err.value.hint == "use one of: eval_accuracy, steps"

@@ -85,10 +85,12 @@ def _report(console: Console, exc: BaseException, stage: str | None = None) -> N
     from rlhf_cli.config import compose_error
 
     # Hydra/OmegaConf composition errors are reworded: the unknown key, the stage, the closest valid keys.
-    own = _project_error(exc) or compose_error(exc, stage)
-    console.print(f"[bold red]{own.kind}:[/bold red] {own.message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    own = _project_error(exc) or compose_error(exc, stage)  # messages are text, not markup: [slurm] stays
+    console.print(f"[bold red]{own.kind}:[/bold red] {escape(own.message)}", highlight=False, soft_wrap=True)
     if own.hint:
-        console.print(f"[yellow]hint:[/yellow] {own.hint}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]hint:[/yellow] {escape(own.hint)}", highlight=False, soft_wrap=True)
 
 
 def _job_dir_naming(args: list[str]) -> str:
