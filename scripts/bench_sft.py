@@ -25,7 +25,15 @@ every parameter but the input embedding (rlhf_cli.engine.flops; the usual 6·N·
 every token, though the stage runs it only where a token is supervised). Peak memory: torch.cuda.max_memory_allocated
 on CUDA; on CPU the process's peak resident set (ru_maxrss, with ~0.5 GiB of Python, torch and transformers).
 
-The model is cached in $RLHF_CLI_CACHE when that is set, else built into a temporary directory that is removed.
+Several processes: launch it with torchrun and pick `--strategy ddp|fsdp` (train.strategy); each step then splits
+`--batch` over the processes as the stage does, and the figures are global (tokens/s over all processes) or the
+largest of any process (peak memory, and `state`: that process's parameters, gradients and AdamW moments, i.e.
+its shards under FSDP). scripts/bench_strategy.py runs DDP against FSDP at 1 and 2 processes.
+
+    .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 scripts/bench_sft.py --strategy fsdp
+
+The model is cached in $RLHF_CLI_CACHE when that is set, else built into a temporary directory that is removed
+(under torchrun: the package's cache, which every process sees).
 """
 
 from __future__ import annotations
@@ -67,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                   help="train.strategy: under torchrun, DDP replicas or FSDP shards (one process: the same numbers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = p.parse_args(argv)
@@ -98,6 +108,19 @@ def peak_memory_mib(device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+def state_mib(params, optimizer) -> float:
+    """This process's share of the training state: parameters, their gradients (as large) and AdamW's moments;
+    under FSDP, only its shards."""
+    import torch
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    weights = sum(local(p).numel() * local(p).element_size() for p in params)
+    moments = sum(local(v).numel() * local(v).element_size() for state in optimizer.state.values()
+                  for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return (2 * weights + moments) / 2**20
+
 def demonstrations(args, n: int, vocab: int) -> list[dict]:
     """n random examples as tokenize_sft makes them: input_ids, labels (-100 on the prompt part)."""
     import torch
@@ -113,41 +136,50 @@ def demonstrations(args, n: int, vocab: int) -> list[dict]:
 
 
 def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
+    from rlhf_cli.engine import train
+    from rlhf_cli.errors import RlhfError
+    from rlhf_cli.models.loading import quiet_transformers
+
+    quiet_transformers()
+    try:
+        with train.process(args.device, args.precision, args.strategy) as (d, device):
+            return run(args, cache_dir, d, device)
+    except RlhfError:
+        raise SystemExit("error: --device cuda but no CUDA device is visible (use --device auto or cpu)")
+
+
+def run(args: argparse.Namespace, cache_dir: str | None, d, device) -> dict:
     import torch
+    import torch.distributed as tdist
     from transformers import AutoModelForCausalLM
 
     from rlhf_cli.config import DataConfig, SFTConfig, SFTTrainConfig
-    from rlhf_cli.engine import device as dev, dist, train
+    from rlhf_cli.engine import device as dev, train
     from rlhf_cli.engine.flops import matmul_params, mfu
     from rlhf_cli.engine.guard import Guard
     from rlhf_cli.engine.logging import MetricsLog
     from rlhf_cli.engine.optim import build_optimizer, build_scheduler
-    from rlhf_cli.errors import RlhfError
-    from rlhf_cli.models.loading import quiet_transformers
     from rlhf_cli.models.tiny import tiny_model_path
     from rlhf_cli.stages.sft import train_step
 
-    quiet_transformers()
-    try:
-        device = dev.pick(args.device)
-    except RlhfError:
-        raise SystemExit("error: --device cuda but no CUDA device is visible (use --device auto or cpu)")
-    dev.set_precision(args.precision)
-    path = tiny_model_path(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
-                           intermediate_size=args.intermediate_size, max_position_embeddings=max(256, args.seq_len),
-                           seed=args.seed, cache_dir=cache_dir, vocab_size=args.vocab_size, tie_word_embeddings=False)
+    path = train.main_first(d, tiny_model_path, hidden_size=args.hidden_size, num_layers=args.layers,
+                            num_heads=args.heads, intermediate_size=args.intermediate_size,
+                            max_position_embeddings=max(256, args.seq_len), seed=args.seed, cache_dir=cache_dir,
+                            vocab_size=args.vocab_size, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
     cfg = SFTConfig(data=DataConfig(packing=args.packing, max_seq_len=args.seq_len),
                     train=SFTTrainConfig(max_steps=args.warmup + args.steps, examples_per_step=args.batch,
                                          micro_batch_size=args.micro_batch, precision=args.precision,
-                                         compile=args.compile, gradient_checkpointing=args.gradient_checkpointing))
-    d = dist.Dist()
+                                         compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
+                                         strategy=args.strategy))
+    train_model = train.wrap_for_training(model, d, device, cfg.train)
+    n_matmul = matmul_params(model)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     training = train.Training([p for p in model.parameters()], optimizer,
                               build_scheduler(optimizer, cfg.optim, cfg.train.max_steps), cfg.optim.max_grad_norm,
                               Guard("sft", Path(cache_dir or ".") / "no-checkpoints", cfg.optim.lr),
                               MetricsLog(Path(cache_dir or "."), False, "none"), {})
-    train_model = train.wrap_for_training(model, d, device, cfg.train)
     vocab = model.config.vocab_size
     steps = [demonstrations(args, args.batch, vocab)]
     for k in range(1, min(args.warmup + args.steps, 4)):  # a few different batches, made up front
@@ -172,9 +204,14 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
             tokens += n_in
             supervised += sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in examples)
     seconds = sum(times)
-    n_matmul = matmul_params(model)
+    peak, state = peak_memory_mib(device), state_mib(training.params, optimizer)
+    if d.enabled:  # the largest of any process
+        worst = torch.tensor([peak, state], dtype=torch.float64, device=device)
+        tdist.all_reduce(worst, op=tdist.ReduceOp.MAX)
+        peak, state = worst.tolist()
     return {
-        "parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": n_matmul,
+        "parameters": n_params, "matmul_parameters": n_matmul, "strategy": args.strategy,
+        "processes": d.world_size,
         "hidden_size": args.hidden_size, "layers": args.layers, "heads": args.heads,
         "intermediate_size": args.intermediate_size, "vocab_size": vocab,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -184,7 +221,7 @@ def bench(args: argparse.Namespace, cache_dir: str | None) -> dict:
         "warmup": args.warmup, "steps": args.steps, "gradient_checkpointing": args.gradient_checkpointing,
         "tokens_per_s": tokens / seconds, "supervised_tokens_per_s": supervised / seconds,
         "s_per_step": seconds / len(times), "mfu": mfu(6 * n_matmul * tokens, seconds, device),
-        "peak_memory_mib": peak_memory_mib(device), "loss_first": losses[0], "loss_last": losses[-1],
+        "peak_memory_mib": peak, "state_mib": state, "loss_first": losses[0], "loss_last": losses[-1],
         "torch": torch.__version__,
     }
 
@@ -203,7 +240,8 @@ def show(result: dict) -> None:
         ("parameters", f"{result['parameters'] / 1e6:.2f}M ({result['matmul_parameters'] / 1e6:.2f}M in matmuls)"),
         ("model", f"hidden {result['hidden_size']}, {result['layers']} layers, {result['heads']} heads, "
                   f"ffn {result['intermediate_size']}, vocab {result['vocab_size']}"),
-        ("device", result["device"] + (f", {result['threads']} threads" if result["threads"] else "")),
+        ("device", result["device"] + (f", {result['threads']} threads" if result["threads"] else "") +
+         f"; {result['processes']} process(es), {result['strategy']}"),
         ("precision", ", ".join([result["precision"], *extras])),
         ("batch", f"{result['batch']} examples of {result['min_len']}-{result['seq_len']} tokens, micro-batches of "
                   f"{result['micro_batch']}"),
@@ -212,7 +250,8 @@ def show(result: dict) -> None:
         ("supervised tokens/s", f"{result['supervised_tokens_per_s']:,.0f}"),
         ("seconds/step", f"{result['s_per_step']:.4f}"),
         ("MFU (6·N·tokens)", f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (not a known GPU)"),
-        (f"peak memory ({mem_kind})", f"{result['peak_memory_mib']:,.0f} MiB"),
+        (f"peak memory ({mem_kind}, largest process)", f"{result['peak_memory_mib']:,.0f} MiB"),
+        ("training state per process", f"{result['state_mib']:,.1f} MiB (weights, gradients, AdamW moments)"),
         ("loss", f"{result['loss_first']:.3f} -> {result['loss_last']:.3f}"),
     ]
     for key, value in rows:
@@ -222,11 +261,13 @@ def show(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.environ.get("RLHF_CLI_CACHE"):
-        result = bench(args, cache_dir=os.environ["RLHF_CLI_CACHE"])
+    if os.environ.get("RLHF_CLI_CACHE") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        result = bench(args, cache_dir=os.environ.get("RLHF_CLI_CACHE"))
     else:
         with tempfile.TemporaryDirectory(prefix="rlhf_bench_") as tmp:
             result = bench(args, cache_dir=tmp)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if args.json:
         print(json.dumps(result))
     else:

@@ -2,7 +2,9 @@
 # Issue 10's GPU workloads in one go, each under its own time limit, every figure written as JSON to $OUT
 # (default ./gpu-checks): SFT tokens/s and MFU of a 465M Llama (32 x 512, bf16; eager and train.compile), PPO
 # seconds per iteration and generation tokens/s (64 prompts x (128 + 128); eager and compiled rollouts), the
-# first-minibatch approx-KL of a short default PPO run on CUDA, and nvidia-smi's view of the card.
+# first-minibatch approx-KL of a short default PPO run on CUDA, issue 11's one-GPU check (the SFT step of the
+# 465M Llama under train.strategy=fsdp on one rank against ddp: FSDP must not be more than 10% slower), and
+# nvidia-smi's view of the card.
 #
 #   bash scripts/gpu_checks.sh                # on the GPU machine (after `source .whl/gpu-env.sh` there)
 #   SMALL=1 bash scripts/gpu_checks.sh        # the same steps with tiny sizes: a dry run on a CPU
@@ -47,13 +49,14 @@ step sft_compile "$((LIMIT + 60))" "$PY" scripts/bench_sft.py "${MODEL[@]}" "${S
 step ppo_eager "$LIMIT" "$PY" scripts/bench_ppo.py "${MODEL[@]}" "${PPO[@]}" --rollout-backend eager --json
 step ppo_compiled "$((LIMIT + 60))" "$PY" scripts/bench_ppo.py "${MODEL[@]}" "${PPO[@]}" --rollout-backend compiled \
     --json
+step sft_fsdp1 "$LIMIT" "$PY" scripts/bench_sft.py "${MODEL[@]}" "${SFT[@]}" --strategy fsdp --json
 rm -rf "$OUT/pipeline"
 step pipeline "$LIMIT" "$PY" -m rlhf_cli pipeline root="$OUT/pipeline" "${PIPE[@]}"
 "$PY" - "$OUT" <<'EOF' >> "$OUT/summary.txt" 2>&1
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("sft_eager", "sft_compile", "ppo_eager", "ppo_compiled"):
+for name in ("sft_eager", "sft_compile", "sft_fsdp1", "ppo_eager", "ppo_compiled"):
     try:
         d = json.loads((out / f"{name}.json").read_text())
     except ValueError:
@@ -62,6 +65,11 @@ for name in ("sft_eager", "sft_compile", "ppo_eager", "ppo_compiled"):
     keys = ("device", "tokens_per_s", "mfu", "s_per_step", "peak_memory_mib", "seconds_per_iteration",
             "generation_tokens_per_s", "rollout_tokens_per_s", "update_tokens_per_s", "update_mfu")
     print(name, {k: d[k] for k in keys if k in d})
+try:
+    ddp, fsdp = (json.loads((out / f"{n}.json").read_text())["s_per_step"] for n in ("sft_eager", "sft_fsdp1"))
+    print(f"fsdp on one rank / ddp, seconds per step: {fsdp / ddp:.3f} (issue 11: at most 1.10)")
+except (ValueError, KeyError):
+    pass
 metrics = out / "pipeline" / "default" / "ppo" / "metrics.jsonl"
 if metrics.is_file():
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -128,7 +128,8 @@ class FSDPConfig:
     # larger models fit in less GPU memory, at the price of host-device copies every step. CUDA only.
     cpu_offload: bool = False
     # Free each block's gathered weights after its forward pass (the backward gathers them again): the least
-    # memory. false keeps them until the backward (one all-gather fewer per block and step, more memory).
+    # memory. false keeps them until the backward (one all-gather fewer per block and step, more memory). A
+    # single process always keeps them: its shard is the whole block.
     reshard_after_forward: bool = True
 
 
