@@ -118,6 +118,27 @@ def test_ppo_with_lora_under_fsdp_matches_ddp_on_two_processes(tmp_path):
     assert [r["score"] for r in rows[0]] == pytest.approx([r["score"] for r in rows[1]], rel=1e-4)
     assert (a_dir / "checkpoints" / "step-4" / "shards").is_dir()
 
+    # eval on 2 processes: the same numbers with every model sharded, the curve read from sharded and plain
+    # checkpoints alike
+    judge = ["reference=builtin:tiny", f"reward={tmp_path / 'runs' / 'base' / 'reward'}", "num_prompts=30",
+             "micro_batch_size=8", f"policies=[{a_dir},{b_dir}]"]
+    for strategy in ("fsdp", "ddp"):
+        (run,) = _torchrun(["eval", f"experiment=e{strategy}", f"strategy={strategy}", *judge], tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+    reports = [json.loads((tmp_path / "runs" / f"e{s}" / "eval" / "eval.json").read_text()) for s in ("fsdp", "ddp")]
+    for key in ("policies", "curves"):
+        for a, b in _rows(reports[0][key], reports[1][key]):
+            assert (a["score"], a["kl"], a["response_length"]) == pytest.approx((b["score"], b["kl"],
+                                                                                 b["response_length"]), abs=1e-5)
+    assert [p["step"] for p in reports[0]["curves"][str(a_dir)]] == [0, 2, 4]
+
+
+def _rows(a, b) -> list[tuple[dict, dict]]:
+    """Pairs of corresponding rows of two eval reports' policies (a list) or curves (a dict of lists)."""
+    if isinstance(a, dict):
+        return [pair for key in a for pair in zip(a[key], b[key])]
+    return list(zip(a, b))
+
 
 def test_a_submitit_job_of_two_tasks_trains_on_both(tmp_path):
     run = run_cli(["sft", "-m", "experiment=sub", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",

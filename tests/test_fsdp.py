@@ -164,21 +164,24 @@ def test_a_submitit_task_takes_its_rank_and_world_from_the_job(monkeypatch):
     job = types.SimpleNamespace(num_tasks=4, global_rank=3, local_rank=1, hostnames=["gpu-a", "gpu-b"],
                                 job_id="1234_5")
     monkeypatch.setitem(sys.modules, "submitit", types.SimpleNamespace(JobEnvironment=lambda: job))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-    dist.from_submitit()
     import os
 
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", {**env, "SUBMITIT_EXECUTOR": "slurm"})  # nothing leaks to other tests
+    dist.from_submitit()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
     assert os.environ["MASTER_ADDR"] == "gpu-a" and os.environ["MASTER_PORT"] == str(20000 + 12345 % 20000)
     assert dist.local_rank_from_env() == 1
-    # torchrun's own variables win; a task of one is a single process
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    # torchrun's own variables win
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1"})
     dist.from_submitit()
-    assert os.environ["WORLD_SIZE"] == "1"
-    assert tdist.is_initialized() is False
+    assert os.environ["WORLD_SIZE"] == "1" and not tdist.is_initialized()
+    # a task of one is a single process
+    job.num_tasks = 1
+    del os.environ["RANK"], os.environ["WORLD_SIZE"]
+    dist.from_submitit()
+    assert "RANK" not in os.environ
 
 
 def test_the_slurm_and_optuna_presets_compose_onto_their_plugins():

@@ -385,6 +385,10 @@ class EvalConfig(StageConfig):
     dtype: str = "auto"
     # Also evaluate the checkpoints a PPO run kept (checkpoints/step-N/): the over-optimisation curve.
     checkpoints: bool = True
+    # Under torchrun each process samples and measures its share of the prompts (seed + rank): ddp = every model
+    # whole on every process; fsdp = every model sharded (as train.strategy, `fsdp` as train.fsdp).
+    strategy: str = "ddp"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -432,7 +436,8 @@ CHOICES = {
 RUN_KEYS = ("run_dir", "root", "experiment", "resume", "overwrite", "force_resume", "logger", "artifact_check",
             "objective", "train.device", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
             "train.sample_every", "train.micro_batch_size", "train.rollout_micro_batch_size", "train.compile",
-            "ppo.rollout_backend", "train.strategy", "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward")
+            "ppo.rollout_backend", "train.strategy", "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward",
+            "strategy", "fsdp.cpu_offload", "fsdp.reshard_after_forward")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -52,6 +52,14 @@ def rank_slice(examples: list, rank: int, world_size: int) -> list:
     return examples[rank * per_rank:(rank + 1) * per_rank]
 
 
+def padded_share(items: list, rank: int, world_size: int) -> tuple[list, int]:
+    """(this rank's contiguous share of `items`, how many of them are real): ceil(n / world_size) items on every
+    rank, a short share padded with copies of items[0] whose results the caller drops."""
+    per_rank = -(-len(items) // world_size)
+    share = items[rank * per_rank:(rank + 1) * per_rank]
+    return share + [items[0]] * (per_rank - len(share)), len(share)
+
+
 def rank_micro_batches(items: list, rank: int, world_size: int, size: int):
     """This rank's share of `items` (every world_size-th one from `rank`) in micro-batches of `size`, as
     (micro-batch, real). Every rank gets as many micro-batches as the busiest one needs, a rank past the end of its

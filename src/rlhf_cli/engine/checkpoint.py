@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rlhf_cli import artifacts
+from rlhf_cli.engine.fsdp import is_sharded, resharded
 from rlhf_cli.errors import ArtifactError
 from rlhf_cli.models.loading import bare
 
@@ -136,7 +137,8 @@ def save_sharded(ckpt_root: Path, step: int, models: dict, optimizer, scheduler,
 
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".step-{step}.tmp-sharded"
-    box = torch.nn.ModuleDict(models)
+    box = torch.nn.ModuleDict({name: unwrap(model) for name, model in models.items()})
+    resharded(box)
     options = StateDictOptions(ignore_frozen_params=True)  # LoRA: the adapters (and heads), never the frozen base
     if optimizer is not None:
         weights, optim = get_state_dict(box, optimizer, options=options)
@@ -262,10 +264,11 @@ def load(path: Path, models: dict, optimizer=None, scheduler=None, restore_rng: 
     state = verify(path, check) if check else None
     try:
         models = {name: unwrap(model) for name, model in models.items()}
+        resharded(torch.nn.ModuleDict(models))
         if (path / SHARDS).is_dir():
             final = (state if state is not None else verify(path, "sizes")).get("final", False)
             load_shards(path / SHARDS, models, None if final else optimizer)
-        elif any(_is_sharded(m) for m in models.values()):
+        elif any(is_sharded(m) for m in models.values()):
             load_full_into_shards(path, models, optimizer)
         else:
             for name, model in models.items():
@@ -285,12 +288,6 @@ def load(path: Path, models: dict, optimizer=None, scheduler=None, restore_rng: 
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise _damaged(path, f"it does not load ({first})") from exc
     return state if state is not None else verify(path, "sizes")
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def load_shards(directory: Path, models: dict, optimizer=None) -> None:

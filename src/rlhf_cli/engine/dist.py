@@ -80,6 +80,15 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def concat_over_ranks(d: Dist, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each 1-D CPU tensor of `values` concatenated over the ranks, in rank order, on every rank."""
+    if not d.enabled:
+        return values
+    parts: list = [None] * d.world_size
+    dist.all_gather_object(parts, values)
+    return {k: torch.cat([part[k] for part in parts]) for k in values}
+
+
 def all_ok(d: Dist, ok: bool) -> bool:
     """Did every rank succeed? (One collective; every rank gets the same answer, so all raise or none do.)"""
     if not d.enabled:

@@ -54,10 +54,11 @@ def units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard(model: torch.nn.Module, device: torch.device, d: dist.Dist, cfg, publishable: bool = True) -> None:
+def shard(model: torch.nn.Module, device: torch.device, d: dist.Dist, cfg, trained: bool = True) -> None:
     """Shard `model` in place over the processes' mesh (`cfg`: train.fsdp): each transformer block, then the root.
-    `publishable`: keep the model's structure (on the meta device, no memory) so `gathered` can hand rank 0 a
-    plain copy with the full weights at the end."""
+    `trained`: keep the model's structure (on the meta device, no memory) so `gathered` can hand rank 0 a plain
+    copy with the full weights at the end; a frozen model (no backward to wait for) frees its root's gathered
+    weights after every forward pass too."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -71,7 +72,7 @@ def shard(model: torch.nn.Module, device: torch.device, d: dist.Dist, cfg, publi
     if cfg.cpu_offload and device.type != "cuda":
         raise ConfigError("train.fsdp.cpu_offload=true moves shards between the GPU and host memory, but this run "
                           f"is on {device.type}", hint="drop train.fsdp.cpu_offload (or run on a CUDA device)")
-    replica = lora.structure_copy(model) if publishable else None
+    replica = lora.structure_copy(model) if trained else None
     options = {"mesh": init_device_mesh(device.type, (d.world_size,)),
                "mp_policy": MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute
                else MixedPrecisionPolicy(),
@@ -81,8 +82,8 @@ def shard(model: torch.nn.Module, device: torch.device, d: dist.Dist, cfg, publi
     reshard = cfg.reshard_after_forward and d.world_size > 1
     for unit in units(model):
         fully_shard(unit, reshard_after_forward=reshard, **options)
-    fully_shard(model, **options)
-    _SHARDED[model] = (replica, reshard)
+    fully_shard(model, reshard_after_forward=reshard and not trained, **options)
+    _SHARDED[model] = (replica, reshard, reshard and not trained)
 
 
 def set_gradient_sync(model, sync: bool) -> None:
@@ -100,18 +101,25 @@ def generating(model) -> Iterator[None]:
     if not is_sharded(model):
         yield
         return
-    from torch.distributed.fsdp import FSDPModule
-
     root = bare(model)
-    parts = [m for m in root.modules() if isinstance(m, FSDPModule)]
     root.set_reshard_after_forward(False)
     try:
         yield
     finally:
-        keep = _SHARDED[root][1] if root in _SHARDED else True
-        for part in parts:
-            part.reshard()
-            part.set_reshard_after_forward(keep if part is not root else False, recurse=False)
+        _, blocks, top = _SHARDED[root]
+        for part in resharded(root):
+            part.set_reshard_after_forward(top if part is root else blocks, recurse=False)
+
+
+def resharded(model) -> list:
+    """Free every gathered unit of a sharded model, so it holds only its shards (as a state dict must see it: a
+    forward pass without a backward leaves the root gathered); returns its FSDP modules. [] when not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    parts = [m for m in bare(model).modules() if isinstance(m, FSDPModule)]
+    for part in parts:
+        part.reshard()
+    return parts
 
 
 def gathered(model, d: dist.Dist):
@@ -124,6 +132,7 @@ def gathered(model, d: dist.Dist):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     root = bare(model)
+    resharded(root)
     state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     replica = _SHARDED[root][0]
     if not d.is_main or replica is None:

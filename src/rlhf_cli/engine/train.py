@@ -91,7 +91,7 @@ def hold_frozen(model, d: dist.Dist, device: torch.device, t):
     """A model that is only run (PPO's reference and reward model), held as `t.strategy` says: sharded like the
     trained ones under fsdp (no optimizer state, no copy kept for saving), a full copy per process under ddp."""
     if t.strategy == "fsdp" and isinstance(model, torch.nn.Module):
-        fsdp.shard(model, device, d, t.fsdp, publishable=False)
+        fsdp.shard(model, device, d, t.fsdp, trained=False)
     return model
 
 

@@ -42,7 +42,7 @@ from rlhf_cli import artifacts
 from rlhf_cli.config import EvalConfig, LoraConfig, ModelConfig, absolute_path
 from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
-from rlhf_cli.engine import checkpoint, device as dev, rundir
+from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir, train
 from rlhf_cli.engine.logging import console, fmt, metrics_text, progress_bar, summary_table
 from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample, score_responses
 from rlhf_cli.errors import ArtifactError, ConfigError
@@ -54,25 +54,35 @@ NUM_SAMPLES = 4  # responses per policy kept in eval.json, to read what the numb
 
 
 def run(cfg: EvalConfig) -> dict:
+    """Under torchrun each process measures its share of the prompts (`strategy=fsdp`: with every model sharded)
+    and rank 0 writes the report."""
     check_config(cfg)
-    con = console(True)
-    device = dev.pick(cfg.device)
+    with train.process(cfg.device, "auto", cfg.strategy) as (d, device):
+        report = compare(cfg, d, device)
+        dist.barrier(d)
+        return report
+
+
+def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
+    con = console(d.is_main)
     # ---- set up: every model resolved before anything loads (a missing one names the command to run, in the
     # pipeline's order: sft, reward, ppo), then tokenizers checked, then the judge (reference, reward model) ------
     reference_path, _ = find_upstream(cfg.reference, cfg, "sft", "policy", "reference")
     reward_path, _ = find_upstream(cfg.reward, cfg, "reward", "reward_model", "reward")
     policies = resolve_policies(cfg)
     check_tokenizers(policies, reference_path)
-    judge = load_judge(cfg, reference_path, reward_path, device)
+    judge = load_judge(cfg, reference_path, reward_path, device, d)
     prompts, source = tasks.eval_prompts(cfg.data, cfg.num_prompts, judge.tokenizer)
     prompt_ids, cut = encode_prompts(prompts, judge.tokenizer, cfg.data.max_seq_len - cfg.response_length)
-    open_run_dir(Path(cfg.run_dir), cfg)
+    if d.is_main:
+        open_run_dir(Path(cfg.run_dir), cfg)
     curve_points = {pol["name"]: ppo_checkpoints(pol) if cfg.checkpoints else [] for pol in policies}
     con.print(f"[bold]rlhf eval[/bold] -> {cfg.run_dir}")
     con.print(f"{len(policies)} policies (baseline {policies[0]['name']}) on {len(prompts)} held-out prompts from "
               f"{source} ({cut} cut to {cfg.data.max_seq_len - cfg.response_length} tokens): one "
               f"response each, seed {cfg.seed}, temperature {cfg.temperature}, at most {cfg.response_length} "
-              f"tokens; {device}, {str(judge.reference.dtype).removeprefix('torch.')}")
+              f"tokens; {device}, {str(judge.reference.dtype).removeprefix('torch.')}" +
+              (f", {d.world_size} processes ({cfg.strategy})" if d.enabled else ""))
     con.print(f"reward {reward_path} ({'same tokens' if judge.scorer.same_tokens else 're-tokenised text'}), KL to "
               f"the reference {reference_path}")
 
@@ -87,7 +97,7 @@ def run(cfg: EvalConfig) -> dict:
             bar.update(task, advance=1, metrics=f"{label}: {metrics_text(means)}")
 
         results, curves = measure_policies(policies, curve_points, judge, prompt_ids, reference_path, cfg, device,
-                                           shown)
+                                           d, shown)
 
     # ---- save: eval.json (replaced on every run), the tables ----------------------------------------------
     report = {"stage": "eval", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "experiment": cfg.experiment,
@@ -95,6 +105,8 @@ def run(cfg: EvalConfig) -> dict:
               "reward_same_tokenizer": judge.scorer.same_tokens,
               "prompts": {"source": str(source), "count": len(prompts), "cut": cut},
               "policies": results, "curves": curves, "config": asdict(cfg), "versions": artifacts.package_versions()}
+    if not d.is_main:
+        return report
     try:
         artifacts.write_text_atomic(Path(cfg.run_dir) / "eval.json", artifacts.dumps(report, indent=2) + "\n")
     except OSError as exc:
@@ -116,6 +128,8 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.response_length >= cfg.data.max_seq_len:
         raise ConfigError(f"response_length={cfg.response_length} leaves no room for the prompt in "
                           f"data.max_seq_len={cfg.data.max_seq_len}", hint="raise data.max_seq_len")
+    if cfg.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"strategy={cfg.strategy!r} is not one of ddp, fsdp", hint="set strategy=ddp")
     if any(not p.strip() for p in cfg.policies):
         raise ConfigError("policies holds an empty entry", hint="policies=[runs/demo/sft,runs/demo/ppo]")
 
@@ -193,12 +207,13 @@ class Judge:
     gold: Callable[[str, str], float] | None
 
 
-def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str, device) -> Judge:
+def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str, device, d: dist.Dist) -> Judge:
+    """The reference and the reward model, frozen, held as `strategy` says (sharded under fsdp)."""
     frozen = dev.frozen_dtype(cfg.dtype, device)
     reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), device, dropout=False)
-    reference.to(frozen).eval().requires_grad_(False)
+    train.hold_frozen(reference.to(frozen).eval().requires_grad_(False), d, device, cfg)
     reward_model, reward_tokenizer = load_reward_model(reward_path)
-    reward_model.to(device, frozen).eval().requires_grad_(False)
+    train.hold_frozen(reward_model.to(device, frozen).eval().requires_grad_(False), d, device, cfg)
     scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     return Judge(reference, tokenizer, scorer, tasks.gold_scorer(cfg.data))
 
@@ -217,7 +232,8 @@ def open_run_dir(run_dir: Path, cfg: EvalConfig) -> None:
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, prompt_ids: list[list[int]],
-                     reference_path: str, cfg: EvalConfig, device, shown: Callable[[str, dict], None]) -> tuple:
+                     reference_path: str, cfg: EvalConfig, device, d: dist.Dist,
+                     shown: Callable[[str, dict], None]) -> tuple:
     """(one result per policy, the over-optimisation curve per PPO run). Each model is measured once (`measured`
     holds them by path; `shown(label, per_prompt)` after each). For a curve, the policy's module (the same
     architecture) takes each checkpoint's weights in turn; the reference is step 0."""
@@ -225,13 +241,13 @@ def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, pro
 
     def measure(key: str, model, label: str) -> tuple[dict, list]:
         if key not in measured:
-            measured[key] = evaluate(model, judge, prompt_ids, cfg, device)
+            measured[key] = evaluate(model, judge, prompt_ids, cfg, device, d)
             shown(label, measured[key][0])
         return measured[key]
 
     results, curves, baseline = [], {}, None
     for pol in policies:
-        model = None if pol["model"] in measured else load_policy(pol["model"], cfg, device)
+        model = None if pol["model"] in measured else load_policy(pol["model"], cfg, device, d)
         per_prompt, samples = measure(pol["model"], model, pol["name"])
         baseline = per_prompt["score"] if baseline is None else baseline
         results.append({k: pol[k] for k in ("name", "path", "model", "stage")}
@@ -240,7 +256,7 @@ def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, pro
             continue
         curve = [{"step": 0, "model": reference_path} | summarise(
             measure(reference_path, judge.reference, "reference")[0], baseline)]
-        model = curve_model(pol, model, cfg, device)
+        model = curve_model(pol, model, cfg, device, d)
         for step, path in curve_points[pol["name"]]:
             checkpoint.load(path, {"policy": model}, restore_rng=False, check=cfg.artifact_check)
             curve.append({"step": step, "model": str(path)} | summarise(
@@ -250,34 +266,42 @@ def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, pro
     return results, curves
 
 
-def curve_model(pol: dict, model, cfg: EvalConfig, device) -> torch.nn.Module:
+def curve_model(pol: dict, model, cfg: EvalConfig, device, d: dist.Dist) -> torch.nn.Module:
     """The module a PPO run's checkpoints load into: the policy's own architecture (loaded when its numbers came
     from the cache); for a LoRA run, whose checkpoints hold only the adapters, its base (the SFT policy the run
     started from) with fresh adapters of the run's shape."""
     manifest = artifacts.read_manifest(Path(pol["run_dir"]))
     lora_cfg = LoraConfig(**manifest["config"]["model"].get("lora", {}))
     if not lora_cfg.r:
-        return model or load_policy(pol["model"], cfg, device)
-    base = load_policy(manifest["base_model"], cfg, device)
-    lora.add_adapters(base, lora_cfg, 0)  # the checkpoint sets the adapters
-    return base
+        return model or load_policy(pol["model"], cfg, device, d)
+    return load_policy(manifest["base_model"], cfg, device, d, lora_cfg)  # the checkpoint sets the adapters
 
 
-def load_policy(path: str, cfg: EvalConfig, device) -> torch.nn.Module:
+def load_policy(path: str, cfg: EvalConfig, device, d: dist.Dist, lora_cfg: LoraConfig | None = None):
+    """A policy to sample from, frozen (with fresh adapters of `lora_cfg`'s shape, for a LoRA run's checkpoints),
+    held as `strategy` says."""
     model = load_causal_lm(ModelConfig(name_or_path=path), device, dropout=False)[0]
-    return model.to(dev.frozen_dtype(cfg.dtype, device))
+    model.to(dev.frozen_dtype(cfg.dtype, device))
+    if lora_cfg is not None:
+        lora.add_adapters(model, lora_cfg, 0)
+    return train.hold_frozen(model, d, device, cfg)
 
 
-def evaluate(model, judge: Judge, prompt_ids: list[list[int]], cfg: EvalConfig, device) -> tuple[dict, list]:
+def evaluate(model, judge: Judge, prompt_ids: list[list[int]], cfg: EvalConfig, device, d: dist.Dist
+             ) -> tuple[dict, list]:
     """Per-prompt numbers of one policy (1-D CPU tensors: score, gold, kl, response_length, stop_rate) and the
-    first few samples. The seed is reset first, so every policy draws the same random numbers."""
+    first few samples. The seed is reset first (to seed + rank), so every policy draws the same random numbers.
+    Each process measures a contiguous share of the prompts, padded to the same length on every rank (sharded
+    models run their passes together); the numbers come back over all prompts, in order."""
     model.eval()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + d.rank)
     micro, tok = cfg.micro_batch_size, judge.tokenizer
-    samples = sample(model, prompt_ids, cfg.response_length, cfg.temperature, micro, tok.pad_token_id,
-                     tok.eos_token_id, device)
+    prompt_ids, real = batches.padded_share(prompt_ids, d.rank, d.world_size)
+    with train.generating(model):
+        samples = sample(model, prompt_ids, cfg.response_length, cfg.temperature, micro, tok.pad_token_id,
+                         tok.eos_token_id, device)
     prompt_text, response_text = decode(samples, tok)
-    with torch.inference_mode():
+    with torch.no_grad():
         logp = response_logprobs(model, samples, cfg.temperature, micro)
         ref_logp = response_logprobs(judge.reference, samples, cfg.temperature, micro)
         scores = score_responses(judge.scorer, samples, prompt_text, response_text, micro)
@@ -286,9 +310,10 @@ def evaluate(model, judge: Judge, prompt_ids: list[list[int]], cfg: EvalConfig, 
                                   dtype=torch.float64)} if judge.gold else {})
     per_prompt = {"score": scores.float().cpu(), **gold, "kl": ((logp - ref_logp) * mask).sum(1).cpu(),
                   "response_length": mask.sum(1).cpu(), "stop_rate": samples.ended.float().cpu()}
+    per_prompt = dist.concat_over_ranks(d, {k: v[:real] for k, v in per_prompt.items()})
     shown = [{"prompt": prompt_text[i], "response": response_text[i], "score": float(per_prompt["score"][i]),
               **({"gold": float(per_prompt["gold"][i])} if judge.gold else {})}
-             for i in range(min(NUM_SAMPLES, len(prompt_ids)))]
+             for i in range(min(NUM_SAMPLES, real))]
     return per_prompt, shown
 
 
