@@ -118,6 +118,16 @@ def test_ppo_with_lora_under_fsdp_matches_ddp_on_two_processes(tmp_path):
     assert [r["score"] for r in rows[0]] == pytest.approx([r["score"] for r in rows[1]], rel=1e-4)
     assert (a_dir / "checkpoints" / "step-4" / "shards").is_dir()
 
+    # the 2-process checkpoints of iteration 2 continue on 1 process to the end
+    for strategy in ("fsdp", "ddp"):
+        target = tmp_path / "runs" / f"ws1{strategy}" / "ppo" / "checkpoints"
+        target.mkdir(parents=True)
+        shutil.copytree(tmp_path / "runs" / strategy / "ppo" / "checkpoints" / "step-2", target / "step-2")
+        resumed = run_cli(["ppo", f"experiment=ws1{strategy}", "resume=true", *args], tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "(iteration 2)" in resumed.stdout
+        assert json.loads((target.parent / "manifest.json").read_text())["metrics"]["iterations"] == 4
+
     # eval on 2 processes: the same numbers with every model sharded, the curve read from sharded and plain
     # checkpoints alike
     judge = ["reference=builtin:tiny", f"reward={tmp_path / 'runs' / 'base' / 'reward'}", "num_prompts=30",

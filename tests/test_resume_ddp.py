@@ -23,11 +23,11 @@ pytestmark = pytest.mark.slow
 # Per stage: settings of a short run that needs no upstream artifact (the reward model starts from builtin:tiny).
 FAST = {"sft": FAST_SFT, "reward": [*FAST_REWARD, "model.name_or_path=builtin:tiny"]}
 LONG = {
-    "sft": [*FAST_SFT, "train.max_steps=300", "train.checkpoint_every=20", "train.eval_every=100",
+    "sft": [*FAST_SFT, "train.max_steps=200", "train.checkpoint_every=20", "train.eval_every=100",
             "train.keep_checkpoints=3", "train.num_samples=0"],
-    "reward": [*FAST["reward"], "train.max_steps=200", "train.checkpoint_every=20", "train.eval_every=100",
+    "reward": [*FAST["reward"], "train.max_steps=160", "train.checkpoint_every=20", "train.eval_every=80",
                "train.keep_checkpoints=3"],
-    "ppo": [*FAST_PPO, "train.max_steps=40", "train.checkpoint_every=2", "train.keep_checkpoints=3"],
+    "ppo": [*FAST_PPO, "train.max_steps=20", "train.checkpoint_every=2", "train.keep_checkpoints=3"],
 }
 
 
@@ -46,12 +46,13 @@ def _weights(run_dir: Path) -> dict:
     return {**weights, **({f"head.{k}": v for k, v in load_file(head).items()} if head.exists() else {})}
 
 
-@pytest.mark.parametrize("stage,extra", [("sft", []), ("reward", []), ("ppo", []), ("sft", ["model.lora.r=4"]),
-                                         ("ppo", ["model.lora.r=4"])], ids=["sft", "reward", "ppo", "sft-lora",
+@pytest.mark.parametrize("stage,extra", [("sft", []), ("reward", []), ("ppo", []),
+                                         ("sft", ["model.lora.r=4", "train.strategy=fsdp"]),
+                                         ("ppo", ["model.lora.r=4"])], ids=["sft", "reward", "ppo", "sft-lora-fsdp",
                                                                              "ppo-lora"])
 def test_resume_after_kill_gives_identical_weights(stage, extra, tmp_path):
     """With LoRA too: the checkpoints then hold only the adapters (and the value head), the frozen base is loaded
-    again from where it came from."""
+    again from where it came from; and with FSDP's sharded checkpoints (one process)."""
     LONG_ = [*LONG[stage], *_upstream(stage, tmp_path), *extra]
     straight = run_cli([stage, "experiment=straight", *LONG_], tmp_path)
     assert straight.returncode == 0, straight.stderr
@@ -87,8 +88,14 @@ def test_resume_after_kill_gives_identical_weights(stage, extra, tmp_path):
         a |= load_file(tmp_path / "runs" / "straight" / stage / "adapter" / "adapter_model.safetensors")
         b |= load_file(run_dir / "adapter" / "adapter_model.safetensors")
         name = "policy" if stage == "ppo" else "model"
-        ckpt = load_file(run_dir / "checkpoints" / f"step-{final_step}" / f"{name}.safetensors")
-        assert ckpt and all("lora_" in k for k in ckpt)
+        final = run_dir / "checkpoints" / f"step-{final_step}"
+        if (final / "shards").is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            ckpt = FileSystemReader(str(final / "shards")).read_metadata().state_dict_metadata
+        else:
+            ckpt = load_file(final / f"{name}.safetensors")
+        assert ckpt and all("lora_" in k for k in ckpt), [k for k in ckpt if "lora_" not in k]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -116,7 +123,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft"])  # reward's are test_distributed's under FSDP, with the same scaling
 def test_ddp_two_processes_match_one_and_resume_on_one(stage, tmp_path):
     ddp = _torchrun([stage, "experiment=ddp", *FAST[stage]], tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -153,21 +160,3 @@ def _weights_init(tmp_path: Path) -> dict:
     weights = load_file(Path(resolve(ModelConfig())) / "model.safetensors")
     # a reward model's backbone is saved without the causal LM's "model." prefix
     return {**weights, **{k.removeprefix("model."): v for k, v in weights.items()}}
-
-
-def test_ppo_on_two_processes_and_its_checkpoint_on_one(tmp_path):
-    upstream = _upstream("ppo", tmp_path)
-    fast = [*FAST_PPO, "train.micro_batch_size=4", *upstream]  # minibatch 8 = 4 x 1 x 2 processes
-    ddp = _torchrun(["ppo", "experiment=ddp", *fast], tmp_path)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "world_size 2" in ddp.stdout and ddp.stdout.count("ppo summary") == 1
-    ddp_dir = tmp_path / "runs" / "ddp" / "ppo"
-    rows = [json.loads(line) for line in (ddp_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    resumed_dir = tmp_path / "runs" / "ws1" / "ppo" / "checkpoints"
-    resumed_dir.mkdir(parents=True)
-    shutil.copytree(ddp_dir / "checkpoints" / "step-2", resumed_dir / "step-2")
-    resumed = run_cli(["ppo", "experiment=ws1", "resume=true", *fast], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "(iteration 2)" in resumed.stdout
-    assert json.loads((tmp_path / "runs" / "ws1" / "ppo" / "manifest.json").read_text())["metrics"]["iterations"] == 4

@@ -142,9 +142,9 @@ def save_sharded(ckpt_root: Path, step: int, models: dict, optimizer, scheduler,
     options = StateDictOptions(ignore_frozen_params=True)  # LoRA: the adapters (and heads), never the frozen base
     if optimizer is not None:
         weights, optim = get_state_dict(box, optimizer, options=options)
-        content = {"model": weights, "optim": optim}
+        content = {"model": trained_only(box, weights), "optim": optim}
     else:
-        content = {"model": get_model_state_dict(box, options=options)}
+        content = {"model": trained_only(box, get_model_state_dict(box, options=options))}
 
     def prepare() -> None:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -188,6 +188,13 @@ def save_sharded(ckpt_root: Path, step: int, models: dict, optimizer, scheduler,
         for old in list_steps(ckpt_root)[:-keep]:
             shutil.rmtree(ckpt_root / f"step-{old}", ignore_errors=True)
     return final
+
+
+def trained_only(box: torch.nn.Module, state: dict) -> dict:
+    """The entries of `state` that are trained parameters: no buffers, and no frozen weight under another name
+    (an LM head tied to a frozen embedding), as a plain checkpoint holds them (`save_weights`)."""
+    trained = {name for name, p in box.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained}
 
 
 def _caught(exc: BaseException) -> bool:
@@ -303,9 +310,9 @@ def load_shards(directory: Path, models: dict, optimizer=None) -> None:
                                                                                 strict=False)
     if optimizer is not None:
         weights, optim = get_state_dict(box, optimizer, options=read)
-        content = {"model": weights, "optim": optim}
+        content = {"model": trained_only(box, weights), "optim": optim}
     else:
-        content = {"model": get_model_state_dict(box, options=read)}
+        content = {"model": trained_only(box, get_model_state_dict(box, options=read))}
     dcp.load(content, checkpoint_id=directory)
     set_model_state_dict(box, content["model"], options=write)
     if optimizer is not None:

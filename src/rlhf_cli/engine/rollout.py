@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.engine.fsdp import generating
+from rlhf_cli.engine.fsdp import generating, is_sharded
 from rlhf_cli.models.loading import logits_at
 from rlhf_cli.rl import ppo as rl
 from rlhf_cli.rl.masks import position_ids_from_mask
@@ -88,8 +88,9 @@ def rollout(policy, prompts: list[list[int]], response_length: int, temperature:
     shapes, not one per batch. Both sample from the same distribution and return the same layout.
 
     A sharded (FSDP) policy is gathered for the whole rollout (engine.fsdp.generating): every rank decodes its own
-    prompts with the full weights, without a collective per token."""
-    static = backend_for(backend, device) == "compiled"
+    prompts with the full weights, without a collective per token. `auto` decodes it eagerly: FSDP's per-module
+    hooks still run at every step, which CUDA graphs do not capture (`compiled` asks for it anyway)."""
+    static = backend_for(backend, device) == "compiled" and not (backend == "auto" and is_sharded(policy))
     with generating(policy):
         return sample(policy, prompts, response_length, temperature, micro, pad_id, eos_id, device, static=static)
 
