@@ -51,3 +51,26 @@ def test_bench_reward_takes_a_vocabulary_and_a_precision(tmp_path, monkeypatch, 
                        "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["vocab_size"] == 2000 and out["precision"] == "bf16-autocast" and out["mfu"] is None
+
+
+def test_bench_sft_under_fsdp_reports_the_same_loss_and_its_training_state(tmp_path, monkeypatch, capsys):
+    bench = _script("bench_sft", tmp_path, monkeypatch)
+    out = []
+    for strategy in ("ddp", "fsdp"):
+        assert bench.main([*TINY, "--strategy", strategy]) == 0
+        out.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    ddp, fsdp = out
+    assert (ddp["strategy"], fsdp["strategy"], fsdp["processes"]) == ("ddp", "fsdp", 1)
+    assert fsdp["loss_last"] == pytest.approx(ddp["loss_last"], rel=1e-5)
+    # one process holds every weight, its gradient and two AdamW moments (fp32): 16 bytes per parameter
+    assert fsdp["state_mib"] == pytest.approx(16 * fsdp["parameters"] / 2**20, rel=1e-6) == ddp["state_mib"]
+
+
+def test_bench_strategy_runs_its_cells_in_processes_of_their_own(tmp_path, monkeypatch, capsys):
+    bench = _script("bench_strategy", tmp_path, monkeypatch)
+    monkeypatch.setitem(bench.SIZES, "tiny", TINY[:8])
+    assert bench.main(["--sizes", "tiny", "--processes", "1", "--strategies", "fsdp", "--batch", "4",
+                       "--seq-len", "16", "--steps", "1", "--warmup", "0", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["size"], row["strategy"], row["processes"], row["vocab_size"]) == ("tiny", "fsdp", 1, 1000)
+    assert row["s_per_step"] > 0 and row["state_mib"] > 0
