@@ -57,7 +57,8 @@ def cell(args: argparse.Namespace, size: str, strategy: str, processes: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = [cell(args, size, strategy, n) for size in args.sizes for n in args.processes for strategy in args.strategies]
+    rows = [cell(args, size, strategy, n)
+            for size in args.sizes for n in args.processes for strategy in args.strategies]
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -1,5 +1,5 @@
-"""Beyond one process, end to end on CPU (gloo): FSDP2 across two torchrun "nodes" on localhost matches one
-process and its checkpoints resume under the other strategy and world size; reward and PPO (with LoRA) under FSDP;
+"""Beyond one process, end to end on CPU (gloo): FSDP2 across two torchrun "nodes" on localhost and DDP on 2
+processes match one process, and checkpoints resume under the other strategy and world size; reward and PPO (with LoRA) under FSDP;
 a job of two tasks through Hydra's submitit launcher; an Optuna sweep that maximises a manifest metric."""
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def test_sft_fsdp_on_two_nodes_matches_one_process_and_resumes_across_strategies
     single_dir = tmp_path / "runs" / "single" / "sft"
     # the same global batch and loss normalisation on 2 shards as on 1 process: equal up to summation order
     _assert_close(_weights(fsdp_dir), _weights(single_dir), atol=1e-5)
+    (ddp,) = _torchrun(["sft", "experiment=ddp", *SFT], tmp_path)  # and on 2 replicas
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "x world_size 2" in ddp.stdout and ddp.stdout.count("sft summary") == 1
+    _assert_close(_weights(tmp_path / "runs" / "ddp" / "sft"), _weights(single_dir), atol=1e-5)
     for key in ("eval_loss", "train_loss"):
         assert json.loads((fsdp_dir / "manifest.json").read_text())["metrics"][key] == pytest.approx(
             json.loads((single_dir / "manifest.json").read_text())["metrics"][key], rel=1e-4)
@@ -118,15 +122,14 @@ def test_ppo_with_lora_under_fsdp_matches_ddp_on_two_processes(tmp_path):
     assert [r["score"] for r in rows[0]] == pytest.approx([r["score"] for r in rows[1]], rel=1e-4)
     assert (a_dir / "checkpoints" / "step-4" / "shards").is_dir()
 
-    # the 2-process checkpoints of iteration 2 continue on 1 process to the end
-    for strategy in ("fsdp", "ddp"):
-        target = tmp_path / "runs" / f"ws1{strategy}" / "ppo" / "checkpoints"
-        target.mkdir(parents=True)
-        shutil.copytree(tmp_path / "runs" / strategy / "ppo" / "checkpoints" / "step-2", target / "step-2")
-        resumed = run_cli(["ppo", f"experiment=ws1{strategy}", "resume=true", *args], tmp_path)
-        assert resumed.returncode == 0, resumed.stderr
-        assert "(iteration 2)" in resumed.stdout
-        assert json.loads((target.parent / "manifest.json").read_text())["metrics"]["iterations"] == 4
+    # the 2-process shards of iteration 2 continue on 1 process to the end
+    target = tmp_path / "runs" / "ws1" / "ppo" / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(a_dir / "checkpoints" / "step-2", target / "step-2")
+    resumed = run_cli(["ppo", "experiment=ws1", "resume=true", *args], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(iteration 2)" in resumed.stdout
+    assert json.loads((target.parent / "manifest.json").read_text())["metrics"]["iterations"] == 4
 
     # eval on 2 processes: the same numbers with every model sharded, the curve read from sharded and plain
     # checkpoints alike

@@ -434,10 +434,11 @@ CHOICES = {
 # Keys that say how to run, not what is trained: a difference in them neither makes a finished artifact stale
 # (`rlhf pipeline`) nor stops an interrupted run from resuming. Micro-batch sizes only split the same step.
 RUN_KEYS = ("run_dir", "root", "experiment", "resume", "overwrite", "force_resume", "logger", "artifact_check",
-            "objective", "train.device", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-            "train.sample_every", "train.micro_batch_size", "train.rollout_micro_batch_size", "train.compile",
-            "ppo.rollout_backend", "train.strategy", "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward",
-            "strategy", "fsdp.cpu_offload", "fsdp.reshard_after_forward")
+            "objective", "train.device", "train.log_every", "train.eval_every", "train.checkpoint_every",
+            "train.keep_checkpoints", "train.sample_every", "train.micro_batch_size",
+            "train.rollout_micro_batch_size", "train.compile", "ppo.rollout_backend", "train.strategy",
+            "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward", "strategy", "fsdp.cpu_offload",
+            "fsdp.reshard_after_forward")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

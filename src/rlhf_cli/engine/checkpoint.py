@@ -99,16 +99,7 @@ def save(ckpt_root: Path, step: int, models: dict, optimizer, scheduler, state: 
             save_weights(unwrap(model), tmp / f"{name}.safetensors")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = rng_state()
-        rng["python"] = _py_state_to_json(rng["python"])
-        torch.save(rng, tmp / "rng.pt")
-        files = artifacts.file_sizes(tmp)
-        sha = artifacts.content_hash(tmp, list(files)) if artifacts.wants_full_check(sum(files.values()), check) else None
-        (tmp / STATE).write_text(artifacts.dumps({**state, "files": files, "sha256": sha}, indent=1))
-        if final.exists():  # a re-run of a step after resume: replace it, never leaving neither
-            os.rename(final, ckpt_root / f".step-{step}.old-{os.getpid()}")
-        os.rename(tmp, final)
+        finish(tmp, final, f".step-{step}.old-{os.getpid()}", scheduler, state, check)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if artifacts.write_failure(exc) is None:
@@ -122,6 +113,22 @@ def save(ckpt_root: Path, step: int, models: dict, optimizer, scheduler, state: 
     for old in list_steps(ckpt_root)[:-keep]:
         shutil.rmtree(ckpt_root / f"step-{old}", ignore_errors=True)
     return final
+
+
+def finish(tmp: Path, final: Path, old: str, scheduler, state: dict, check: str) -> None:
+    """The rest of a checkpoint whose weights are in `tmp`: the scheduler and RNG states, then `state.json` with
+    every file's name and size (and sha256), then the rename into place (an earlier `final`, a step re-run after a
+    resume, moved aside to `old` first, so there is never neither)."""
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = rng_state()
+    rng["python"] = _py_state_to_json(rng["python"])
+    torch.save(rng, tmp / "rng.pt")
+    files = artifacts.file_sizes(tmp)
+    sha = artifacts.content_hash(tmp, list(files)) if artifacts.wants_full_check(sum(files.values()), check) else None
+    (tmp / STATE).write_text(artifacts.dumps({**state, "files": files, "sha256": sha}, indent=1))
+    if final.exists():
+        os.rename(final, final.parent / old)
+    os.rename(tmp, final)
 
 
 def save_sharded(ckpt_root: Path, step: int, models: dict, optimizer, scheduler, state: dict, keep: int,
@@ -151,20 +158,9 @@ def save_sharded(ckpt_root: Path, step: int, models: dict, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
 
-    def finish() -> None:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = rng_state()
-        rng["python"] = _py_state_to_json(rng["python"])
-        torch.save(rng, tmp / "rng.pt")
-        files = artifacts.file_sizes(tmp)
-        sha = artifacts.content_hash(tmp, list(files)) if artifacts.wants_full_check(sum(files.values()), check) else None
-        (tmp / STATE).write_text(artifacts.dumps({**state, "files": files, "sha256": sha}, indent=1))
-        if final.exists():
-            os.rename(final, ckpt_root / f".step-{step}.old-sharded")
-        os.rename(tmp, final)
-
-    for phase, everyone in ((prepare, False), (lambda: dcp.save(content, checkpoint_id=tmp / SHARDS), True),
-                            (finish, False)):
+    phases = ((prepare, False), (lambda: dcp.save(content, checkpoint_id=tmp / SHARDS), True),
+              (lambda: finish(tmp, final, f".step-{step}.old-sharded", scheduler, state, check), False))
+    for phase, everyone in phases:
         failure = None
         try:
             if everyone or d.is_main:
@@ -327,7 +323,8 @@ def load_full_into_shards(path: Path, models: dict, optimizer=None) -> None:
                                                          set_optimizer_state_dict)
 
     box = torch.nn.ModuleDict(models)
-    full = {f"{name}.{key}": value for name in models for key, value in load_file(str(path / f"{name}.safetensors")).items()}
+    full = {f"{name}.{key}": value for name in models
+            for key, value in load_file(str(path / f"{name}.safetensors")).items()}
     names: dict[int, list[str]] = {}
     for key, p in box.named_parameters(remove_duplicate=False):
         if p.requires_grad:

@@ -93,7 +93,8 @@ def all_ok(d: Dist, ok: bool) -> bool:
     """Did every rank succeed? (One collective; every rank gets the same answer, so all raise or none do.)"""
     if not d.enabled:
         return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     return all_sum(d, [0.0 if ok else 1.0], device)[0] == 0.0
 
 

@@ -32,7 +32,8 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import bare
 
-# sharded model -> (its structure on the meta device, to receive the full weights; its reshard_after_forward)
+# sharded model -> (its structure on the meta device to receive the full weights, or None for a frozen one;
+#                   reshard_after_forward of its blocks; of its root)
 _SHARDED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 

@@ -180,7 +180,8 @@ def ppo_checkpoints(pol: dict) -> list[tuple[int, Path]]:
         return []
     root = Path(pol["run_dir"]) / "checkpoints"
     steps = [(s, root / f"step-{s}") for s in checkpoint.list_steps(root)]
-    return [(s, path) for s, path in steps if (path / "policy.safetensors").is_file() or (path / checkpoint.SHARDS).is_dir()]
+    return [(s, path) for s, path in steps
+            if (path / "policy.safetensors").is_file() or (path / checkpoint.SHARDS).is_dir()]
 
 
 def check_tokenizers(policies: list[dict], reference_path: str) -> None:
