@@ -227,3 +227,12 @@ def test_the_objective_is_the_named_metric_or_a_message_listing_the_numeric_ones
     with pytest.raises(ConfigError, match="objective=accuracy") as err:
         objective_value(metrics, "accuracy")
     assert err.value.hint == "use one of: eval_accuracy, steps"
+
+
+def test_under_fsdp_models_load_into_host_memory_and_shard_onto_the_device():
+    from rlhf_cli.config import TrainConfig
+    from rlhf_cli.engine import train
+
+    gpu = torch.device("cuda", 3)
+    assert train.load_device(gpu, TrainConfig(strategy="fsdp")) == CPU  # fully_shard moves each block's shard
+    assert train.load_device(gpu, TrainConfig(strategy="ddp")) == gpu

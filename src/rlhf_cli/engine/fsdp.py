@@ -11,6 +11,9 @@ passes (they gather together).
 Precision: the shards stay fp32 (the optimizer's master weights); under bf16 (`train.precision`, auto on CUDA) the
 units are gathered and run in bf16 and gradients reduced in fp32 (FSDP's MixedPrecisionPolicy). On CPU: fp32.
 
+Loading: stages load a model into host memory under fsdp (engine.train.load_device); `fully_shard` moves each
+unit to the device and keeps only its shard there, so the device never holds more than one unit in full.
+
 What costs memory beyond the shards:
 - generation (`generating`): the policy's units are gathered once at the first decoding step and kept until the
   rollout ends, so decoding does not all-gather every block at every token: the full policy in the compute dtype

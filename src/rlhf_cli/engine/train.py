@@ -87,6 +87,13 @@ def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device
     return torch.compile(wrapped) if t.compile else wrapped
 
 
+def load_device(device: torch.device, t) -> torch.device:
+    """Where a stage loads its models before `wrap_for_training`/`hold_frozen`: the host under fsdp (fully_shard
+    moves one block at a time to the device and keeps its shard there, so models whose full weights do not fit
+    one device, or do not fit it together, still load), the training device otherwise."""
+    return torch.device("cpu") if t.strategy == "fsdp" else device
+
+
 def hold_frozen(model, d: dist.Dist, device: torch.device, t):
     """A model that is only run (PPO's reference and reward model), held as `t.strategy` says: sharded like the
     trained ones under fsdp (no optimizer state, no copy kept for saving), a full copy per process under ddp."""

@@ -210,11 +210,11 @@ class Judge:
 
 def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str, device, d: dist.Dist) -> Judge:
     """The reference and the reward model, frozen, held as `strategy` says (sharded under fsdp)."""
-    frozen = dev.frozen_dtype(cfg.dtype, device)
-    reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), device, dropout=False)
+    frozen, at = dev.frozen_dtype(cfg.dtype, device), train.load_device(device, cfg)
+    reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), at, dropout=False)
     train.hold_frozen(reference.to(frozen).eval().requires_grad_(False), d, device, cfg)
     reward_model, reward_tokenizer = load_reward_model(reward_path)
-    train.hold_frozen(reward_model.to(device, frozen).eval().requires_grad_(False), d, device, cfg)
+    train.hold_frozen(reward_model.to(at, frozen).eval().requires_grad_(False), d, device, cfg)
     scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     return Judge(reference, tokenizer, scorer, tasks.gold_scorer(cfg.data))
 
@@ -281,7 +281,7 @@ def curve_model(pol: dict, model, cfg: EvalConfig, device, d: dist.Dist) -> torc
 def load_policy(path: str, cfg: EvalConfig, device, d: dist.Dist, lora_cfg: LoraConfig | None = None):
     """A policy to sample from, frozen (with fresh adapters of `lora_cfg`'s shape, for a LoRA run's checkpoints),
     held as `strategy` says."""
-    model = load_causal_lm(ModelConfig(name_or_path=path), device, dropout=False)[0]
+    model = load_causal_lm(ModelConfig(name_or_path=path), train.load_device(device, cfg), dropout=False)[0]
     model.to(dev.frozen_dtype(cfg.dtype, device))
     if lora_cfg is not None:
         lora.add_adapters(model, lora_cfg, 0)

@@ -166,15 +166,16 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     """Policy and reference from the SFT artifact, the reward model, and the value model: the reward model when it
     is a causal LM on the policy's tokens, else the policy with a fresh head. Dropout off in all four. With
     model.lora.r > 0 the policy and the value model train adapters on frozen bases held in model.dtype, and the
-    reference is the policy with its adapters off."""
+    reference is the policy with its adapters off. Loaded where engine.train.load_device says (the host under
+    fsdp: `hold_roles` then shards them onto `device`)."""
     policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
-    frozen = dev.frozen_dtype(cfg.model.dtype, device)
-    policy, tokenizer, _ = load_causal_lm(policy_cfg, device, dropout=False)
+    frozen, at = dev.frozen_dtype(cfg.model.dtype, device), train.load_device(device, cfg.train)
+    policy, tokenizer, _ = load_causal_lm(policy_cfg, at, dropout=False)
     lora.add_adapters(policy, cfg.model.lora, cfg.seed, base_dtype=frozen)
-    reference = lora.frozen_base(policy, lambda: load_causal_lm(policy_cfg, device, dropout=False)[0].to(frozen)
+    reference = lora.frozen_base(policy, lambda: load_causal_lm(policy_cfg, at, dropout=False)[0].to(frozen)
                                  .eval().requires_grad_(False))
     reward, reward_tokenizer = load_reward_model(paths.reward, cfg.model.trust_remote_code)
-    reward.to(device, frozen).eval().requires_grad_(False)
+    reward.to(at, frozen).eval().requires_grad_(False)
     scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code)
     value_init = "the reward model"
@@ -182,7 +183,7 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
         # a bidirectional value model would see the very tokens whose return it predicts
         value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
         value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last")
-    value.add_head_bias().to(device).train()
+    value.add_head_bias().to(at).train()
     lora.add_adapters(value, cfg.model.lora, cfg.seed + 1, base_dtype=frozen)  # on the backbone; the head trains in full
     policy.train()
     if cfg.ppo.normalize_scores and not reward.score_stats.get("std"):

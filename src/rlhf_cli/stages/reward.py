@@ -109,7 +109,8 @@ def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) ->
     ensure_pad_token(tokenizer, require_eos=False)  # causal backbones append EOS: tokenize_pairs checks
     model = RewardModel.from_backbone(backbone, tokenizer, pooling=cfg.model.pooling,
                                       revision=None if from_artifact else cfg.model.revision,
-                                      trust_remote_code=cfg.model.trust_remote_code).to(device)
+                                      trust_remote_code=cfg.model.trust_remote_code).to(train.load_device(device,
+                                                                                                        cfg.train))
     if cfg.data.packing:
         check_packable(model, backbone)
     lora.add_adapters(model, cfg.model.lora, cfg.seed)  # on the backbone; the head trains in full

@@ -100,7 +100,7 @@ def run(cfg: SFTConfig) -> dict:
 
 def load_model(cfg: SFTConfig, d: dist.Dist, device) -> tuple:
     """(model in training mode, with LoRA adapters when model.lora.r > 0, its tokenizer, load facts)."""
-    model, tokenizer, info = train.main_first(d, load_causal_lm, cfg.model, device)
+    model, tokenizer, info = train.main_first(d, load_causal_lm, cfg.model, train.load_device(device, cfg.train))
     if cfg.data.packing:
         check_packing(model, cfg.model.name_or_path or "the model")
     lora.add_adapters(model, cfg.model.lora, cfg.seed)
