@@ -128,11 +128,11 @@ def resharded(model) -> list:
 
 def gathered(model, d: dist.Dist):
     """The model to save or sample from on rank 0: for a sharded model a plain copy on the CPU holding the full
-    weights (every process takes part in gathering them; ranks other than 0 get None), else the model itself.
+    weights (every process takes part in gathering them), else the model itself; ranks other than 0 get None.
     The copy has the model's structure as it was sharded (adapters included) and its plain attributes as they are
     now (a reward model's score statistics)."""
     if not is_sharded(model):
-        return bare(model)
+        return bare(model) if d.is_main else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     root = bare(model)

@@ -85,8 +85,7 @@ def run(cfg: SFTConfig) -> dict:
         # ---- save: samples, the artifact, a summary -----------------------------------------------------------
         metrics = final_metrics(loop, training.guard, tokens_seen, wall, len(train_set), sum(truncated))
         samples = sample_responses(model, tokenizer, cfg, eval_rows, device)  # every rank (FSDP gathers together)
-        published = train.published(model, d)                                 # the full weights, on rank 0
-        if d.is_main:
+        if (published := train.published(model, d)) is not None:             # the full weights, on rank 0 only
             publish(cfg, published, tokenizer, samples, metrics, {
                 "source": str(source), "sha256": data_sha256, "train_rows": len(train_set),
                 "eval_rows": len(eval_set), "truncated": truncated[0],
