@@ -207,7 +207,7 @@ def bench(args, cache: str) -> int:
     training = train.Training(params, optimizer, build_scheduler(optimizer, cfg.optim, shape.optimizer_steps),
                               cfg.optim.max_grad_norm, Guard("ppo", Path(cache) / "no-checkpoints", cfg.optim.lr,
                                                              unit="iteration"),
-                              MetricsLog(Path(cache), False, "none"), {})
+                              MetricsLog(Path(cache), False, None), {})
     wrapped = [train.wrap_for_training(m, d, device, cfg.train) for m in (roles.policy, roles.value)]
     if device.type == "cuda":
         loading_peak, loaded = torch.cuda.max_memory_allocated() / 2**20, torch.cuda.memory_allocated() / 2**20

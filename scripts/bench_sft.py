@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, cache_dir: str | None, d, device) -> dict:
     training = train.Training([p for p in model.parameters()], optimizer,
                               build_scheduler(optimizer, cfg.optim, cfg.train.max_steps), cfg.optim.max_grad_norm,
                               Guard("sft", Path(cache_dir or ".") / "no-checkpoints", cfg.optim.lr),
-                              MetricsLog(Path(cache_dir or "."), False, "none"), {})
+                              MetricsLog(Path(cache_dir or "."), False, None), {})
     vocab = model.config.vocab_size
     steps = [demonstrations(args, args.batch, vocab)]
     for k in range(1, min(args.warmup + args.steps, 4)):  # a few different batches, made up front

@@ -143,7 +143,7 @@ def test_missing_required_value_names_the_key(tmp_path):
 @pytest.mark.parametrize("override,key", [
     ("optim.schedule=exp", "optim.schedule"), ("train.max_steps=0", "train.max_steps"),
     ("train.examples_per_step=30", "train.examples_per_step"), ("data.toy.label_noise=0.7", "label_noise"),
-    ("logger=wandb", "logger"), ("optim.lr=-1", "optim.lr"),
+    ("logger=[comet]", "logger"), ("optim.lr=-1", "optim.lr"),
 ])
 def test_rule_violations_name_the_key(override, key, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -173,7 +173,7 @@ def test_config_diff_ignores_how_a_run_is_launched():
     from rlhf_cli.config import config_diff
 
     a = asdict(SFTConfig())
-    b = asdict(SFTConfig(experiment="x", resume=True, logger="tensorboard"))
+    b = asdict(SFTConfig(experiment="x", resume=True, logger=["tensorboard"]))
     b["train"]["micro_batch_size"], b["train"]["checkpoint_every"] = 8, 5
     assert config_diff(a, b) == {}
     b["optim"]["lr"], b["model"]["name_or_path"] = 0.5, "/m"

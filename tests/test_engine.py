@@ -219,7 +219,7 @@ def test_strict_json_writes_null_for_nan(tmp_path):
 
     assert artifacts.dumps({"a": float("nan"), "b": [float("inf"), 1.5], "c": tmp_path}) == \
         f'{{"a": null, "b": [null, 1.5], "c": "{tmp_path}"}}'
-    log = MetricsLog(tmp_path, True, "none")
+    log = MetricsLog(tmp_path, True, None)
     log.log(1, {"loss": float("nan"), "lr": 0.1})
 
     def refuse(token):

@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "reward": ("rlhf_cli.stages.reward", "train a reward model on ranked pairs (backbone: the SFT artifact)"),
     "ppo": ("rlhf_cli.stages.ppo", "optimise the SFT policy against the reward model with PPO"),
     "eval": ("rlhf_cli.stages.eval", "compare policies on held-out prompts: score, gold, KL, win rate"),
+    "report": ("rlhf_cli.stages.report", "one HTML page of an experiment: numbers, config, charts, samples"),
     "pipeline": ("rlhf_cli.stages.pipeline", "sft -> reward -> ppo -> eval for one experiment (stage.key=value)"),
 }
 NOT_HYDRA = {"pipeline"}  # dispatches to the other stages itself
@@ -146,9 +147,10 @@ def run_stage(stage: str, args: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    from rlhf_cli.config import finalize, register_configs
+    from rlhf_cli.config import finalize, logger_word, register_configs
 
     register_configs()
+    args = [logger_word(a) for a in args]  # logger=tensorboard, as before logger became a list
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     if not OmegaConf.has_resolver("rlhf_stage_help"):
         OmegaConf.register_new_resolver("rlhf_stage_help", lambda name: STAGES[name][1])
@@ -168,12 +170,17 @@ def run_stage(stage: str, args: list[str]) -> int:
         try:
             stage_cfg = finalize(cfg)  # config mistakes surface here, before torch or any model loads
             metrics = importlib.import_module(STAGES[stage][0]).run(stage_cfg)
-            return objective_value(metrics, stage_cfg.objective)  # what a sweeper optimises
+            return objective_value(metrics, getattr(stage_cfg, "objective", None))  # what a sweeper optimises
         except Exception as exc:  # noqa: BLE001 - the user's problems are collected, bugs go on up
             own = _project_error(exc)
             if wants_traceback or own is None:
                 raise
             failed.append(own)
+            from hydra.core.hydra_config import HydraConfig
+
+            from rlhf_cli.sweeps import FAILED  # for the table that ends a sweep
+
+            FAILED[HydraConfig.get().runtime.output_dir] = f"{own.kind}: {own.message}"
             return None  # a failed trial, to a sweeper
 
     if (plugin := missing_plugin(args)) is not None:

@@ -319,8 +319,9 @@ class StageConfig:
     # How upstream models and checkpoints are checked against what was recorded when they were written: auto (names
     # and sizes, plus a sha256 of the content when it is under 1 GiB) | full (always the sha256) | sizes.
     artifact_check: str = "auto"
-    # none | tensorboard (needs the `tensorboard` extra); metrics.jsonl is always written.
-    logger: str = "none"
+    # Experiment trackers to report to besides metrics.jsonl (always written): any of tensorboard, mlflow, wandb,
+    # e.g. logger=[tensorboard,mlflow]; each is an extra (rlhf-cli[mlflow]). See engine/trackers.py.
+    logger: list[str] = field(default_factory=list)
     # The metric of the stage's manifest (e.g. eval_accuracy of reward, final_gold of ppo) that a Hydra sweeper
     # optimises: the run returns it to Hydra (`hydra/sweeper=maximize`). null: the run returns nothing.
     objective: Optional[str] = None
@@ -395,6 +396,22 @@ class EvalConfig(StageConfig):
 SCHEMAS["eval"] = EvalConfig
 
 
+@dataclass
+class ReportConfig:
+    """`rlhf report`: one self-contained HTML page of an experiment's run directories (see stages/report.py)."""
+
+    stage: str = "report"
+    experiment: str = "default"
+    root: str = "runs"
+    # Set by Hydra to <root>/<experiment>: the page is report.html there.
+    run_dir: str = "${hydra:runtime.output_dir}"
+    # Sample responses shown per stage (and per policy of eval).
+    samples: int = 4
+
+
+SCHEMAS["report"] = ReportConfig
+
+
 def register_configs() -> None:
     """Register each stage's schema as `<stage>_schema`; conf/<stage>.yaml lists it first in its defaults."""
     cs = ConfigStore.instance()
@@ -427,7 +444,6 @@ CHOICES = {
     "ppo.rollout_backend": ("auto", "eager", "compiled"),
     "model.dtype": ("auto", "float32", "bfloat16"),
     "dtype": ("auto", "float32", "bfloat16"),
-    "logger": ("none", "tensorboard"),
     "artifact_check": ("auto", "full", "sizes"),
 }
 
@@ -439,6 +455,35 @@ RUN_KEYS = ("run_dir", "root", "experiment", "resume", "overwrite", "force_resum
             "train.rollout_micro_batch_size", "train.compile", "ppo.rollout_backend", "train.strategy",
             "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward", "strategy", "fsdp.cpu_offload",
             "fsdp.reshard_after_forward")
+
+
+# logger=[...] names -> (the module each needs, the extra that installs it)
+LOGGERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+
+
+def logger_word(word: str) -> str:
+    """`logger=tensorboard` (one name, as before the logger list) -> `logger=[tensorboard]`; `logger=none` ->
+    `logger=[]`; any other word unchanged."""
+    found = re.fullmatch(r"logger=([A-Za-z_]+)", word)
+    if found is None:
+        return word
+    return "logger=[]" if found.group(1) == "none" else f"logger=[{found.group(1)}]"
+
+
+def check_loggers(names: list[str]) -> None:
+    """Every name is a known tracker whose package is installed, or a ConfigError naming the extra to install."""
+    import importlib.util
+
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"logger={list(names)}: {name!r} is not one of {', '.join(LOGGERS)}",
+                              hint="e.g. logger=[tensorboard,mlflow]; logger=[] for metrics.jsonl only")
+        module, extra = LOGGERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"logger {name} needs the {module} package, which is not installed",
+                              hint=f"pip install 'rlhf-cli[{extra}]', or drop {name} from logger")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"logger={list(names)} names a tracker twice", hint="name each tracker once")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -491,6 +536,7 @@ def _check(cfg: Any) -> None:
     """Cross-field rules that a type alone cannot express."""
     _check_finite(cfg)
     check_experiment(cfg.experiment)
+    check_loggers(getattr(cfg, "logger", []))
     for key, allowed in CHOICES.items():
         try:
             value = _get(cfg, key)

@@ -1,5 +1,6 @@
-"""Everything a stage shows or records: a rank-aware rich console, a progress bar with live metrics, summary
-tables, and metrics.jsonl (plus TensorBoard event files when `logger=tensorboard`).
+"""Everything a stage shows or records: a rank-aware rich console, live progress (a rich bar on a terminal, plain
+timestamped lines when stdout is a file or a pipe, as in a batch job), summary tables that fit 80 columns, and
+metrics.jsonl (plus the experiment trackers of `logger=[...]`, engine/trackers.py).
 
 Only rank 0 prints or writes; the other ranks get silent versions of the same objects. JSON lines are strict JSON:
 a NaN or infinite number is written as null.
@@ -16,11 +17,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rlhf_cli import artifacts
-from rlhf_cli.errors import ConfigError
 
 
 def console(is_main: bool) -> Console:
-    return Console(quiet=not is_main, highlight=False)
+    """Rank 0's console (the others print nothing). In a log file (not a terminal) a line of text is never broken:
+    one message, one line, for grep; tables still fit 80 columns."""
+    con = Console(quiet=not is_main, highlight=False)
+    con.soft_wrap = not con.is_terminal
+    return con
 
 
 def fmt(value) -> str:
@@ -32,44 +36,48 @@ def fmt(value) -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl; mirrors scalars to TensorBoard if asked."""
+    """Appends one JSON object per logged step to metrics.jsonl and reports it to the trackers `cfg.logger` names
+    (engine/trackers.py); rank 0 only. `close` ends the trackers with the run's summary and files."""
 
-    def __init__(self, run_dir: Path, enabled: bool, logger: str, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, cfg, resume_step: int | None = None):
+        from rlhf_cli.engine.trackers import Trackers
+
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        try:
-            if resume_step is None:
-                self.path.write_text("")
-            else:  # drop what was logged after the checkpoint we resume from: those steps run again
-                truncate_jsonl(self.path, resume_step)
-        except OSError as exc:
-            raise artifacts.storage_error("metrics.jsonl", exc, hint="check that the run directory is writable") from exc
-        if logger == "tensorboard":
+        if enabled:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ConfigError(
-                    "logger=tensorboard needs the tensorboard package",
-                    hint="pip install 'rlhf-cli[tensorboard]', or use logger=none",
-                ) from exc
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
+                if resume_step is None:
+                    self.path.write_text("")
+                else:  # drop what was logged after the checkpoint we resume from: those steps run again
+                    truncate_jsonl(self.path, resume_step)
+            except OSError as exc:
+                raise artifacts.storage_error("metrics.jsonl", exc,
+                                              hint="check that the run directory is writable") from exc
+        self.trackers = Trackers(cfg, run_dir, enabled, resume_step)
+        if self.trackers.open:
+            OPEN.append(self)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **metrics}
         append_jsonl(self.path, [row])
-        if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, step)
+        self.trackers.log(step, metrics)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def close(self, summary: dict | None = None, files: dict | None = None, ok: bool = True) -> None:
+        """End the trackers: the final metrics, the paths of what the stage wrote ({name: path or [paths]})."""
+        self.trackers.finish(summary, files, ok)
+        if self in OPEN:
+            OPEN.remove(self)
+
+
+OPEN: list[MetricsLog] = []  # logs whose trackers are still open: a stage that fails ends them as failed
+
+
+def close_failed() -> None:
+    """End the trackers of every log still open, as failed runs (engine.train.process, when a stage raises)."""
+    for log in list(OPEN):
+        log.close(ok=False)
 
 
 def append_jsonl(path: Path, rows: list[dict]) -> None:
@@ -90,8 +98,12 @@ def truncate_jsonl(path: Path, step: int) -> None:
     artifacts.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def progress_bar(con: Console) -> Progress:
-    """A rich progress bar whose `metrics` field shows live values: update(task, metrics='loss 1.2 ...')."""
+def progress_bar(con: Console, every: int = 1):
+    """Live progress of a loop: update(task, completed=n or advance=1, metrics='loss 1.2 ...'). On a terminal, a
+    rich bar redrawn in place; otherwise (stdout is a file, a pipe, a batch job's log) `LineProgress`, one plain
+    timestamped line every `every` steps and at the last, so `tail -f` on the log shows the run moving."""
+    if not con.is_terminal:
+        return LineProgress(con, every)
     return Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
@@ -106,14 +118,71 @@ def progress_bar(con: Console) -> Progress:
     )
 
 
+class LineProgress:
+    """The progress bar's stand-in for logs, with the same calls (add_task, update, used as a context):
+
+        2026-11-27 08:12:03 sft 120/300 (40%) elapsed 0:00:31 eta 0:00:46 loss 1.2 eval 1.3 lr 0.001
+
+    one line (never wrapped) when a task reaches a multiple of `every` steps, and at its last step."""
+
+    def __init__(self, con: Console, every: int = 1):
+        self.con, self.every, self.tasks = con, max(int(every), 1), []
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: int, completed: int = 0, metrics: str = "") -> int:
+        self.tasks.append({"description": description, "total": total, "completed": completed, "start": completed,
+                           "t0": time.monotonic(), "metrics": metrics})
+        return len(self.tasks) - 1
+
+    def update(self, task: int, completed: int | None = None, advance: int = 0, metrics: str | None = None) -> None:
+        t = self.tasks[task]
+        before = t["completed"]
+        t["completed"] = (completed if completed is not None else before) + advance
+        if metrics is not None:
+            t["metrics"] = metrics
+        n = t["completed"]
+        if n != before and (n % self.every == 0 or n >= t["total"]):
+            self.con.print(self.line(t), markup=False, highlight=False, soft_wrap=True)
+
+    @staticmethod
+    def line(t: dict) -> str:
+        elapsed = time.monotonic() - t["t0"]
+        done, total = t["completed"], t["total"]
+        rate = (done - t["start"]) / elapsed if elapsed > 0 else 0.0
+        eta = clock((total - done) / rate) if rate > 0 else "?"
+        percent = f" ({100 * done / total:.0f}%)" if total else ""
+        return (f"{time.strftime('%Y-%m-%d %H:%M:%S')} {t['description']} {done}/{total}{percent} elapsed "
+                f"{clock(elapsed)} eta {eta} {t['metrics']}").rstrip()
+
+
+def clock(seconds: float) -> str:
+    """0:01:05"""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def metrics_text(metrics: dict) -> str:
     return "  ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
 
 
+def charts_row(pngs: list[Path], run_dir: Path) -> dict:
+    """The summary-table row that names a stage's charts (or says what drawing them needs)."""
+    from rlhf_cli import charts
+
+    if not charts.available():
+        return {"charts": charts.MISSING}
+    return {"charts": f"{run_dir / charts.DIR}/ ({', '.join(p.name for p in pngs)})"} if pngs else {}
+
+
 def summary_table(title: str, rows: dict) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column("what", style="cyan")
-    table.add_column("value", justify="right")
+    table.add_column("what", style="cyan", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")  # a long path wraps, whole
     for key, value in rows.items():
         table.add_row(key, fmt(value))
     return table

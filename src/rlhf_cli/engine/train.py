@@ -25,7 +25,7 @@ import torch
 
 from rlhf_cli.engine import checkpoint, device as dev, dist, fsdp
 from rlhf_cli.engine.guard import Guard
-from rlhf_cli.engine.logging import MetricsLog, console
+from rlhf_cli.engine.logging import MetricsLog, close_failed, console
 from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
 from rlhf_cli.engine.rundir import RunPlan
 from rlhf_cli.models.loading import enable_gradient_checkpointing
@@ -44,6 +44,9 @@ def process(device_setting: str, precision: str = "auto", strategy: str = "ddp"
     d = dist.init(device.type, group_of_one=strategy == "fsdp")
     try:
         yield d, device
+    except BaseException:
+        close_failed()  # trackers still open end as failed runs
+        raise
     finally:
         dist.close()
         dev.set_precision("auto")
@@ -148,7 +151,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     max_grad_norm: float
     guard: Guard                     # stops a diverged run (engine/guard.py)
-    log: MetricsLog                  # metrics.jsonl (and TensorBoard)
+    log: MetricsLog                  # metrics.jsonl and the trackers of `logger` (close it with the summary)
     resumed: dict                    # the state of the checkpoint this run continues from; {} for a fresh run
 
     @property
@@ -177,7 +180,7 @@ def start(plan: RunPlan, cfg, models: dict, total_steps: int, d: dist.Dist, rest
             "steps" if state.get("final") else ""))
     guard = Guard(cfg.stage, plan.checkpoints, cfg.optim.lr, cfg.train.max_skipped_steps,
                   state.get("skipped_steps", 0), unit=unit)
-    log = MetricsLog(plan.work_dir, d.is_main, cfg.logger, resume_step=state["step"] if state else None)
+    log = MetricsLog(plan.work_dir, d.is_main, cfg, resume_step=state["step"] if state else None)
     return Training(params, optimizer, scheduler, cfg.optim.max_grad_norm, guard, log, state)
 
 

@@ -5,14 +5,15 @@
 An override with a stage's prefix goes to that stage: `sft.optim.lr=3e-4` reaches `rlhf sft` as `optim.lr=3e-4`;
 one whose remainder is not a top-level key of the stage keeps its prefix, so `ppo.kl_coef=0.1` reaches `rlhf ppo`
 as `ppo.kl_coef=0.1`. An override without a prefix goes to every stage that has its first part: `experiment=`,
-`root=`, `seed=`, `data.path=` to all four, `model.lora.r=16` or `optim.lr=` to sft, reward and ppo (eval has no
+`root=`, `seed=`, `data.path=`, `logger=` to all four, `model.lora.r=16` or `optim.lr=` to sft, reward and ppo (eval has no
 model or optimizer of its own). `stages=sft,reward` runs a subset.
 
 Every stage's config is composed and checked before the first one starts. A stage whose artifact is finished
 with the same config is reused; one finished with a different config stops the pipeline with the keys that
 differ (pass overwrite=true, or pick another experiment); an interrupted one is resumed. Each stage runs in its
 own process (stages talk only through their artifacts on disk), so re-running the same command after a crash
-continues where it stopped. `rlhf eval` always runs again: it is a report.
+continues where it stopped. `rlhf eval` always runs again: it is a report. The pipeline ends with `rlhf report`:
+<root>/<experiment>/report.html, one page with every stage's numbers, config, charts and samples.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import SCHEMAS, compose_error, conf_dir, config_diff, finalize, register_configs
+from rlhf_cli.config import SCHEMAS, compose_error, conf_dir, config_diff, finalize, logger_word, register_configs
 from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ArtifactError, ConfigError, in_chain
 
@@ -75,7 +76,7 @@ def compose(stage: str, overrides: list[str]):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=stage, overrides=[*overrides, "run_dir=."])
+            cfg = hydra_compose(config_name=stage, overrides=[*map(logger_word, overrides), "run_dir=."])
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         hydra_said = isinstance(exc, (HydraException, OmegaConfBaseException)) or str(exc).startswith(
             "Config group override must be")  # optim=1
@@ -146,7 +147,10 @@ def main(args: list[str]) -> int:
             return proc.returncode
         results[stage] = (f"ran in {time.perf_counter() - started:.0f} s", run_dir)
     _summary(con, results)
-    return 0
+    first = configs[stages[0]]  # the experiment's page: every stage's numbers, config, charts and samples
+    con.rule("rlhf report")
+    return subprocess.run([sys.executable, "-m", "rlhf_cli", "report", f"experiment={first.experiment}",
+                           f"root={first.root}"]).returncode
 
 
 def _summary(con, results: dict) -> None:
@@ -154,10 +158,18 @@ def _summary(con, results: dict) -> None:
 
     table = Table(title="pipeline", title_justify="left")
     for col in ("stage", "status", "headline", "run directory"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a long path wraps, whole
     for stage, (status, run_dir) in results.items():
-        table.add_row(stage, status, _headline(stage, run_dir), str(run_dir))
+        table.add_row(stage, status, _headline(stage, run_dir), _shown(run_dir))
     con.print(table)
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it can be said: relative to the working directory when it is below it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _headline(stage: str, run_dir: Path) -> str:

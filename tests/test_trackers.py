@@ -1,0 +1,127 @@
+"""Experiment trackers (`logger=[tensorboard,mlflow,wandb]`): each gets the resolved config, every logged step and
+the final metrics and files; MLflow against a local store, W&B offline; a missing package or a bad logger name is
+one config error; a run that fails ends its tracker runs as failed; a resumed run continues them."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from helpers import FAST_SFT, compose_stage, run_cli
+
+from rlhf_cli.config import check_loggers, logger_word
+from rlhf_cli.errors import ConfigError
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of an offline W&B run's .wandb file (a LevelDB-style log of protobuf records: 32 KiB blocks,
+    each chunk with a 7-byte header: crc32, length, type full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(run_dir.glob("*.wandb")).read_bytes()
+    out, pos, pending = [], 7, b""  # after the "W&B" header
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def items(record, field: str) -> dict:
+    """{key: value} of a history (`item`) or summary (`update`) record."""
+    entries = record.history.item if field == "history" else record.summary.update
+    return {("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in entries}
+
+
+@pytest.mark.slow
+def test_sft_reports_to_tensorboard_mlflow_and_wandb(tmp_path):
+    for module in ("tensorboard", "mlflow", "wandb", "matplotlib"):
+        pytest.importorskip(module)
+    proc = run_cli(["sft", "experiment=tr", "logger=[tensorboard,mlflow,wandb]", *FAST_SFT, "train.max_steps=8"],
+                   tmp_path, env={"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tr" / "sft"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tr").experiment_id])
+    assert run.info.run_name == "sft" and run.info.status == "FINISHED"
+    assert float(run.data.params["optim.lr"]) == manifest["config"]["optim"]["lr"]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    assert run.data.metrics["final/eval_loss"] == pytest.approx(manifest["metrics"]["eval_loss"])
+    assert run.data.tags["rlhf.policy"] == str(run_dir / "model")
+    assert "charts/loss.png" in {a.path for a in client.list_artifacts(run.info.run_id, "charts")}
+    assert json.loads((run_dir / "trackers.json").read_text())["mlflow"] == run.info.run_id
+
+    (offline,) = (tmp_path / "runs" / "tr" / "wandb").glob("offline-run-*")
+    records = wandb_records(offline)
+    history = [items(r, "history") for r in records if r.WhichOneof("record_type") == "history"]
+    assert [(h["step"], h["loss"]) for h in history if "loss" in h] == [(r["step"], r["loss"]) for r in logged
+                                                                       if "loss" in r]
+    summary = {k: v for r in records if r.WhichOneof("record_type") == "summary" for k, v in items(r, "summary").items()}
+    assert summary["final/eval_loss"] == pytest.approx(manifest["metrics"]["eval_loss"])
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert run.display_name == "sft" and config["optim"]["lr"] == manifest["config"]["optim"]["lr"]
+
+
+def test_failed_run_ends_as_failed_and_resume_continues_it(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from rlhf_cli.engine.logging import MetricsLog, close_failed
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs" / "x" / "sft"
+    run_dir.mkdir(parents=True)
+    cfg = compose_stage("sft", [f"root={tmp_path / 'runs'}", "experiment=x", "logger=[mlflow]"], run_dir)
+    log = MetricsLog(run_dir, True, cfg)
+    log.log(1, {"loss": 2.0, "note": "text is left out", "bad": float("nan")})
+    close_failed()  # what engine.train.process does when the stage raises
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
+    assert run.info.status == "FAILED" and set(run.data.metrics) == {"loss"}
+
+    resumed = MetricsLog(run_dir, True, cfg, resume_step=1)  # the same MLflow run, running again
+    resumed.log(2, {"loss": 1.0})
+    resumed.close({"eval_loss": 0.5}, {"policy": run_dir / "model"})
+    (again,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [2.0, 1.0]
+    assert again.data.metrics["final/eval_loss"] == 0.5
+
+
+def test_logger_words_and_names():
+    assert logger_word("logger=tensorboard") == "logger=[tensorboard]"  # the one-name form still works
+    assert logger_word("logger=none") == "logger=[]"
+    assert logger_word("logger=[mlflow,wandb]") == "logger=[mlflow,wandb]"
+    with pytest.raises(ConfigError, match="'comet' is not one of tensorboard, mlflow, wandb"):
+        check_loggers(["comet"])
+    with pytest.raises(ConfigError, match="twice"):
+        check_loggers(["tensorboard", "tensorboard"])
+
+
+def test_missing_tracker_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        check_loggers(["wandb"])
+    assert "needs the wandb package" in err.value.message and "rlhf-cli[wandb]" in err.value.hint
