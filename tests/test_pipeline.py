@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -67,6 +68,8 @@ def test_pipeline_runs_reuses_and_refuses_stale(tmp_path):
     report = json.loads((exp / "eval" / "eval.json").read_text())
     assert len(report["policies"]) == 2
     assert "pipeline" in proc.stdout
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d sft 24/24 \(100%\) elapsed", proc.stdout)  # a log's lines
+    check_report(exp, proc.stdout)
 
     again = run_cli(["pipeline", "experiment=p", *fast], tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -74,3 +77,29 @@ def test_pipeline_runs_reuses_and_refuses_stale(tmp_path):
 
     stale = run_cli(["pipeline", "experiment=p", *fast, "ppo.kl_coef=0.3"], tmp_path)
     assert stale.returncode == 2 and "ppo.kl_coef" in stale.stderr and "overwrite=true" in stale.stderr
+
+
+def check_report(exp, stdout: str) -> None:
+    """The pipeline ends by naming report.html and the charts; the page holds every stage's numbers and its charts,
+    inlined as PNGs that decode."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from rlhf_cli.engine.logging import fmt
+
+    page = (exp / "report.html").read_text()
+    pngs = sorted(exp.glob("*/charts/*.png"))
+    assert {p.parent.parent.name for p in pngs} == {"sft", "reward", "ppo", "eval"}
+    assert str(exp / "report.html") in stdout and all(str(p) in stdout for p in pngs)
+    inlined = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(inlined) == len(pngs)
+    for data in inlined:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    sft, reward, ppo = (json.loads((exp / s / "manifest.json").read_text())["metrics"] for s in ("sft", "reward", "ppo"))
+    for number in (sft["eval_loss"], reward["eval_accuracy"], ppo["final_score"]):
+        assert f">{fmt(number)}<" in page
+    assert "p/sft" in page and "p/ppo" in page and "over-optimisation curve of p/ppo" in page
+    assert "keys that differ from the defaults" in page and ">train.max_steps<" in page  # FAST_* changed it

@@ -28,6 +28,7 @@ eval.json is a report, not a model artifact: a re-run replaces it (there is no o
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -36,14 +37,18 @@ from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
+from rich import box
+from rich.console import Console
 from rich.table import Table
 
-from rlhf_cli import artifacts
+from rlhf_cli import artifacts, charts
+from rlhf_cli.charts import abbreviate
 from rlhf_cli.config import EvalConfig, LoraConfig, ModelConfig, absolute_path
 from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
 from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir, train
-from rlhf_cli.engine.logging import console, fmt, metrics_text, progress_bar, summary_table
+from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
+from rlhf_cli.engine.trackers import Trackers
 from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample, score_responses
 from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
@@ -105,14 +110,8 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
               "reward_same_tokenizer": judge.scorer.same_tokens,
               "prompts": {"source": str(source), "count": len(prompts), "cut": cut},
               "policies": results, "curves": curves, "config": asdict(cfg), "versions": artifacts.package_versions()}
-    if not d.is_main:
-        return report
-    try:
-        artifacts.write_text_atomic(Path(cfg.run_dir) / "eval.json", artifacts.dumps(report, indent=2) + "\n")
-    except OSError as exc:
-        raise artifacts.storage_error("eval.json", exc, hint="check that the eval directory is writable and the disk "
-                                                              "has free space") from exc
-    show_tables(con, report, judge.gold is not None, Path(cfg.run_dir))
+    if d.is_main:
+        save_report(con, cfg, report, judge.gold is not None)
     return report
 
 
@@ -333,28 +332,76 @@ def summarise(per_prompt: dict, baseline: torch.Tensor) -> dict:
 
 # ---- save -------------------------------------------------------------------------------------------------------
 
-def _pm(row: dict, key: str) -> str:
-    """mean ± standard error, the error to two significant digits."""
-    return f"{fmt(row[key])} ± {row[key + '_se']:.2g}"
+def save_report(con, cfg: EvalConfig, report: dict, with_gold: bool) -> None:
+    """eval.json, its charts (engine: rlhf_cli.charts), the trackers of `logger`, the tables."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        artifacts.write_text_atomic(run_dir / "eval.json", artifacts.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        raise artifacts.storage_error("eval.json", exc, hint="check that the eval directory is writable and the disk "
+                                                              "has free space") from exc
+    pngs = charts.draw("eval", run_dir)
+    track(cfg, report, run_dir, pngs)
+    show_tables(con, report, with_gold, run_dir, pngs)
 
 
-def show_tables(con, report: dict, with_gold: bool, run_dir: Path) -> None:
-    table = Table(title=f"eval: {report['prompts']['count']} held-out prompts, one response each (mean ± standard "
-                        f"error)", title_justify="left")
-    columns = ["policy", "score", *(["gold"] if with_gold else []), "KL", "length", "stop rate",
-               f"win rate vs {report['baseline']}"]
-    for col in columns:
-        table.add_column(col, justify="left" if col == "policy" else "right")
-    for row in report["policies"]:
-        table.add_row(row["name"], _pm(row, "score"), *([_pm(row, "gold")] if with_gold else []), _pm(row, "kl"),
-                      fmt(row["response_length"]), fmt(row["stop_rate"]), _pm(row, "win_rate"))
-    con.print(table)
+def track(cfg: EvalConfig, report: dict, run_dir: Path, pngs: list[Path]) -> None:
+    """The trackers of `logger`: each over-optimisation curve point at its PPO iteration (<policy>/kl, /score,
+    /gold), and every policy's means as the summary (<policy>/<metric>)."""
+    trackers = Trackers(cfg, run_dir, enabled=True)
+    if not trackers.open:
+        return
     for name, curve in report["curves"].items():
-        table = Table(title=f"over-optimisation curve of {name} (step 0: the reference)", title_justify="left")
+        for point in curve:
+            trackers.log(point["step"], {f"{name}/{k}": point[k] for k in ("kl", "score", "gold") if k in point})
+    summary = {f"{row['name']}/{k}": v for row in report["policies"] for k, v in row.items()}
+    trackers.finish(summary, {"eval": run_dir / "eval.json", "charts": pngs})
+
+
+def _pm(row: dict, key: str) -> str:
+    """mean±standard error: the mean to 3 significant digits, the error to 2 (3.63±0.094)."""
+    return f"{row[key]:#.3g}±{row[key + '_se']:.2g}"
+
+
+def rendered_width(table: Table) -> int:
+    """The characters of the longest line of `table` drawn without a width limit."""
+    probe = Console(width=10_000, file=io.StringIO())
+    probe.print(table)
+    return max(len(line.rstrip()) for line in probe.file.getvalue().splitlines())
+
+
+def show_tables(con, report: dict, with_gold: bool, run_dir: Path, pngs: list[Path]) -> None:
+    """The comparison and each over-optimisation curve, within the console's width (80 columns in a log): the
+    numbers are never cut; the policy names get the room left, a long one losing its middle, never its ends
+    (exp_a/ppo and exp_b/ppo stay apart)."""
+    columns = ["score", *(["gold"] if with_gold else []), "KL", "length", "stop", "win rate"]
+    cells = [[_pm(row, "score"), *([_pm(row, "gold")] if with_gold else []), _pm(row, "kl"),
+              f"{row['response_length']:.3g}", f"{row['stop_rate']:.3g}", _pm(row, "win_rate")]
+             for row in report["policies"]]
+
+    def comparison(width: int, title: bool = True) -> Table:  # the table with names of at most `width` characters
+        names = {row["name"]: abbreviate(row["name"], width) for row in report["policies"]}
+        table = Table(title=f"eval: {report['prompts']['count']} held-out prompts, one response each "
+                            f"(mean±standard error); win rate vs {names[report['baseline']]}" if title else None,
+                      title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+        table.add_column("policy", no_wrap=True)
+        for col in columns:
+            table.add_column(col, justify="right", no_wrap=True)
+        for row, numbers in zip(report["policies"], cells):
+            table.add_row(names[row["name"]], *numbers)
+        return table
+
+    width = max(len(row["name"]) for row in report["policies"])
+    while width > 12 and rendered_width(comparison(width, title=False)) > con.width:
+        width -= 1
+    con.print(comparison(width))
+    for name, curve in report["curves"].items():
+        table = Table(title=f"over-optimisation curve of {abbreviate(name, 48)} (step 0: the reference)",
+                      title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
         for col in ("step", "KL", "proxy (reward model)", *(["gold"] if with_gold else [])):
             table.add_column(col, justify="right")
         for point in curve:
             table.add_row(str(point["step"]), _pm(point, "kl"), _pm(point, "score"),
                           *([_pm(point, "gold")] if with_gold else []))
         con.print(table)
-    con.print(summary_table("report", {"eval.json": str(run_dir / "eval.json")}))
+    con.print(summary_table("report", {"eval.json": str(run_dir / "eval.json"), **charts_row(pngs, run_dir)}))

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from rlhf_cli import artifacts
+from rlhf_cli import artifacts, charts
 from rlhf_cli.config import ModelConfig, PPOAlgoConfig, PPOConfig
 from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
 from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.guard import Guard
-from rlhf_cli.engine.logging import MetricsLog, append_jsonl, console, metrics_text, progress_bar, summary_table, \
-    truncate_jsonl
+from rlhf_cli.engine.logging import MetricsLog, append_jsonl, charts_row, console, metrics_text, progress_bar, \
+    summary_table, truncate_jsonl
 from rlhf_cli.engine.rollout import (Rollout, Scorer, constants, decode, policy_logits, response_logprobs,
                                     response_values, rollout, score_responses, value_slice)
 from rlhf_cli.errors import ArtifactError, ConfigError
@@ -60,7 +60,7 @@ def run(cfg: PPOConfig) -> dict:
         gold = tasks.gold_scorer(cfg.data)
 
         # ---- loop: rollout, rewards and advantages, clipped updates, metrics ---------------------------------
-        with progress_bar(con) as bar:
+        with progress_bar(con, t.log_every) as bar:
             task = bar.add_task("ppo", total=t.max_steps, completed=loop.step, metrics="")
             while loop.step < t.max_steps:
                 seed_everything(cfg.seed, loop.step, d.rank)
@@ -83,7 +83,6 @@ def run(cfg: PPOConfig) -> dict:
                 if train.due(loop.step, t.checkpoint_every, t.max_steps):
                     train.save_checkpoint(d, plan.checkpoints, loop.step, roles.trained(), training, loop.state(), cfg,
                                           data_sha256, final=loop.step == t.max_steps)
-        training.log.close()
 
         # ---- save: the policy artifact and a summary ---------------------------------------------------------
         metrics = final_metrics(loop, training.guard)
@@ -91,7 +90,9 @@ def run(cfg: PPOConfig) -> dict:
         if d.is_main:
             publish(cfg, paths, roles, policy, metrics, loop.kl_coef, {"source": str(source), "sha256": data_sha256,
                                                                "prompts": len(prompts)}, plan.work_dir)
-            show_summary(con, loop.first or {}, loop.last, Path(cfg.run_dir))
+            pngs = charts.draw("ppo", Path(cfg.run_dir))
+            training.log.close(metrics, {"policy": Path(cfg.run_dir) / "model", "charts": pngs})
+            show_summary(con, loop.first or {}, loop.last, Path(cfg.run_dir), pngs)
         dist.barrier(d)
         return metrics
 
@@ -416,7 +417,7 @@ def publish(cfg: PPOConfig, paths: Upstream, roles: Roles, policy, metrics: dict
     artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir), save_adapter=lora.adapter_writer(policy))
 
 
-def show_summary(con, first: dict, last: dict, run_dir: Path) -> None:
+def show_summary(con, first: dict, last: dict, run_dir: Path, pngs: list[Path]) -> None:
     table = Table(title="ppo summary (training rollouts)", title_justify="left")
     for col in ("metric", "first iteration", "last iteration"):
         table.add_column(col, justify="right" if col != "metric" else "left")
@@ -430,9 +431,10 @@ def show_summary(con, first: dict, last: dict, run_dir: Path) -> None:
     if samples:
         shown = Table(title=f"samples (iteration {samples[-1]['step']})", title_justify="left")
         for col in ("prompt", "response", "score", *(["gold"] if "gold" in samples[0] else [])):
-            shown.add_column(col, justify="right" if col in ("score", "gold") else "left")
+            shown.add_column(col, justify="right" if col in ("score", "gold") else "left", overflow="fold")
         for row in samples:
             cells = [row["prompt"][-60:], row["response"][:80], f"{row['score']:.3g}"]
             shown.add_row(*cells, *([f"{row['gold']:.3g}"] if "gold" in row else []))
         con.print(shown)
-    con.print(summary_table("artifact", {"policy": str(run_dir / "model"), "samples": str(run_dir / "samples.jsonl")}))
+    con.print(summary_table("artifact", {"policy": str(run_dir / "model"), "samples": str(run_dir / "samples.jsonl"),
+                                         **charts_row(pngs, run_dir)}))

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import artifacts
+from rlhf_cli import artifacts, charts
 from rlhf_cli.config import RewardConfig
 from rlhf_cli.data import tasks
 from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
 from rlhf_cli.engine import batches, device as dev, dist, rundir, train
-from rlhf_cli.engine.logging import console, metrics_text, progress_bar, summary_table
+from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import (check_packing, ensure_pad_token, load_tokenizer, quiet_transformers, resolve,
@@ -58,7 +58,7 @@ def run(cfg: RewardConfig) -> dict:
 
         # ---- loop: one optimizer step over examples_per_step pairs, evaluation, logs, checkpoints ------------
         pairs_seen, t_start = 0, time.perf_counter()
-        with progress_bar(con) as bar:
+        with progress_bar(con, t.log_every) as bar:
             task = bar.add_task("reward", total=steps.total, completed=loop.step, metrics="")
             while loop.step < steps.total:
                 t0 = time.perf_counter()
@@ -80,7 +80,6 @@ def run(cfg: RewardConfig) -> dict:
                     train.save_checkpoint(d, plan.checkpoints, loop.step, {"model": model}, training, loop.state(),
                                           cfg, data_sha256, final=loop.step == steps.total)
         wall = time.perf_counter() - t_start
-        training.log.close()
 
         # ---- save: final accuracies, score statistics, the artifact, a summary --------------------------------
         metrics = final_metrics(model, train_set, eval_set, eval_gold, loop, cfg, d, device) | {
@@ -90,7 +89,9 @@ def run(cfg: RewardConfig) -> dict:
         if d.is_main:
             publish(cfg, published, tokenizer, parent, metrics, {"source": str(source), "sha256": data_sha256,
                                                              **data_stats, "truncated": truncated}, plan.work_dir)
-            show_summary(con, metrics, wall, Path(cfg.run_dir))
+            pngs = charts.draw("reward", Path(cfg.run_dir))
+            training.log.close(metrics, {"reward_model": Path(cfg.run_dir) / "model", "charts": pngs})
+            show_summary(con, metrics, wall, Path(cfg.run_dir), pngs)
         dist.barrier(d)
         return metrics
 
@@ -278,6 +279,7 @@ def policy_tokenizer_match(parent: dict | None, cfg: RewardConfig, tokenizer) ->
                                                                      tokenizer)}
 
 
-def show_summary(con, metrics: dict, wall: float, run_dir: Path) -> None:
+def show_summary(con, metrics: dict, wall: float, run_dir: Path, pngs: list[Path]) -> None:
     shown = {k: v for k, v in metrics.items() if v is not None}
-    con.print(summary_table("reward summary", {**shown, "wall_seconds": wall, "artifact": str(run_dir / "model")}))
+    con.print(summary_table("reward summary", {**shown, "wall_seconds": wall, "artifact": str(run_dir / "model"),
+                                               **charts_row(pngs, run_dir)}))

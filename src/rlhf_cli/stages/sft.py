@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from rlhf_cli import artifacts
+from rlhf_cli import artifacts, charts
 from rlhf_cli.config import SFTConfig
 from rlhf_cli.data import tasks
 from rlhf_cli.data.sft import collate_sft, tokenize_sft
 from rlhf_cli.data.text import render
 from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.guard import Guard
-from rlhf_cli.engine.logging import console, metrics_text, progress_bar, summary_table
+from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import check_packing, load_causal_lm, logits_at
@@ -58,7 +58,7 @@ def run(cfg: SFTConfig) -> dict:
 
         # ---- loop: one optimizer step over examples_per_step examples, evaluation, logs, checkpoints ----------
         tokens_seen, t_start = 0.0, time.perf_counter()
-        with progress_bar(con) as bar:
+        with progress_bar(con, t.log_every) as bar:
             task = bar.add_task("sft", total=steps.total, completed=loop.step, metrics="")
             while loop.step < steps.total:
                 t0 = time.perf_counter()
@@ -80,7 +80,6 @@ def run(cfg: SFTConfig) -> dict:
                     train.save_checkpoint(d, plan.checkpoints, loop.step, {"model": model}, training, loop.state(),
                                           cfg, data_sha256, final=loop.step == steps.total)
         wall = time.perf_counter() - t_start
-        training.log.close()
 
         # ---- save: samples, the artifact, a summary -----------------------------------------------------------
         metrics = final_metrics(loop, training.guard, tokens_seen, wall, len(train_set), sum(truncated))
@@ -90,7 +89,9 @@ def run(cfg: SFTConfig) -> dict:
                 "source": str(source), "sha256": data_sha256, "train_rows": len(train_set),
                 "eval_rows": len(eval_set), "truncated": truncated[0],
                 "added_pad_token": model_info["added_pad_token"]}, plan.work_dir)
-            show_summary(con, metrics, samples, cfg.train.num_samples, Path(cfg.run_dir), wall)
+            pngs = charts.draw("sft", Path(cfg.run_dir))
+            training.log.close(metrics, {"policy": Path(cfg.run_dir) / "model", "charts": pngs})
+            show_summary(con, metrics, samples, cfg.train.num_samples, Path(cfg.run_dir), wall, pngs)
         dist.barrier(d)
         return metrics
 
@@ -254,15 +255,16 @@ def publish(cfg: SFTConfig, model, tokenizer, samples: list[dict], metrics: dict
     artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir), save_adapter=lora.adapter_writer(model))
 
 
-def show_summary(con, metrics: dict, samples: list[dict], num_shown: int, run_dir: Path, wall: float) -> None:
+def show_summary(con, metrics: dict, samples: list[dict], num_shown: int, run_dir: Path, wall: float,
+                 pngs: list[Path]) -> None:
     shown = {k: v for k, v in metrics.items() if v is not None}
     shown["wall_seconds"] = wall
     shown["artifact"] = str(run_dir / "model")
-    con.print(summary_table("sft summary", shown))
+    con.print(summary_table("sft summary", {**shown, **charts_row(pngs, run_dir)}))
     if samples:
         table = Table(title="samples (held-out prompts)", title_justify="left")
-        table.add_column("prompt")
-        table.add_column("response")
+        table.add_column("prompt", overflow="fold")
+        table.add_column("response", overflow="fold")
         if "gold" in samples[0]:
             table.add_column("gold", justify="right")
         for s in samples[:num_shown]:

@@ -1,0 +1,182 @@
+"""The PNG charts of a run directory, drawn from what the stage wrote there: `draw(stage, run_dir)`.
+
+- sft, reward, ppo: curves of metrics.jsonl against the step (ppo: the iteration), one chart per quantity, in
+  <run dir>/charts/<name>.png (CHARTS says which series each chart holds; a series the run did not log is left out,
+  and a chart with none is not drawn).
+- eval: from eval.json, the SFT/PPO comparison as bars with standard-error bars (charts/comparison.png) and, for
+  each PPO run whose checkpoints were measured, the over-optimisation curve (Gao et al. 2022): the reward model's
+  (proxy) score and the gold score, with standard-error bars, against the KL to the reference
+  (charts/overoptimisation.png).
+
+Each stage draws its charts when it finishes, and `rlhf report` draws them again. Drawing needs matplotlib, the
+`plots` extra: without it `draw` returns no charts and `MISSING` says what to install. A chart is written under a
+temporary name and renamed, so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from rlhf_cli import artifacts
+
+MISSING = "charts need matplotlib: pip install 'rlhf-cli[plots]'"
+DIR = "charts"
+
+# stage -> [(file stem, title, [(metrics.jsonl key, legend label)], y-axis label)]
+CHARTS: dict[str, list[tuple[str, str, list[tuple[str, str]], str]]] = {
+    "sft": [
+        ("loss", "next-token loss", [("loss", "train"), ("eval_loss", "held-out")], "cross-entropy"),
+        ("grad_norm", "gradient norm (before clipping)", [("grad_norm", "grad norm")], "L2 norm"),
+        ("lr", "learning rate", [("lr", "lr")], "lr"),
+    ],
+    "reward": [
+        ("loss", "pairwise loss -log σ(r_chosen - r_rejected)", [("loss", "train"), ("eval_loss", "held-out")],
+         "loss"),
+        ("accuracy", "pairwise accuracy", [("accuracy", "train"), ("eval_accuracy", "held-out"),
+                                           ("eval_gold_accuracy", "held-out vs gold")], "accuracy"),
+        ("margin", "reward margin r_chosen - r_rejected", [("margin", "train"), ("eval_margin", "held-out")],
+         "margin"),
+    ],
+    "ppo": [
+        ("score", "score of the training rollouts", [("score", "reward model (proxy)"),
+                                                      ("rlhf_reward", "score - β·KL")], "score"),
+        ("gold", "gold score of the training rollouts (built-in task)", [("gold", "gold")], "gold score"),
+        ("kl", "KL to the reference (per response)", [("kl", "KL")], "nats"),
+        ("entropy", "policy entropy (per token)", [("entropy", "entropy")], "nats"),
+        ("clipfrac", "clip fractions", [("clipfrac", "policy"), ("vf_clipfrac", "value")], "fraction"),
+        ("value", "value model", [("value_loss", "value loss"), ("explained_variance", "explained variance")], ""),
+    ],
+}
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def draw(stage: str, run_dir: Path) -> list[Path]:
+    """Every chart of `stage` from the files in `run_dir` (metrics.jsonl, or eval.json for eval), written to
+    run_dir/charts/; the paths written ([] without matplotlib or without anything to draw)."""
+    run_dir = Path(run_dir)
+    if not available():
+        return []
+    if stage == "eval":
+        path = run_dir / "eval.json"
+        return eval_charts(json.loads(path.read_text()), run_dir / DIR) if path.is_file() else []
+    rows = read_rows(run_dir / "metrics.jsonl")
+    out = []
+    for name, title, series, ylabel in CHARTS.get(stage, []):
+        lines = {label: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+                 for key, label in series}
+        lines = {label: points for label, points in lines.items() if points}
+        if lines:
+            xlabel = "iteration" if stage == "ppo" else "optimizer step"
+            out.append(save(line_chart(title, lines, xlabel, ylabel), run_dir / DIR / f"{name}.png"))
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def figure(width: float = 6.4, height: float = 3.6):
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no "generated new fontManager" on a first run
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str):
+    fig = figure()
+    ax = fig.subplots()
+    for label, points in lines.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 20 else None, markersize=3)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if len(lines) > 1:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def eval_charts(report: dict, out_dir: Path) -> list[Path]:
+    """comparison.png (every policy, every measured quantity) and overoptimisation.png (when a curve exists)."""
+    out = []
+    policies = report.get("policies") or []
+    if policies:
+        out.append(save(comparison_chart(policies, report.get("baseline", "")), out_dir / "comparison.png"))
+    if any(report.get("curves", {}).values()):
+        out.append(save(curve_chart(report["curves"]), out_dir / "overoptimisation.png"))
+    return out
+
+
+def comparison_chart(policies: list[dict], baseline: str):
+    keys = [(k, label) for k, label in (("score", "reward-model score"), ("gold", "gold score"),
+                                        ("kl", "KL to the reference"), ("win_rate", f"win rate vs {baseline}"))
+            if all(isinstance(p.get(k), (int, float)) for p in policies)]
+    fig = figure(3.2 * len(keys), 3.4)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    names = [p["name"] for p in policies]
+    colors = [f"C{i}" for i in range(len(policies))]
+    for ax, (key, label) in zip(axes, keys):
+        ax.bar(range(len(policies)), [p[key] for p in policies], yerr=[p.get(f"{key}_se", 0.0) for p in policies],
+               capsize=4, color=colors)
+        ax.set_xticks(range(len(policies)), [abbreviate(n) for n in names], rotation=20, fontsize="small")
+        ax.set_title(label, fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("policies on held-out prompts (mean ± standard error)")
+    return fig
+
+
+def curve_chart(curves: dict[str, list[dict]]):
+    """Proxy and gold score against KL, one line per PPO run, each point labelled with its iteration."""
+    with_gold = all("gold" in p for points in curves.values() for p in points)
+    panels = [("score", "reward-model (proxy) score")] + ([("gold", "gold score")] if with_gold else [])
+    fig = figure(5.2 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, label) in zip(axes, panels):
+        for i, (name, points) in enumerate(curves.items()):
+            xs, ys = [p["kl"] for p in points], [p[key] for p in points]
+            ax.errorbar(xs, ys, xerr=[p.get("kl_se", 0.0) for p in points],
+                        yerr=[p.get(f"{key}_se", 0.0) for p in points], marker="o", markersize=4, capsize=3,
+                        label=abbreviate(name), color=f"C{i}")
+            for p in points:
+                ax.annotate(str(p["step"]), (p["kl"], p[key]), textcoords="offset points", xytext=(4, 4),
+                            fontsize="x-small", color="0.35")
+        ax.set(title=label, xlabel="KL to the reference (nats per response)", ylabel=key)
+        ax.grid(alpha=0.3)
+    if len(curves) > 1 or not with_gold:
+        axes[0].legend(fontsize="small")
+    fig.suptitle("over-optimisation: score against KL over PPO iterations (points: iteration)")
+    return fig
+
+
+def abbreviate(text: str, width: int = 28) -> str:
+    """`text` in at most `width` characters: a long one keeps its beginning and its end, the middle becomes "…"
+    (experiment_with_a_long_name/ppo -> experiment_w…name/ppo), so two names that differ at the end stay apart."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    tail = width // 2
+    return text[:width - 1 - tail] + "…" + text[len(text) - tail:]
+
+
+def save(fig, path: Path) -> Path:
+    """The figure as a PNG at `path`, written under a temporary name and renamed (a StorageError if refused)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise artifacts.storage_error(f"the chart {path.name}", exc,
+                                      hint="check that the run directory is writable and its disk has free space")
+    return path
+
