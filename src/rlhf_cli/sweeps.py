@@ -1,0 +1,129 @@
+"""The table that ends a sweep (`rlhf <stage> -m ...`, any launcher or sweeper): one row per job of this sweep
+(its overrides, its status, the stage's headline numbers), best first by the stage's headline metric, printed and
+written to <sweep dir>/sweep.json, next to the jobs (`rlhf report` shows it).
+
+Hydra calls `Summary` in the process that launched the sweep once every job has ended (conf/layout.yaml registers
+it), so jobs that ran elsewhere (SLURM, submitit) are read from their run directories: a finished artifact (or
+eval.json) is `done`; a directory without one is `unfinished` (failed or killed where it ran); a job that failed
+in this process is `failed` with its error. A job counts as this sweep's when its directory changed after the sweep
+started, so earlier sweeps into the same directory are left out.
+
+    headline (sorted by, best first)    also shown
+    sft     eval_loss (lowest)          train_loss, gold_score
+    reward  eval_accuracy (highest)     eval_gold_accuracy, train_accuracy, eval_loss
+    ppo     final_gold when the task has a gold score, else final_score (highest); final_score, final_kl
+    eval    the last policy's gold, else its score (highest); its score, kl, win_rate
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from rich.console import Console
+from rich.table import Table
+
+from rlhf_cli import artifacts
+
+SWEEP = "sweep.json"
+# stage -> (columns, headline candidates in order of preference, best is the highest)
+COLUMNS = {
+    "sft": (["eval_loss", "train_loss", "gold_score"], ["eval_loss"], False),
+    "reward": (["eval_accuracy", "eval_gold_accuracy", "train_accuracy", "eval_loss"], ["eval_accuracy"], True),
+    "ppo": (["final_gold", "final_score", "final_kl"], ["final_gold", "final_score"], True),
+    "eval": (["gold", "score", "kl", "win_rate"], ["gold", "score"], True),
+}
+FAILED: dict[str, str] = {}  # run directory -> the error of a job that failed in this process (cli.run_stage)
+
+
+class Summary(Callback):
+    """Hydra's hook around a multirun: note when it started, then summarise its jobs."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.started = time.time()
+        FAILED.clear()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        summary = summarise(config.stage, Path(config.hydra.sweep.dir).resolve(), getattr(self, "started", 0.0))
+        if summary["jobs"]:
+            Console(highlight=False).print(sweep_table(summary))
+
+
+def job_metrics(stage: str, run_dir: Path) -> dict | None:
+    """The numbers of a finished job (the manifest's metrics; eval: its last policy's means), else None."""
+    if stage == "eval":
+        path = run_dir / "eval.json"
+        return json.loads(path.read_text())["policies"][-1] if path.is_file() else None
+    return artifacts.read_manifest(run_dir)["metrics"] if artifacts.is_finished(run_dir) else None
+
+
+def swept(run_dirs: list[Path]) -> dict[Path, str]:
+    """{job directory: the overrides that tell it from the sweep's other jobs}, from Hydra's record of each job
+    (`optim.lr=0.001`; the overrides every job shares are left out); the directory's name where there is no record
+    (a job refused before it started) or nothing varies."""
+    from omegaconf import OmegaConf
+
+    words = {}
+    for run_dir in run_dirs:
+        path = run_dir / ".hydra" / "overrides.yaml"
+        words[run_dir] = [str(w) for w in OmegaConf.load(path)] if path.is_file() else None
+    recorded = [set(w) for w in words.values() if w is not None]
+    shared = set.intersection(*recorded) if len(recorded) > 1 else set()
+    return {run_dir: " ".join(x for x in w if x not in shared) if w and len(recorded) > 1 else run_dir.name
+            for run_dir, w in words.items()}
+
+
+def summarise(stage: str, sweep_dir: Path, since: float = 0.0) -> dict:
+    """The jobs of a sweep (directories under `sweep_dir` changed since `since`, and this process's failed jobs),
+    best first; written to sweep_dir/sweep.json."""
+    columns, candidates, highest = COLUMNS.get(stage, ([], [], True))
+    dirs = {p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.stat().st_mtime >= since
+            and (p / ".hydra").is_dir()} if sweep_dir.is_dir() else set()
+    failed = {Path(p).resolve(): error for p, error in FAILED.items()}
+    dirs |= {p for p in failed if p.parent == sweep_dir}
+    jobs = []
+    for run_dir, words in swept(sorted(dirs)).items():
+        metrics = job_metrics(stage, run_dir)
+        status = "done" if metrics is not None else failed.get(run_dir, "unfinished")
+        jobs.append({"job": words, "status": status, "run_dir": str(run_dir),
+                     "metrics": {k: (metrics or {}).get(k) for k in columns}})
+    headline = next((k for k in candidates if any(number(j["metrics"].get(k)) for j in jobs)), candidates[0]
+                    if candidates else None)
+
+    def rank(job: dict) -> tuple:
+        value = job["metrics"].get(headline)
+        if not number(value):
+            return (1, 0.0)
+        return (0, -value if highest else value)
+
+    jobs.sort(key=rank)
+    summary = {"stage": stage, "sweep_dir": str(sweep_dir), "headline": headline,
+               "best": "highest" if highest else "lowest", "columns": columns, "jobs": jobs}
+    if jobs:
+        try:
+            artifacts.write_text_atomic(sweep_dir / SWEEP, artifacts.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            raise artifacts.storage_error(SWEEP, exc, hint=f"check that {sweep_dir} is writable") from exc
+    return summary
+
+
+def number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def sweep_table(summary: dict) -> Table:
+    """The sweep in 80 columns: a long override list or error wraps, whole."""
+    table = Table(title=f"sweep of {summary['stage']}: {len(summary['jobs'])} jobs, by {summary['headline']} "
+                        f"({summary['best']} first) -> {Path(summary['sweep_dir']) / SWEEP}", title_justify="left")
+    table.add_column("job", overflow="fold")
+    table.add_column("status", overflow="fold")
+    shown = [c for c in summary["columns"] if any(number(j["metrics"].get(c)) for j in summary["jobs"])]
+    for col in shown:
+        table.add_column(col, justify="right", overflow="fold")
+    for job in summary["jobs"]:
+        table.add_row(job["job"], job["status"], *[f"{job['metrics'][c]:.4g}" if number(job["metrics"].get(c))
+                                                   else "-" for c in shown])
+    return table
