@@ -105,3 +105,25 @@ def test_report_of_an_experiment_with_no_runs_is_one_error(tmp_path):
     assert proc.returncode == 2
     assert "holds no finished stage" in proc.stderr and "rlhf pipeline experiment=nothing" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs" / "nothing").exists()
+
+
+def test_report_of_a_swept_stage_shows_its_table(tmp_path):
+    from helpers import compose_stage
+
+    from rlhf_cli.artifacts import SCHEMA_VERSION
+    from rlhf_cli.stages import report
+    from rlhf_cli.sweeps import summarise
+
+    sweep_dir = tmp_path / "runs" / "s" / "reward"
+    for job, accuracy in (("optim.lr-0.001", 0.61), ("optim.lr-0.01", 0.74)):
+        (sweep_dir / job / ".hydra").mkdir(parents=True)
+        (sweep_dir / job / ".hydra" / "overrides.yaml").write_text(f"- experiment=s\n- {job.replace('-', '=')}\n")
+        (sweep_dir / job / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION,
+                                                                  "metrics": {"eval_accuracy": accuracy}}))
+    summary = summarise("reward", sweep_dir)
+    assert [j["job"] for j in summary["jobs"]] == ["optim.lr=0.01", "optim.lr=0.001"]  # highest accuracy first
+    cfg = compose_stage("report", [f"root={tmp_path / 'runs'}", "experiment=s"], tmp_path / "runs" / "s")
+    out = report.run(cfg)
+    page = Path(out["report"]).read_text()
+    assert "reward (a sweep)" in page and page.index(">optim.lr=0.01<") < page.index(">optim.lr=0.001<")
+    assert ">0.74<" in page and ">0.61<" in page

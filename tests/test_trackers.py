@@ -125,3 +125,24 @@ def test_missing_tracker_package_names_the_extra(monkeypatch):
     with pytest.raises(ConfigError) as err:
         check_loggers(["wandb"])
     assert "needs the wandb package" in err.value.message and "rlhf-cli[wandb]" in err.value.hint
+
+
+def test_eval_reports_its_curve_and_every_policy(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from rlhf_cli.stages.eval import track
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs" / "x" / "eval"
+    run_dir.mkdir(parents=True)
+    cfg = compose_stage("eval", [f"root={tmp_path / 'runs'}", "experiment=x", "logger=[mlflow]"], run_dir)
+    curve = [{"step": 0, "kl": 0.0, "score": 3.0, "gold": 0.4}, {"step": 10, "kl": 1.5, "score": 4.0, "gold": 0.8}]
+    report = {"policies": [{"name": "x/sft", "score": 3.0, "score_se": 0.1, "samples": []},
+                           {"name": "x/ppo", "score": 4.5, "score_se": 0.1, "samples": []}], "curves": {"x/ppo": curve}}
+    track(cfg, report, run_dir, [])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
+    assert run.info.run_name == "eval" and run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "x/ppo/gold")] == [(0, 0.4), (10, 0.8)]
+    assert run.data.metrics["final/x/ppo/score"] == 4.5 and run.data.metrics["final/x/sft/score_se"] == 0.1

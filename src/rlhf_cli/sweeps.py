@@ -23,10 +23,12 @@ import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from rlhf_cli import artifacts
+from rlhf_cli.errors import ArtifactError
 
 SWEEP = "sweep.json"
 # stage -> (columns, headline candidates in order of preference, best is the highest)
@@ -36,6 +38,9 @@ COLUMNS = {
     "ppo": (["final_gold", "final_score", "final_kl"], ["final_gold", "final_score"], True),
     "eval": (["gold", "score", "kl", "win_rate"], ["gold", "score"], True),
 }
+LABELS = {"eval_loss": "eval loss", "train_loss": "train loss", "gold_score": "gold", "eval_accuracy": "eval acc",
+          "eval_gold_accuracy": "gold acc", "train_accuracy": "train acc", "final_gold": "gold",
+          "final_score": "score", "final_kl": "KL", "kl": "KL", "win_rate": "win rate"}  # short, for 80 columns
 FAILED: dict[str, str] = {}  # run directory -> the error of a job that failed in this process (cli.run_stage)
 
 
@@ -86,8 +91,11 @@ def summarise(stage: str, sweep_dir: Path, since: float = 0.0) -> dict:
     dirs |= {p for p in failed if p.parent == sweep_dir}
     jobs = []
     for run_dir, words in swept(sorted(dirs)).items():
-        metrics = job_metrics(stage, run_dir)
-        status = "done" if metrics is not None else failed.get(run_dir, "unfinished")
+        try:
+            metrics = job_metrics(stage, run_dir)
+            status = "done" if metrics is not None else failed.get(run_dir, "unfinished")
+        except (ArtifactError, OSError, ValueError, KeyError, IndexError) as exc:  # a damaged or older artifact
+            metrics, status = None, f"unreadable: {exc}"
         jobs.append({"job": words, "status": status, "run_dir": str(run_dir),
                      "metrics": {k: (metrics or {}).get(k) for k in columns}})
     headline = next((k for k in candidates if any(number(j["metrics"].get(k)) for j in jobs)), candidates[0]
@@ -118,11 +126,12 @@ def sweep_table(summary: dict) -> Table:
     """The sweep in 80 columns: a long override list or error wraps, whole."""
     table = Table(title=f"sweep of {summary['stage']}: {len(summary['jobs'])} jobs, by {summary['headline']} "
                         f"({summary['best']} first) -> {Path(summary['sweep_dir']) / SWEEP}", title_justify="left")
+    table.box, table.show_edge, table.collapse_padding = box.SIMPLE_HEAD, False, True
     table.add_column("job", overflow="fold")
     table.add_column("status", overflow="fold")
     shown = [c for c in summary["columns"] if any(number(j["metrics"].get(c)) for j in summary["jobs"])]
     for col in shown:
-        table.add_column(col, justify="right", overflow="fold")
+        table.add_column(LABELS.get(col, col), justify="right", no_wrap=True)
     for job in summary["jobs"]:
         table.add_row(job["job"], job["status"], *[f"{job['metrics'][c]:.4g}" if number(job["metrics"].get(c))
                                                    else "-" for c in shown])

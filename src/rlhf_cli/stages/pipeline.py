@@ -5,8 +5,8 @@
 An override with a stage's prefix goes to that stage: `sft.optim.lr=3e-4` reaches `rlhf sft` as `optim.lr=3e-4`;
 one whose remainder is not a top-level key of the stage keeps its prefix, so `ppo.kl_coef=0.1` reaches `rlhf ppo`
 as `ppo.kl_coef=0.1`. An override without a prefix goes to every stage that has its first part: `experiment=`,
-`root=`, `seed=`, `data.path=`, `logger=` to all four, `model.lora.r=16` or `optim.lr=` to sft, reward and ppo (eval has no
-model or optimizer of its own). `stages=sft,reward` runs a subset.
+`root=`, `seed=`, `data.path=`, `logger=` to all four, `model.lora.r=16` or `optim.lr=` to sft, reward and ppo
+(eval has no model or optimizer of its own). `stages=sft,reward` runs a subset.
 
 Every stage's config is composed and checked before the first one starts. A stage whose artifact is finished
 with the same config is reused; one finished with a different config stops the pipeline with the keys that

@@ -33,7 +33,8 @@ HEADLINES = {
     "sft": [("eval_loss_start", "held-out loss before"), ("eval_loss", "held-out loss after"),
             ("train_loss", "train loss (last step)"), ("gold_score", "gold score of samples"), ("steps", "steps")],
     "reward": [("eval_accuracy", "held-out accuracy"), ("eval_gold_accuracy", "held-out accuracy vs gold"),
-               ("train_accuracy", "train accuracy"), ("eval_margin", "held-out margin"), ("eval_loss", "held-out loss")],
+               ("train_accuracy", "train accuracy"), ("eval_margin", "held-out margin"),
+               ("eval_loss", "held-out loss")],
     "ppo": [("first_score", "score, first iteration"), ("final_score", "score, last iteration"),
             ("first_gold", "gold, first iteration"), ("final_gold", "gold, last iteration"),
             ("final_kl", "KL, last iteration"), ("iterations", "iterations")],
@@ -71,7 +72,7 @@ def run(cfg: ReportConfig) -> dict:
 def stage_section(stage: str, run_dir: Path, cfg: ReportConfig) -> tuple[str, list[Path]]:
     """(the stage's HTML, the charts drawn); ("", []) when the directory holds nothing finished."""
     if (run_dir / "sweep.json").is_file() and not artifacts.is_finished(run_dir):
-        return sweep_section(stage, run_dir), []
+        return section(f"{stage} (a sweep)", [sweep_section(stage, run_dir)]), []
     if stage == "eval":
         if not (run_dir / "eval.json").is_file():
             return "", []
@@ -89,6 +90,8 @@ def stage_section(stage: str, run_dir: Path, cfg: ReportConfig) -> tuple[str, li
             kv_table(dict(heads)), details("all final metrics", kv_table(rest)),
             diff_section(stage, manifest.get("config", {})), images(pngs),
             samples_table(read_samples(stage, run_dir, cfg.samples))]
+    if (run_dir / "sweep.json").is_file():  # a sweep beside the artifact, into its sub-directories
+        body.append(sweep_section(stage, run_dir))
     return section(stage, body), pngs
 
 
@@ -120,9 +123,9 @@ def sweep_section(stage: str, run_dir: Path) -> str:
     sweep = json.loads((run_dir / "sweep.json").read_text())
     metrics = sweep.get("columns", [])
     rows = [[job["job"], job["status"], *[fmt(job["metrics"].get(k)) for k in metrics]] for job in sweep["jobs"]]
-    return section(f"{stage} (sweep of {len(rows)} jobs)", [
-        f"<p class=where>{esc(run_dir)} · sorted by {esc(sweep.get('headline', ''))}, best first</p>",
-        table(["job", "status", *metrics], rows)])
+    return (f"<h3>sweep of {len(rows)} jobs</h3><p class=where>{esc(run_dir)} · sorted by "
+            f"{esc(sweep.get('headline', ''))}, {esc(sweep.get('best', ''))} first</p>" +
+            table(["job", "status", *metrics], rows))
 
 
 def diff_section(stage: str, config: dict) -> str:
