@@ -88,8 +88,8 @@ def _readme_commands() -> list[tuple[str, list[str]]]:
             if not m or m.group(1) not in STAGES:
                 continue
             words = [w for w in shlex.split(m.group(2)) if "=" in w and not w.startswith("-")]
-            # a sweep value a,b composes as its first value
-            commands.append((m.group(1), [re.sub(r"=([^,]*),.*$", r"=\1", w) for w in words]))
+            # a sweep value a,b composes as its first value (a list [a,b] is one value)
+            commands.append((m.group(1), [re.sub(r"=([^,\[]*),.*$", r"=\1", w) for w in words]))
     return commands
 
 

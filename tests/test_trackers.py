@@ -146,3 +146,31 @@ def test_eval_reports_its_curve_and_every_policy(tmp_path, monkeypatch):
     assert run.info.run_name == "eval" and run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "x/ppo/gold")] == [(0, 0.4), (10, 0.8)]
     assert run.data.metrics["final/x/ppo/score"] == 4.5 and run.data.metrics["final/x/sft/score_se"] == 0.1
+
+
+def test_trackers_leave_the_global_random_state_as_it_was(tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+
+    from rlhf_cli.engine import trackers
+
+    class Greedy:  # a tracker library that draws from the global generators (run ids, retries)
+        def __init__(self, *args):
+            random.random(), np.random.rand()
+
+        def log(self, step, metrics):
+            random.random(), np.random.rand()
+
+        def finish(self, summary, files, ok):
+            random.random(), np.random.rand()
+
+    monkeypatch.setitem(trackers.OPENERS, "mlflow", Greedy)
+    cfg = compose_stage("sft", [f"root={tmp_path}", "logger=[mlflow]"], tmp_path)
+    random.seed(3), np.random.seed(3)
+    expected = random.random(), np.random.rand()
+    random.seed(3), np.random.seed(3)
+    opened = trackers.Trackers(cfg, tmp_path, enabled=True)
+    opened.log(1, {"loss": 1.0})
+    opened.finish()
+    assert (random.random(), np.random.rand()) == expected

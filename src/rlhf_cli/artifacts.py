@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 # What a stage owns in its run directory; everything else (a multirun's job directories, a user's notes) is left
 # alone.
 OWNED = ("manifest.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "eval.json", "model", "adapter",
-         "checkpoints", "tensorboard", ".hydra")
+         "checkpoints", "tensorboard", "charts", "trackers.json", ".hydra")
 STAGING = ".overwrite"  # the replacement of a finished artifact, until it is finished and moved into place
 RETIRED = ".replaced"   # the replaced artifact while the move happens
 # Below this size a model or checkpoint is checked byte for byte (sha256) before use; above it, names and sizes

@@ -22,10 +22,12 @@ after the checkpoint are logged again (W&B plots them against the `step` metric,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -173,6 +175,22 @@ OPENERS = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
 assert set(OPENERS) == set(LOGGERS)
 
 
+@contextlib.contextmanager
+def rng_untouched():
+    """Whatever a tracker's library draws from Python's or NumPy's global random state (ids, retries) is given back:
+    a run with trackers trains exactly as one without."""
+    import random
+
+    numpy = sys.modules.get("numpy")
+    state = random.getstate(), numpy.random.get_state() if numpy else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        if numpy is not None:
+            numpy.random.set_state(state[1])
+
+
 class Trackers:
     """The trackers `cfg.logger` names, open for one run (rank 0; an empty set elsewhere)."""
 
@@ -183,16 +201,19 @@ class Trackers:
             return
         self.ids_path = work_dir / IDS
         ids = json.loads(self.ids_path.read_text()) if resume_step is not None and self.ids_path.is_file() else {}
-        for name in names:
-            self.open.append(OPENERS[name](cfg, work_dir, resume_step, ids))
+        with rng_untouched():
+            for name in names:
+                self.open.append(OPENERS[name](cfg, work_dir, resume_step, ids))
         artifacts.write_text_atomic(self.ids_path, json.dumps(ids) + "\n")
 
     def log(self, step: int, metrics: dict) -> None:
-        for tracker in self.open:
-            tracker.log(step, metrics)
+        with rng_untouched():
+            for tracker in self.open:
+                tracker.log(step, metrics)
 
     def finish(self, summary: dict | None = None, files: dict | None = None, ok: bool = True) -> None:
         """End every tracker once (a second call does nothing)."""
         open_, self.open = self.open, []
-        for tracker in open_:
-            tracker.finish(summary or {}, files or {}, ok)
+        with rng_untouched():
+            for tracker in open_:
+                tracker.finish(summary or {}, files or {}, ok)
