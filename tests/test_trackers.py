@@ -81,20 +81,25 @@ def test_sft_reports_to_tensorboard_mlflow_and_wandb(tmp_path):
     assert run.display_name == "sft" and config["optim"]["lr"] == manifest["config"]["optim"]["lr"]
 
 
-def test_failed_run_ends_as_failed_and_resume_continues_it(tmp_path, monkeypatch):
+def mlflow_stage(stage: str, tmp_path: Path, monkeypatch) -> tuple:
+    """(config with logger=[mlflow] and the local store, its run directory, a client of that store)."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs" / "x" / stage
+    run_dir.mkdir(parents=True)
+    cfg = compose_stage(stage, [f"root={tmp_path / 'runs'}", "experiment=x", "logger=[mlflow]"], run_dir)
+    return cfg, run_dir, MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+
+
+def test_failed_run_ends_as_failed_and_resume_continues_it(tmp_path, monkeypatch):
     from rlhf_cli.engine.logging import MetricsLog, close_failed
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run_dir = tmp_path / "runs" / "x" / "sft"
-    run_dir.mkdir(parents=True)
-    cfg = compose_stage("sft", [f"root={tmp_path / 'runs'}", "experiment=x", "logger=[mlflow]"], run_dir)
+    cfg, run_dir, client = mlflow_stage("sft", tmp_path, monkeypatch)
     log = MetricsLog(run_dir, True, cfg)
     log.log(1, {"loss": 2.0, "note": "text is left out", "bad": float("nan")})
     close_failed()  # what engine.train.process does when the stage raises
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
     assert run.info.status == "FAILED" and set(run.data.metrics) == {"loss"}
 
@@ -128,20 +133,13 @@ def test_missing_tracker_package_names_the_extra(monkeypatch):
 
 
 def test_eval_reports_its_curve_and_every_policy(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
-    from mlflow.tracking import MlflowClient
-
     from rlhf_cli.stages.eval import track
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run_dir = tmp_path / "runs" / "x" / "eval"
-    run_dir.mkdir(parents=True)
-    cfg = compose_stage("eval", [f"root={tmp_path / 'runs'}", "experiment=x", "logger=[mlflow]"], run_dir)
+    cfg, run_dir, client = mlflow_stage("eval", tmp_path, monkeypatch)
     curve = [{"step": 0, "kl": 0.0, "score": 3.0, "gold": 0.4}, {"step": 10, "kl": 1.5, "score": 4.0, "gold": 0.8}]
     report = {"policies": [{"name": "x/sft", "score": 3.0, "score_se": 0.1, "samples": []},
                            {"name": "x/ppo", "score": 4.5, "score_se": 0.1, "samples": []}], "curves": {"x/ppo": curve}}
     track(cfg, report, run_dir, [])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
     assert run.info.run_name == "eval" and run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "x/ppo/gold")] == [(0, 0.4), (10, 0.8)]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_cli import charts
 from rlhf_cli.engine import checkpoint, device as dev, dist, fsdp
 from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import MetricsLog, close_failed, console
@@ -182,6 +183,15 @@ def start(plan: RunPlan, cfg, models: dict, total_steps: int, d: dist.Dist, rest
                   state.get("skipped_steps", 0), unit=unit)
     log = MetricsLog(plan.work_dir, d.is_main, cfg, resume_step=state["step"] if state else None)
     return Training(params, optimizer, scheduler, cfg.optim.max_grad_norm, guard, log, state)
+
+
+def record_end(training: Training, stage: str, run_dir: Path, metrics: dict, artifact: str) -> list[Path]:
+    """Once the artifact is published (rank 0): the run's charts drawn from metrics.jsonl (rlhf_cli.charts), then
+    the trackers ended with the final metrics and the paths of the artifact (`<run_dir>/model`, named `artifact`)
+    and the charts. Returns the charts."""
+    pngs = charts.draw(stage, run_dir)
+    training.log.close(metrics, {artifact: run_dir / "model", "charts": pngs})
+    return pngs
 
 
 def take_step(training: Training, step: int, loss: float) -> float | None:

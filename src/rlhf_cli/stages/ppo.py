@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from rlhf_cli import artifacts, charts
+from rlhf_cli import artifacts
 from rlhf_cli.config import ModelConfig, PPOAlgoConfig, PPOConfig
 from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
@@ -90,8 +90,7 @@ def run(cfg: PPOConfig) -> dict:
         if d.is_main:
             publish(cfg, paths, roles, policy, metrics, loop.kl_coef, {"source": str(source), "sha256": data_sha256,
                                                                "prompts": len(prompts)}, plan.work_dir)
-            pngs = charts.draw("ppo", Path(cfg.run_dir))
-            training.log.close(metrics, {"policy": Path(cfg.run_dir) / "model", "charts": pngs})
+            pngs = train.record_end(training, "ppo", Path(cfg.run_dir), metrics, "policy")
             show_summary(con, loop.first or {}, loop.last, Path(cfg.run_dir), pngs)
         dist.barrier(d)
         return metrics

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import artifacts, charts
+from rlhf_cli import artifacts
 from rlhf_cli.config import RewardConfig
 from rlhf_cli.data import tasks
 from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
@@ -89,8 +89,7 @@ def run(cfg: RewardConfig) -> dict:
         if d.is_main:
             publish(cfg, published, tokenizer, parent, metrics, {"source": str(source), "sha256": data_sha256,
                                                              **data_stats, "truncated": truncated}, plan.work_dir)
-            pngs = charts.draw("reward", Path(cfg.run_dir))
-            training.log.close(metrics, {"reward_model": Path(cfg.run_dir) / "model", "charts": pngs})
+            pngs = train.record_end(training, "reward", Path(cfg.run_dir), metrics, "reward_model")
             show_summary(con, metrics, wall, Path(cfg.run_dir), pngs)
         dist.barrier(d)
         return metrics

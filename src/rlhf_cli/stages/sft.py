@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from rlhf_cli import artifacts, charts
+from rlhf_cli import artifacts
 from rlhf_cli.config import SFTConfig
 from rlhf_cli.data import tasks
 from rlhf_cli.data.sft import collate_sft, tokenize_sft
@@ -89,8 +89,7 @@ def run(cfg: SFTConfig) -> dict:
                 "source": str(source), "sha256": data_sha256, "train_rows": len(train_set),
                 "eval_rows": len(eval_set), "truncated": truncated[0],
                 "added_pad_token": model_info["added_pad_token"]}, plan.work_dir)
-            pngs = charts.draw("sft", Path(cfg.run_dir))
-            training.log.close(metrics, {"policy": Path(cfg.run_dir) / "model", "charts": pngs})
+            pngs = train.record_end(training, "sft", Path(cfg.run_dir), metrics, "policy")
             show_summary(con, metrics, samples, cfg.train.num_samples, Path(cfg.run_dir), wall, pngs)
         dist.barrier(d)
         return metrics
