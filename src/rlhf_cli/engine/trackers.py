@@ -207,6 +207,8 @@ class Trackers:
         artifacts.write_text_atomic(self.ids_path, json.dumps(ids) + "\n")
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.open:
+            return
         with rng_untouched():
             for tracker in self.open:
                 tracker.log(step, metrics)
