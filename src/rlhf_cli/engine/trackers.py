@@ -202,8 +202,12 @@ class Trackers:
         self.ids_path = work_dir / IDS
         ids = json.loads(self.ids_path.read_text()) if resume_step is not None and self.ids_path.is_file() else {}
         with rng_untouched():
-            for name in names:
-                self.open.append(OPENERS[name](cfg, work_dir, resume_step, ids))
+            try:
+                for name in names:
+                    self.open.append(OPENERS[name](cfg, work_dir, resume_step, ids))
+            except BaseException:  # one could not start (W&B not logged in): the ones that did end as failed
+                self.finish(ok=False)
+                raise
         artifacts.write_text_atomic(self.ids_path, json.dumps(ids) + "\n")
 
     def log(self, step: int, metrics: dict) -> None:
