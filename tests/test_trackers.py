@@ -172,3 +172,18 @@ def test_trackers_leave_the_global_random_state_as_it_was(tmp_path, monkeypatch)
     opened.log(1, {"loss": 1.0})
     opened.finish()
     assert (random.random(), np.random.rand()) == expected
+
+
+def test_a_tracker_that_cannot_start_leaves_no_run_open(tmp_path, monkeypatch):
+    from rlhf_cli.engine import trackers
+
+    def refuse(*args):
+        raise ConfigError("logger wandb could not start a run: not logged in")
+
+    cfg, run_dir, client = mlflow_stage("sft", tmp_path, monkeypatch)
+    cfg.logger = ["mlflow", "wandb"]
+    monkeypatch.setitem(trackers.OPENERS, "wandb", refuse)
+    with pytest.raises(ConfigError, match="not logged in"):
+        trackers.Trackers(cfg, run_dir, enabled=True)
+    (run,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
+    assert run.info.status == "FAILED"  # the MLflow run that had started is ended, not left RUNNING
