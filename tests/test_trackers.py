@@ -187,3 +187,22 @@ def test_a_tracker_that_cannot_start_leaves_no_run_open(tmp_path, monkeypatch):
         trackers.Trackers(cfg, run_dir, enabled=True)
     (run,) = client.search_runs([client.get_experiment_by_name("x").experiment_id])
     assert run.info.status == "FAILED"  # the MLflow run that had started is ended, not left RUNNING
+
+
+def test_a_tracker_failing_at_the_end_is_a_warning(tmp_path, monkeypatch, capsys):
+    from rlhf_cli.engine import trackers
+
+    class Gone:  # the tracking server went away during the run
+        def __init__(self, *args):
+            pass
+
+        def log(self, step, metrics):
+            pass
+
+        def finish(self, summary, files, ok):
+            raise ConnectionError("server unreachable")
+
+    monkeypatch.setitem(trackers.OPENERS, "mlflow", Gone)
+    cfg = compose_stage("sft", [f"root={tmp_path}", "logger=[mlflow]"], tmp_path)
+    trackers.Trackers(cfg, tmp_path, enabled=True).finish({"eval_loss": 1.0})  # the stage is done: no raise
+    assert "warning: logger mlflow could not record the end of the run: server unreachable" in capsys.readouterr().out

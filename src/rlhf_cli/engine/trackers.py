@@ -31,8 +31,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from rich.markup import escape
+
 from rlhf_cli import artifacts
 from rlhf_cli.config import LOGGERS, flatten
+from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ConfigError
 
 IDS = "trackers.json"
@@ -95,7 +98,9 @@ class MLflow:
             local = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(cfg.root) / "mlartifacts").as_uri()
             experiment_id = client.create_experiment(cfg.experiment, artifact_location=local)
         self.run_id = ids.get("mlflow") if resume_step is not None else None
-        if self.run_id is None or client.get_run(self.run_id).info.lifecycle_stage != "active":
+        if self.run_id is not None and not self._active(self.run_id):
+            self.run_id = None  # deleted since, or another store: a new run
+        if self.run_id is None:
             run = client.create_run(experiment_id, run_name=run_name(cfg),
                                     tags={"rlhf.stage": cfg.stage, "rlhf.run_dir": str(cfg.run_dir)})
             self.run_id = run.info.run_id
@@ -105,6 +110,14 @@ class MLflow:
         else:
             client.update_run(self.run_id, status="RUNNING")
         ids["mlflow"] = self.run_id
+
+    def _active(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
 
     def log(self, step: int, metrics: dict) -> None:
         self._metrics(numbers(metrics), step)
@@ -204,7 +217,7 @@ class Trackers:
         with rng_untouched():
             try:
                 for name in names:
-                    self.open.append(OPENERS[name](cfg, work_dir, resume_step, ids))
+                    self.open.append((name, OPENERS[name](cfg, work_dir, resume_step, ids)))
             except BaseException:  # one could not start (W&B not logged in): the ones that did end as failed
                 self.finish(ok=False)
                 raise
@@ -214,12 +227,17 @@ class Trackers:
         if not self.open:
             return
         with rng_untouched():
-            for tracker in self.open:
+            for _, tracker in self.open:
                 tracker.log(step, metrics)
 
     def finish(self, summary: dict | None = None, files: dict | None = None, ok: bool = True) -> None:
-        """End every tracker once (a second call does nothing)."""
+        """End every tracker once (a second call does nothing). The stage's work is done by now: a tracker that
+        cannot record the end (a server gone away) is a warning, not a failed stage."""
         open_, self.open = self.open, []
         with rng_untouched():
-            for tracker in open_:
-                tracker.finish(summary or {}, files or {}, ok)
+            for name, tracker in open_:
+                try:
+                    tracker.finish(summary or {}, files or {}, ok)
+                except Exception as exc:  # noqa: BLE001 - whatever the tracker's client raises
+                    console(True).print(f"[yellow]warning:[/yellow] logger {name} could not record the end of the "
+                                        f"run: {escape(str(exc))}", soft_wrap=True)
