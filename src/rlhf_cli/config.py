@@ -635,6 +635,21 @@ def absolute_path(path: Optional[str]) -> Optional[str]:
     return path  # most likely a hub id such as "Qwen/Qwen2.5-0.5B"
 
 
+def compose_stage(stage: str, overrides: list[str]) -> DictConfig:
+    """The config `rlhf <stage> <overrides>` composes, with run_dir=. (no Hydra run sets it), before `finalize`:
+    inside a running Hydra app (`rlhf report`) through that app's Hydra, else from conf/, leaving Hydra as it was.
+    `logger=name` is read as `logger=[name]` (logger_word)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    words = [*map(logger_word, overrides), "run_dir=."]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=stage, overrides=words)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name=stage, overrides=words)
+
+
 def finalize(cfg: DictConfig) -> Any:
     """Composed DictConfig -> typed dataclass: required values present, rules checked, paths absolute."""
     missing = sorted(OmegaConf.missing_keys(cfg))

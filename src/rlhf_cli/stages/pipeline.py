@@ -26,7 +26,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import SCHEMAS, compose_error, conf_dir, config_diff, finalize, logger_word, register_configs
+from rlhf_cli.config import SCHEMAS, compose_error, compose_stage, config_diff, finalize
 from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ArtifactError, ConfigError, in_chain
 
@@ -66,17 +66,13 @@ def split_overrides(args: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 
 def compose(stage: str, overrides: list[str]):
     """The typed config `rlhf <stage> <overrides>` would run with (checked, paths absolute)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    register_configs()
-    GlobalHydra.instance().clear()
+    GlobalHydra.instance().clear()  # the pipeline is no Hydra app: always its own composition from conf/
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=stage, overrides=[*map(logger_word, overrides), "run_dir=."])
+        cfg = compose_stage(stage, overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         hydra_said = isinstance(exc, (HydraException, OmegaConfBaseException)) or str(exc).startswith(
             "Config group override must be")  # optim=1
@@ -84,8 +80,6 @@ def compose(stage: str, overrides: list[str]):
             raise
         # one line: the key, this stage, the closest valid keys as the pipeline spells them
         raise compose_error(exc, stage, spell=lambda key: pipeline_key(stage, key)) from exc
-    finally:
-        GlobalHydra.instance().clear()
     obj = finalize(cfg)
     obj.run_dir = str(artifacts.stage_dir(obj.root, obj.experiment, stage))
     return obj

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf_cli import artifacts, charts
-from rlhf_cli.config import ReportConfig, config_diff, flatten
+from rlhf_cli.config import ReportConfig, compose_stage, config_diff, finalize, flatten
 from rlhf_cli.engine.logging import console, fmt, summary_table
 from rlhf_cli.errors import ArtifactError
 
@@ -144,20 +144,8 @@ def diff_section(stage: str, config: dict) -> str:
 
 
 def stage_defaults(stage: str):
-    """The typed config `rlhf <stage>` runs with when given no override (inside a running Hydra app too)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from rlhf_cli.config import conf_dir, finalize, register_configs
-
-    register_configs()
-    if GlobalHydra.instance().is_initialized():
-        return finalize(compose(config_name=stage, overrides=["run_dir=."]))
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        try:
-            return finalize(compose(config_name=stage, overrides=["run_dir=."]))
-        finally:
-            GlobalHydra.instance().clear()
+    """The typed config `rlhf <stage>` runs with when given no override."""
+    return finalize(compose_stage(stage, []))
 
 
 def read_samples(stage: str, run_dir: Path, n: int) -> list[dict]:
