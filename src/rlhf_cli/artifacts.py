@@ -336,6 +336,17 @@ def read_manifest(run_dir: Path) -> dict:
     return manifest
 
 
+def stage_results(results: str, run_dir: Path) -> list[dict] | None:
+    """The final numbers of a finished run, as rows: [the manifest's metrics] (results="manifest") or one row per
+    policy of eval.json (results="eval.json"); None when the run has not finished (or keeps no results)."""
+    run_dir = Path(run_dir)
+    if results == "manifest":
+        return [read_manifest(run_dir)["metrics"]] if is_finished(run_dir) else None
+    if results and (run_dir / results).is_file():
+        return json.loads((run_dir / results).read_text())["policies"]
+    return None
+
+
 def upstream(name_or_path: str | None, root: str, experiment: str, stage: str, kind: str,
              check: str = "auto") -> tuple[str | None, dict | None]:
     """Where a stage's input model comes from, and the parent record for the manifest.

@@ -1,8 +1,8 @@
 """The PNG charts of a run directory, drawn from what the stage wrote there: `draw(stage, run_dir)`.
 
 - sft, reward, ppo: curves of metrics.jsonl against the step (ppo: the iteration), one chart per quantity, in
-  <run dir>/charts/<name>.png (CHARTS says which series each chart holds; a series the run did not log is left out,
-  and a chart with none is not drawn).
+  <run dir>/charts/<stem>.png (the stage's spec, stagespec.SPECS, says which series each chart holds; a series the
+  run did not log is left out, and a chart with none is not drawn).
 - eval: from eval.json, the SFT/PPO comparison as bars with standard-error bars (charts/comparison.png) and, for
   each PPO run whose checkpoints were measured, the over-optimisation curve (Gao et al. 2022): the reward model's
   (proxy) score and the gold score, with standard-error bars, against the KL to the reference
@@ -21,60 +21,59 @@ import os
 from pathlib import Path
 
 from rlhf_cli import artifacts
+from rlhf_cli.stagespec import SPECS, Chart
 
 MISSING = "charts need matplotlib: pip install 'rlhf-cli[plots]'"
 DIR = "charts"
-
-# stage -> [(file stem, title, [(metrics.jsonl key, legend label)], y-axis label)]
-CHARTS: dict[str, list[tuple[str, str, list[tuple[str, str]], str]]] = {
-    "sft": [
-        ("loss", "next-token loss", [("loss", "train"), ("eval_loss", "held-out")], "cross-entropy"),
-        ("grad_norm", "gradient norm (before clipping)", [("grad_norm", "grad norm")], "L2 norm"),
-        ("lr", "learning rate", [("lr", "lr")], "lr"),
-    ],
-    "reward": [
-        ("loss", "pairwise loss -log σ(r_chosen - r_rejected)", [("loss", "train"), ("eval_loss", "held-out")],
-         "loss"),
-        ("accuracy", "pairwise accuracy", [("accuracy", "train"), ("eval_accuracy", "held-out"),
-                                           ("eval_gold_accuracy", "held-out vs gold")], "accuracy"),
-        ("margin", "reward margin r_chosen - r_rejected", [("margin", "train"), ("eval_margin", "held-out")],
-         "margin"),
-    ],
-    "ppo": [
-        ("score", "score of the training rollouts", [("score", "reward model (proxy)"),
-                                                      ("rlhf_reward", "score - β·KL")], "score"),
-        ("gold", "gold score of the training rollouts (built-in task)", [("gold", "gold")], "gold score"),
-        ("kl", "KL to the reference (per response)", [("kl", "KL")], "nats"),
-        ("entropy", "policy entropy (per token)", [("entropy", "entropy")], "nats"),
-        ("clipfrac", "clip fractions", [("clipfrac", "policy"), ("vf_clipfrac", "value")], "fraction"),
-        ("value", "value model", [("value_loss", "value loss"), ("explained_variance", "explained variance")], ""),
-    ],
-}
-
 
 def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
 def draw(stage: str, run_dir: Path) -> list[Path]:
-    """Every chart of `stage` from the files in `run_dir` (metrics.jsonl, or eval.json for eval), written to
-    run_dir/charts/; the paths written ([] without matplotlib or without anything to draw)."""
-    run_dir = Path(run_dir)
+    """Every chart of `stage`'s spec from the files in `run_dir` (metrics.jsonl, or the stage's results file such as
+    eval.json), written to run_dir/charts/; the paths written ([] without matplotlib or without anything to draw)."""
+    run_dir, spec = Path(run_dir), SPECS[stage]
     if not available():
         return []
-    if stage == "eval":
-        path = run_dir / "eval.json"
-        return eval_charts(json.loads(path.read_text()), run_dir / DIR) if path.is_file() else []
-    rows = read_rows(run_dir / "metrics.jsonl")
+    sources = {"metrics": lambda: read_rows(run_dir / "metrics.jsonl"),
+               "results": lambda: json.loads((run_dir / spec.results).read_text())
+               if spec.results and (run_dir / spec.results).is_file() else None}
+    loaded: dict = {}
     out = []
-    for name, title, series, ylabel in CHARTS.get(stage, []):
-        lines = {label: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-                 for key, label in series}
-        lines = {label: points for label, points in lines.items() if points}
-        if lines:
-            xlabel = "iteration" if stage == "ppo" else "optimizer step"
-            out.append(save(line_chart(title, lines, xlabel, ylabel), run_dir / DIR / f"{name}.png"))
+    for chart in spec.charts:
+        source, drawer = DRAWERS[chart.kind]
+        if source not in loaded:
+            loaded[source] = sources[source]()
+        fig = drawer(chart, loaded[source], spec.step_unit) if loaded[source] else None
+        if fig is not None:
+            out.append(save(fig, run_dir / DIR / f"{chart.stem}.png"))
     return out
+
+
+def lines_figure(chart: Chart, rows: list[dict], xlabel: str):
+    """The chart's series of metrics.jsonl against the step (a series the run did not log left out), or None."""
+    lines = {label: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+             for key, label in chart.series}
+    lines = {label: points for label, points in lines.items() if points}
+    return line_chart(chart.title, lines, xlabel, chart.ylabel) if lines else None
+
+
+def comparison_figure(chart: Chart, report: dict, _xlabel: str):
+    policies = report.get("policies") or []
+    return comparison_chart(policies, report.get("baseline", ""), chart.title) if policies else None
+
+
+def curve_figure(chart: Chart, report: dict, _xlabel: str):
+    return curve_chart(report["curves"], chart.title) if any(report.get("curves", {}).values()) else None
+
+
+# Chart.kind -> (what it is drawn from: "metrics" = metrics.jsonl, "results" = the stage's results file, drawer)
+DRAWERS = {"lines": ("metrics", lines_figure), "comparison": ("results", comparison_figure),
+           "curve": ("results", curve_figure)}
+_unknown = {c.kind for spec in SPECS.values() for c in spec.charts} - set(DRAWERS)
+if _unknown:  # a stage spec's chart no drawer knows: fail at import, not as a missing PNG
+    raise TypeError(f"charts: no drawer for chart kind(s) {sorted(_unknown)} (charts.DRAWERS)")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -105,18 +104,7 @@ def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], xlabel: 
     return fig
 
 
-def eval_charts(report: dict, out_dir: Path) -> list[Path]:
-    """comparison.png (every policy, every measured quantity) and overoptimisation.png (when a curve exists)."""
-    out = []
-    policies = report.get("policies") or []
-    if policies:
-        out.append(save(comparison_chart(policies, report.get("baseline", "")), out_dir / "comparison.png"))
-    if any(report.get("curves", {}).values()):
-        out.append(save(curve_chart(report["curves"]), out_dir / "overoptimisation.png"))
-    return out
-
-
-def comparison_chart(policies: list[dict], baseline: str):
+def comparison_chart(policies: list[dict], baseline: str, title: str):
     keys = [(k, label) for k, label in (("score", "reward-model score"), ("gold", "gold score"),
                                         ("kl", "KL to the reference"), ("win_rate", f"win rate vs {baseline}"))
             if all(isinstance(p.get(k), (int, float)) for p in policies)]
@@ -130,11 +118,11 @@ def comparison_chart(policies: list[dict], baseline: str):
         ax.set_xticks(range(len(policies)), [abbreviate(n) for n in names], rotation=20, fontsize="small")
         ax.set_title(label, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("policies on held-out prompts (mean ± standard error)")
+    fig.suptitle(title)
     return fig
 
 
-def curve_chart(curves: dict[str, list[dict]]):
+def curve_chart(curves: dict[str, list[dict]], title: str):
     """Proxy and gold score against KL, one line per PPO run, each point labelled with its iteration."""
     with_gold = all("gold" in p for points in curves.values() for p in points)
     panels = [("score", "reward-model (proxy) score")] + ([("gold", "gold score")] if with_gold else [])
@@ -153,7 +141,7 @@ def curve_chart(curves: dict[str, list[dict]]):
         ax.grid(alpha=0.3)
     if len(curves) > 1 or not with_gold:
         axes[0].legend(fontsize="small")
-    fig.suptitle("over-optimisation: score against KL over PPO iterations (points: iteration)")
+    fig.suptitle(title)
     return fig
 
 

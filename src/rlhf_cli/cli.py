@@ -2,7 +2,7 @@
 
 The first word picks the stage; everything after it goes to Hydra untouched, so `-m/--multirun`, `--cfg`, `--info`,
 `--help`, `--config-dir`, `hydra/launcher=...` and shell completion behave as Hydra users expect. A new stage slots
-in by adding one line to STAGES and one `conf/<stage>.yaml`.
+in through its declaration in stagespec.py (see there for the rest of what a stage touches).
 
 This is the only place that prints errors and decides the exit code: problems the user can fix (the project's
 exceptions, Hydra's composition errors such as a misspelled key or a wrong type, and a file system that refuses a
@@ -20,16 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-# stage name -> (module with run(cfg), one line of help)
-STAGES: dict[str, tuple[str, str]] = {
-    "sft": ("rlhf_cli.stages.sft", "fine-tune a pretrained causal LM on demonstrations"),
-    "reward": ("rlhf_cli.stages.reward", "train a reward model on ranked pairs (backbone: the SFT artifact)"),
-    "ppo": ("rlhf_cli.stages.ppo", "optimise the SFT policy against the reward model with PPO"),
-    "eval": ("rlhf_cli.stages.eval", "compare policies on held-out prompts: score, gold, KL, win rate"),
-    "report": ("rlhf_cli.stages.report", "one HTML page of an experiment: numbers, config, charts, samples"),
-    "pipeline": ("rlhf_cli.stages.pipeline", "sft -> reward -> ppo -> eval for one experiment (stage.key=value)"),
-}
-NOT_HYDRA = {"pipeline"}  # dispatches to the other stages itself
+from rlhf_cli.stagespec import SPECS
 
 EXIT_USER_ERROR = 2
 # A write the file system refused is the user's to fix (free space, permissions), not a bug.
@@ -48,8 +39,8 @@ def _usage(console: Console) -> None:
     console.print(f"[bold]rlhf[/bold] {__version__}: RLHF in three stages (SFT -> reward model -> PPO)\n")
     console.print("usage: rlhf <stage> [key=value ...] [-m] [--cfg job] [--help]\n", markup=False)
     console.print("stages:")
-    for name, (_, text) in STAGES.items():
-        console.print(f"  [cyan]{name:<10}[/cyan] {text}")
+    for name, spec in SPECS.items():
+        console.print(f"  [cyan]{name:<10}[/cyan] {spec.help}")
     console.print("\n`rlhf <stage> --help` lists a stage's config groups and keys.")
 
 
@@ -153,7 +144,7 @@ def run_stage(stage: str, args: list[str]) -> int:
     args = [logger_word(a) for a in args]  # logger=tensorboard, as before logger became a list
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     if not OmegaConf.has_resolver("rlhf_stage_help"):
-        OmegaConf.register_new_resolver("rlhf_stage_help", lambda name: STAGES[name][1])
+        OmegaConf.register_new_resolver("rlhf_stage_help", lambda name: SPECS[name].help)
     if "-m" in args or "--multirun" in args:
         args = [*args, _job_dir_naming(args)]
         if any(a.startswith("hydra/sweeper=") for a in args) and not any(a.startswith("hydra.sweep.subdir=")
@@ -169,7 +160,7 @@ def run_stage(stage: str, args: list[str]) -> int:
     def task(cfg: DictConfig) -> float | None:  # None: no objective, or a failed run
         try:
             stage_cfg = finalize(cfg)  # config mistakes surface here, before torch or any model loads
-            metrics = importlib.import_module(STAGES[stage][0]).run(stage_cfg)
+            metrics = importlib.import_module(SPECS[stage].module).run(stage_cfg)
             return objective_value(metrics, getattr(stage_cfg, "objective", None))  # what a sweeper optimises
         except Exception as exc:  # noqa: BLE001 - the user's problems are collected, bugs go on up
             own = _project_error(exc)
@@ -210,10 +201,10 @@ def _complete(argv: list[str], console: Console) -> int:
     words = line[:point].split(" ")
     if len(words) <= 2:  # still typing the stage
         prefix = words[1] if len(words) == 2 else ""
-        console.print(" ".join(name for name in STAGES if name.startswith(prefix)), highlight=False)
+        console.print(" ".join(name for name in SPECS if name.startswith(prefix)), highlight=False)
         return 0
     stage = words[1]
-    if stage not in STAGES:
+    if stage not in SPECS:
         return 0
     cut = line.index(stage) + len(stage) + 1
     os.environ["COMP_LINE"] = line[:line.index(stage)] + line[cut:]
@@ -224,7 +215,7 @@ def _complete(argv: list[str], console: Console) -> int:
 def _run_plain(stage: str, args: list[str]) -> int:
     """A command that is not a Hydra app (pipeline): same error contract, exit 2 for user mistakes."""
     try:
-        return importlib.import_module(STAGES[stage][0]).main(args)
+        return importlib.import_module(SPECS[stage].module).main(args)
     except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs right here
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _is_user_error(exc):
             raise
@@ -246,13 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-sc", "--shell-completion"):
         return _complete(argv, console)
     stage = argv[0]
-    if stage not in STAGES:
+    if stage not in SPECS:
         err = Console(stderr=True)
-        err.print(f"[bold red]error:[/bold red] unknown stage '{stage}'; valid stages: {', '.join(STAGES)}",
+        err.print(f"[bold red]error:[/bold red] unknown stage '{stage}'; valid stages: {', '.join(SPECS)}",
                   highlight=False, soft_wrap=True)
         err.print("[yellow]hint:[/yellow] rlhf --help", highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
-    if stage in NOT_HYDRA:
+    if not SPECS[stage].hydra:
         return _run_plain(stage, argv[1:])
     return run_stage(stage, argv[1:])
 

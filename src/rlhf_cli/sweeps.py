@@ -8,11 +8,10 @@ eval.json) is `done`; a directory without one is `unfinished` (failed or killed 
 in this process is `failed` with its error. A job counts as this sweep's when its directory changed after the sweep
 started, so earlier sweeps into the same directory are left out.
 
-    headline (sorted by, best first)    also shown
-    sft     eval_loss (lowest)          train_loss, gold_score
-    reward  eval_accuracy (highest)     eval_gold_accuracy, train_accuracy, eval_loss
-    ppo     final_gold when the task has a gold score, else final_score (highest); final_score, final_kl
-    eval    the last policy's gold, else its score (highest); its score, kl, win_rate
+The columns are the stage's headline metrics that have a short label, and the ranking metric is the first of its
+`rank_by` that any job has, best first in that metric's direction (stagespec.SPECS): sft by eval_loss (lowest),
+reward by eval_accuracy, ppo by final_gold when the task has a gold score, else final_score, eval by its last
+policy's gold, else its score (highest).
 """
 
 from __future__ import annotations
@@ -29,18 +28,9 @@ from rich.table import Table
 
 from rlhf_cli import artifacts
 from rlhf_cli.errors import ArtifactError
+from rlhf_cli.stagespec import SPECS, StageSpec
 
 SWEEP = "sweep.json"
-# stage -> (columns, headline candidates in order of preference, best is the highest)
-COLUMNS = {
-    "sft": (["eval_loss", "train_loss", "gold_score"], ["eval_loss"], False),
-    "reward": (["eval_accuracy", "eval_gold_accuracy", "train_accuracy", "eval_loss"], ["eval_accuracy"], True),
-    "ppo": (["final_gold", "final_score", "final_kl"], ["final_gold", "final_score"], True),
-    "eval": (["gold", "score", "kl", "win_rate"], ["gold", "score"], True),
-}
-LABELS = {"eval_loss": "eval loss", "train_loss": "train loss", "gold_score": "gold", "eval_accuracy": "eval acc",
-          "eval_gold_accuracy": "gold acc", "train_accuracy": "train acc", "final_gold": "gold",
-          "final_score": "score", "final_kl": "KL", "kl": "KL", "win_rate": "win rate"}  # short, for 80 columns
 FAILED: dict[str, str] = {}  # run directory -> the error of a job that failed in this process (cli.run_stage)
 
 
@@ -59,10 +49,14 @@ class Summary(Callback):
 
 def job_metrics(stage: str, run_dir: Path) -> dict | None:
     """The numbers of a finished job (the manifest's metrics; eval: its last policy's means), else None."""
-    if stage == "eval":
-        path = run_dir / "eval.json"
-        return json.loads(path.read_text())["policies"][-1] if path.is_file() else None
-    return artifacts.read_manifest(run_dir)["metrics"] if artifacts.is_finished(run_dir) else None
+    rows = artifacts.stage_results(SPECS[stage].results, run_dir)
+    return rows[-1] if rows else None
+
+
+def columns(spec: StageSpec) -> tuple[list[str], list[str], dict[str, bool]]:
+    """(the table's metrics, the ranking candidates in order, {metric: higher is better}) of a stage."""
+    return ([m.key for m in spec.headline if m.short], list(spec.rank_by),
+            {m.key: m.best == "high" for m in spec.headline if m.best})
 
 
 def swept(run_dirs: list[Path]) -> dict[Path, str]:
@@ -84,7 +78,7 @@ def swept(run_dirs: list[Path]) -> dict[Path, str]:
 def summarise(stage: str, sweep_dir: Path, since: float = 0.0) -> dict:
     """The jobs of a sweep (directories under `sweep_dir` changed since `since`, and this process's failed jobs),
     best first; written to sweep_dir/sweep.json."""
-    columns, candidates, highest = COLUMNS.get(stage, ([], [], True))
+    shown, candidates, higher = columns(SPECS[stage])
     dirs = {p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.stat().st_mtime >= since
             and (p / ".hydra").is_dir()} if sweep_dir.is_dir() else set()
     failed = {Path(p).resolve(): error for p, error in FAILED.items()}
@@ -97,9 +91,10 @@ def summarise(stage: str, sweep_dir: Path, since: float = 0.0) -> dict:
         except (ArtifactError, OSError, ValueError, KeyError, IndexError) as exc:  # a damaged or older artifact
             metrics, status = None, f"unreadable: {exc}"
         jobs.append({"job": words, "status": status, "run_dir": str(run_dir),
-                     "metrics": {k: (metrics or {}).get(k) for k in columns}})
+                     "metrics": {k: (metrics or {}).get(k) for k in shown}})
     headline = next((k for k in candidates if any(number(j["metrics"].get(k)) for j in jobs)), candidates[0]
                     if candidates else None)
+    highest = higher.get(headline, True)
 
     def rank(job: dict) -> tuple:
         value = job["metrics"].get(headline)
@@ -109,7 +104,7 @@ def summarise(stage: str, sweep_dir: Path, since: float = 0.0) -> dict:
 
     jobs.sort(key=rank)
     summary = {"stage": stage, "sweep_dir": str(sweep_dir), "headline": headline,
-               "best": "highest" if highest else "lowest", "columns": columns, "jobs": jobs}
+               "best": "highest" if highest else "lowest", "columns": shown, "jobs": jobs}
     if jobs:
         try:
             artifacts.write_text_atomic(sweep_dir / SWEEP, artifacts.dumps(summary, indent=2) + "\n")
@@ -130,8 +125,10 @@ def sweep_table(summary: dict) -> Table:
     table.add_column("job", overflow="fold")
     table.add_column("status", overflow="fold")
     shown = [c for c in summary["columns"] if any(number(j["metrics"].get(c)) for j in summary["jobs"])]
+    spec = SPECS.get(summary["stage"])
+    short = {m.key: m.short for m in spec.headline if m.short} if spec else {}
     for col in shown:
-        table.add_column(LABELS.get(col, col), justify="right", no_wrap=True)
+        table.add_column(short.get(col, col), justify="right", no_wrap=True)
     for job in summary["jobs"]:
         table.add_row(job["job"], job["status"], *[f"{job['metrics'][c]:.4g}" if number(job["metrics"].get(c))
                                                    else "-" for c in shown])

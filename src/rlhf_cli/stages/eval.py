@@ -54,6 +54,7 @@ from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
 from rlhf_cli.models.reward import load_reward_model
+from rlhf_cli.stagespec import SPECS, pipeline_order
 
 NUM_SAMPLES = 4  # responses per policy kept in eval.json, to read what the numbers mean
 
@@ -149,11 +150,13 @@ def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key:
 
 def resolve_policies(cfg: EvalConfig) -> list[dict]:
     """Each policy: name (as shown), path (as given, made absolute), model (what from_pretrained loads), stage
-    and run_dir when it is a finished run directory. Default: this experiment's sft and ppo artifacts."""
+    and run_dir when it is a finished run directory. Default: this experiment's policy stages
+    that stagespec marks eval_policy (sft, ppo), in pipeline order."""
     if cfg.policies:  # (name, path, the stage a wrong-kind hint points at)
         specs = [(spec, spec, "ppo") for spec in cfg.policies]
     else:
-        specs = [(f"{cfg.experiment}/{stage}", None, stage) for stage in ("sft", "ppo")]
+        defaults = [stage for stage in pipeline_order() if SPECS[stage].eval_policy]  # sft, ppo
+        specs = [(f"{cfg.experiment}/{stage}", None, stage) for stage in defaults]
     policies, names = [], set()
     for name, spec, stage in specs:
         path = absolute_path(spec)

@@ -12,7 +12,7 @@ Every stage's config is composed and checked before the first one starts. A stag
 with the same config is reused; one finished with a different config stops the pipeline with the keys that
 differ (pass overwrite=true, or pick another experiment); an interrupted one is resumed. Each stage runs in its
 own process (stages talk only through their artifacts on disk), so re-running the same command after a crash
-continues where it stopped. `rlhf eval` always runs again: it is a report. The pipeline ends with `rlhf report`:
+continues where it stopped. A stage without an artifact (`rlhf eval`) always runs again: it is a report. The pipeline ends with `rlhf report`:
 <root>/<experiment>/report.html, one page with every stage's numbers, config, charts and samples.
 """
 
@@ -29,8 +29,9 @@ from rlhf_cli import artifacts
 from rlhf_cli.config import SCHEMAS, compose_error, compose_stage, config_diff, finalize
 from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ArtifactError, ConfigError, in_chain
+from rlhf_cli.stagespec import SPECS, pipeline_order
 
-ORDER = ("sft", "reward", "ppo", "eval")
+ORDER = pipeline_order()
 GROUPS = ("model", "data", "optim")
 HELP = __doc__
 
@@ -112,7 +113,7 @@ def main(args: list[str]) -> int:
     for stage in stages:
         run_dir = Path(configs[stage].run_dir)
         artifacts.settle_if_possible(run_dir)
-        if stage != "eval" and artifacts.is_finished(run_dir) and not overwrite[stage]:
+        if SPECS[stage].artifact and artifacts.is_finished(run_dir) and not overwrite[stage]:
             stale = stale_keys(artifacts.read_manifest(run_dir)["config"], configs[stage])
             if stale:
                 raise ArtifactError(
@@ -122,7 +123,7 @@ def main(args: list[str]) -> int:
             plan[stage] = "reuse"
         else:
             plan[stage] = "run"
-        if plan[stage] == "run" and overwrite[stage] is False and stage != "eval":
+        if plan[stage] == "run" and overwrite[stage] is False and SPECS[stage].artifact:
             per_stage[stage].append("resume=true")  # an interrupted run continues
 
     results = {}
@@ -167,20 +168,23 @@ def _shown(path: Path) -> str:
 
 
 def _headline(stage: str, run_dir: Path) -> str:
-    """One line of the numbers that matter for each stage."""
+    """One line of the numbers that matter for each stage: its spec's summary pieces over its results (one part per
+    row of eval.json, `label` being the row's stage or name)."""
     try:
-        if stage == "eval":
-            report = json.loads((run_dir / "eval.json").read_text())
-            parts = []
-            for p in report["policies"]:
-                gold = f" gold {p['gold']:.3g}±{p['gold_se']:.2g}" if p.get("gold") is not None else ""
-                parts.append(f"{p['stage'] or p['name']}: score {p['score']:.3g}{gold} kl {p['kl']:.3g}")
-            return "; ".join(parts)
-        m = artifacts.read_manifest(run_dir)["metrics"]
+        rows = artifacts.stage_results(SPECS[stage].results, run_dir)
     except (OSError, ValueError, KeyError, ArtifactError):
         return ""
-    if stage == "sft":
-        return f"held-out loss {m['eval_loss_start']:.3g} -> {m['eval_loss']:.3g}"
-    if stage == "reward":
-        return f"held-out accuracy {m['eval_accuracy']:.3g}"
-    return f"score {m.get('first_score', 0):.3g} -> {m.get('final_score', 0):.3g}, kl {m.get('final_kl', 0):.3g}"
+    return "; ".join(filter(None, (summary_line(SPECS[stage].summary, {"label": row.get("stage") or row.get("name"),
+                                                                         **row}) for row in rows or [])))
+
+
+def summary_line(pieces: tuple[str, ...], row: dict) -> str:
+    """The pieces formatted with `row`, a piece naming a key that `row` lacks (or holds as None) left out."""
+    present = {k: v for k, v in row.items() if v is not None}
+    out = []
+    for piece in pieces:
+        try:
+            out.append(piece.format_map(present))
+        except KeyError:
+            continue
+    return "".join(out)

@@ -24,27 +24,15 @@ from rlhf_cli import artifacts, charts
 from rlhf_cli.config import ReportConfig, compose_stage, config_diff, finalize, flatten
 from rlhf_cli.engine.logging import console, fmt, summary_table
 from rlhf_cli.errors import ArtifactError
+from rlhf_cli.stagespec import SPECS, pipeline_order
 
-ORDER = ("sft", "reward", "ppo", "eval")
 PAGE = "report.html"
-
-# stage -> (metric, label) shown first; every other final metric is one click further
-HEADLINES = {
-    "sft": [("eval_loss_start", "held-out loss before"), ("eval_loss", "held-out loss after"),
-            ("train_loss", "train loss (last step)"), ("gold_score", "gold score of samples"), ("steps", "steps")],
-    "reward": [("eval_accuracy", "held-out accuracy"), ("eval_gold_accuracy", "held-out accuracy vs gold"),
-               ("train_accuracy", "train accuracy"), ("eval_margin", "held-out margin"),
-               ("eval_loss", "held-out loss")],
-    "ppo": [("first_score", "score, first iteration"), ("final_score", "score, last iteration"),
-            ("first_gold", "gold, first iteration"), ("final_gold", "gold, last iteration"),
-            ("final_kl", "KL, last iteration"), ("iterations", "iterations")],
-}
 
 
 def run(cfg: ReportConfig) -> dict:
     exp_dir = Path(cfg.run_dir)
     con = console(True)
-    found = {stage: exp_dir / stage for stage in ORDER if (exp_dir / stage).is_dir()}
+    found = {stage: exp_dir / stage for stage in pipeline_order() if (exp_dir / stage).is_dir()}
     sections, pngs = [], []
     for stage, run_dir in found.items():
         section, drawn = stage_section(stage, run_dir, cfg)
@@ -73,23 +61,24 @@ def stage_section(stage: str, run_dir: Path, cfg: ReportConfig) -> tuple[str, li
     """(the stage's HTML, the charts drawn); ("", []) when the directory holds nothing finished."""
     if (run_dir / "sweep.json").is_file() and not artifacts.is_finished(run_dir):
         return section(f"{stage} (a sweep)", [sweep_section(stage, run_dir)]), []
-    if stage == "eval":
-        if not (run_dir / "eval.json").is_file():
+    spec = SPECS[stage]
+    if not spec.artifact:  # eval: its results file, one row per policy
+        if not (run_dir / spec.results).is_file():
             return "", []
-        pngs = charts.draw("eval", run_dir)
-        return eval_section(json.loads((run_dir / "eval.json").read_text()), run_dir, pngs, cfg), pngs
+        pngs = charts.draw(stage, run_dir)
+        return eval_section(json.loads((run_dir / spec.results).read_text()), run_dir, pngs, cfg), pngs
     if not artifacts.is_finished(run_dir):
         return "", []
     manifest = artifacts.read_manifest(run_dir)
     pngs = charts.draw(stage, run_dir)
     metrics = manifest.get("metrics", {})
-    heads = [(label, metrics[key]) for key, label in HEADLINES.get(stage, []) if metrics.get(key) is not None]
+    heads = [(m.label, metrics[m.key]) for m in spec.headline if metrics.get(m.key) is not None]
     rest = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
     body = [f"<p class=where>{esc(run_dir)} · finished {esc(manifest.get('created', '?'))} · base "
             f"{esc(manifest.get('base_model') or '-')}</p>",
             kv_table(dict(heads)), details("all final metrics", kv_table(rest)),
             diff_section(stage, manifest.get("config", {})), images(pngs),
-            samples_table(read_samples(stage, run_dir, cfg.samples))]
+            samples_table(read_samples(spec, run_dir, cfg.samples))]
     if (run_dir / "sweep.json").is_file():  # a sweep beside the artifact, into its sub-directories
         body.append(sweep_section(stage, run_dir))
     return section(stage, body), pngs
@@ -148,13 +137,13 @@ def stage_defaults(stage: str):
     return finalize(compose_stage(stage, []))
 
 
-def read_samples(stage: str, run_dir: Path, n: int) -> list[dict]:
-    """sft: the first held-out samples; ppo: those of the last iteration that wrote any."""
-    path = run_dir / "samples.jsonl"
-    if not path.is_file():
+def read_samples(spec, run_dir: Path, n: int) -> list[dict]:
+    """The first `n` rows of the stage's samples file (ppo: of the last iteration that wrote any)."""
+    path = run_dir / spec.samples
+    if not spec.samples or not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if stage == "ppo" and rows:
+    if spec.samples_last_step and rows:
         last = rows[-1].get("step")
         rows = [r for r in rows if r.get("step") == last]
     return rows[:n]
