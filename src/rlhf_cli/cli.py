@@ -134,6 +134,26 @@ def objective_value(metrics, name: str | None):
     return float(value)
 
 
+def check_objective(stage: str, args: list[str]):
+    """A ConfigError (else None) for an `objective=` that names no metric of the stage, or a sweeper preset with no
+    objective at all: refused before the first trial, not after every trial has trained for nothing."""
+    from rlhf_cli.errors import ConfigError
+
+    named = [a.split("=", 1)[1] for a in args if a.startswith("objective=")]
+    objective = named[-1] if named and named[-1] not in ("null", "None", "") else None
+    known = SPECS[stage].metrics
+    listed = ", ".join(known) if known else f"none: rlhf {stage} records no final metrics"
+    if objective is None:
+        if any(a.startswith("hydra/sweeper=") for a in args):
+            return ConfigError(f"a sweeper needs objective=<metric of rlhf {stage}> to optimise",
+                               hint=f"e.g. objective={SPECS[stage].rank_by[0] if SPECS[stage].rank_by else '...'}; "
+                                    f"the metrics: {listed}")
+        return None
+    if objective not in known:
+        return ConfigError(f"objective={objective} is not a metric of rlhf {stage}", hint=f"use one of: {listed}")
+    return None
+
+
 def run_stage(stage: str, args: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -174,21 +194,37 @@ def run_stage(stage: str, args: list[str]) -> int:
             FAILED[HydraConfig.get().runtime.output_dir] = f"{own.kind}: {own.message}"
             return None  # a failed trial, to a sweeper
 
-    if (plugin := missing_plugin(args)) is not None:
-        _report(Console(stderr=True), plugin)
-        return plugin.exit_code
+    for refused in (missing_plugin(args), check_objective(stage, args)):
+        if refused is not None:
+            _report(Console(stderr=True), refused)
+            return refused.exit_code
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us instead of Hydra's printer
     completing = "-sc" in args or "--shell-completion" in args
     sys.argv = ["rlhf" if completing else f"rlhf {stage}", *args]  # completion registers itself for `rlhf`
     try:
         task()
     except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs right here
+        if failed and not wants_traceback and not _is_user_error(exc):
+            # a sweeper that gives up once every trial has failed (Optuna: "No trials are completed yet"): the
+            # trials' own errors say why, once each
+            return _report_failed(failed, "the sweep ended without a finished trial: every trial failed")
         if wants_traceback or not _is_user_error(exc):
             raise
         _report(Console(stderr=True), exc, stage)
         return _exit_code(exc)
+    return _report_failed(failed)
+
+
+def _report_failed(failed: list, ending: str = "") -> int:
+    """Each distinct error of a multirun's failed jobs, once; the worst exit code (0 when none failed)."""
+    err = Console(stderr=True)
+    seen = set()
     for exc in failed:
-        _report(Console(stderr=True), exc)
+        if (exc.kind, exc.message) not in seen:
+            seen.add((exc.kind, exc.message))
+            _report(err, exc)
+    if ending:
+        err.print(f"[bold red]error:[/bold red] {ending} ({len(failed)} of them)", highlight=False, soft_wrap=True)
     return max((exc.exit_code for exc in failed), default=0)
 
 

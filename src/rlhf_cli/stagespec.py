@@ -53,6 +53,7 @@ class StageSpec:
     results: str = ""  # "manifest" (manifest.json's metrics) | "eval.json" (one row per policy) | "" (nothing)
     pipeline: Optional[int] = None  # place in `rlhf pipeline` (and in the report); None: not a pipeline stage
     path_keys: tuple[str, ...] = ()  # config keys that hold local paths, made absolute once at compose time
+    metrics: tuple[str, ...] = ()  # every number its results record: what `objective=` may name (a sweeper's target)
     headline: tuple[Metric, ...] = ()  # the report's first numbers, in order; the sweep table's columns
     rank_by: tuple[str, ...] = ()  # a sweep's ranking metric: the first of these any job has
     summary: tuple[str, ...] = ()  # the pipeline's one line: str.format pieces, a piece naming an absent key dropped
@@ -71,12 +72,18 @@ class StageSpec:
 
 
 LOOP_PATHS = ("data.path", "data.eval_path")
+# PPO's per-iteration quantities (metrics.jsonl); its manifest holds the last iteration's as final_<name>
+PPO_LOGGED = ("score", "score_penalised", "kl", "rlhf_reward", "response_length", "stop_rate", "kl_coef", "policy_loss",
+              "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "first_minibatch_approx_kl",
+              "explained_variance", "rollout_tokens_per_s", "update_tokens_per_s", "gold", "lr")
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
         name="sft", module="rlhf_cli.stages.sft", help="fine-tune a pretrained causal LM on demonstrations",
         schema="SFTConfig", artifact="policy", results="manifest", pipeline=1,
         path_keys=("model.name_or_path", *LOOP_PATHS),
+        metrics=("steps", "train_loss", "eval_loss_start", "eval_loss", "tokens_per_s", "train_rows", "truncated_rows",
+                 "skipped_steps", "gold_score"),
         headline=(Metric("eval_loss_start", "held-out loss before"),
                   Metric("eval_loss", "held-out loss after", "eval loss", "low"),
                   Metric("train_loss", "train loss (last step)", "train loss", "low"),
@@ -93,6 +100,9 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         help="train a reward model on ranked pairs (backbone: the SFT artifact)",
         schema="RewardConfig", artifact="reward_model", results="manifest", pipeline=2,
         path_keys=("model.name_or_path", *LOOP_PATHS),
+        metrics=("steps", "train_accuracy", "eval_accuracy", "eval_gold_accuracy", "eval_margin", "eval_loss",
+                 "reward_mean", "reward_std", "train_pairs", "eval_pairs", "pairs_per_s", "truncated_pairs",
+                 "skipped_steps", "label_noise_ceiling"),
         headline=(Metric("eval_accuracy", "held-out accuracy", "eval acc", "high"),
                   Metric("eval_gold_accuracy", "held-out accuracy vs gold", "gold acc", "high"),
                   Metric("train_accuracy", "train accuracy", "train acc", "high"),
@@ -110,6 +120,8 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         name="ppo", module="rlhf_cli.stages.ppo", help="optimise the SFT policy against the reward model with PPO",
         schema="PPOConfig", artifact="policy", results="manifest", pipeline=3,
         path_keys=("model.policy", "model.reward", "model.value", *LOOP_PATHS),
+        metrics=("iterations", "skipped_steps", *(f"final_{k}" for k in PPO_LOGGED),
+                 *(f"first_{k}" for k in ("score", "kl", "gold", "response_length", "stop_rate"))),
         headline=(Metric("first_score", "score, first iteration"),
                   Metric("final_score", "score, last iteration", "score", "high"),
                   Metric("first_gold", "gold, first iteration"),
@@ -177,6 +189,9 @@ def check(spec: StageSpec) -> None:
     need(spec.results in ("", "manifest", "eval.json"), f"results={spec.results!r} is no known results file")
     need(spec.artifact is None or spec.results == "manifest", "an artifact's results are its manifest's metrics")
     need(spec.pipeline is None or (spec.hydra and spec.results), "a pipeline stage is a Hydra stage with results")
+    need(spec.results != "manifest" or bool(spec.metrics), "a stage whose manifest records metrics names them")
+    need(spec.results != "manifest" or {m.key for m in spec.headline} <= set(spec.metrics),
+         "its headline metrics are among its metrics")
     if spec.results:
         keys = {m.key for m in spec.headline}
         need(bool(spec.headline) and bool(spec.summary) and bool(spec.charts),
