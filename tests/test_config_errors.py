@@ -102,7 +102,7 @@ def test_number_for_a_group_is_a_config_error_not_a_traceback():
 @pytest.mark.parametrize("override,expected", [
     ("optim.lr=abc", "optim.lr=abc: optim.lr in the sft config takes a float"),
     ("train.max_steps=1.5", "train.max_steps=1.5: train.max_steps in the sft config takes an integer"),
-    ("train=x", "train=x: train in the sft config is a set of keys (train.max_steps,"),
+    ("train=x", "train=x: train in the sft config is a set of keys (train.device, train.micro_batch_size,"),
 ])
 def test_wrong_type_names_the_key_and_the_type(override, expected):
     err = _error("sft", [override])

@@ -1,0 +1,42 @@
+"""Paths: where the shipped YAML lives, and the config keys that hold local paths, made absolute once at compose
+time (Hydra does not change the working directory, and neither does anything after `finalize`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+# Config keys that hold a local path (a key a stage's schema lacks is skipped); `root` and `run_dir` always do.
+PATH_KEYS = ("model.name_or_path", "model.policy", "model.reward", "model.value", "data.path", "data.eval_path")
+
+
+def conf_dir() -> Path:
+    """conf/ shipped inside the wheel (rlhf_cli/conf), else the checkout's top-level conf/ (editable installs,
+    source trees)."""
+    package = Path(__file__).resolve().parents[1]  # rlhf_cli/
+    packaged = package / "conf"
+    return packaged if packaged.is_dir() else package.parents[1] / "conf"
+
+
+def absolute_path(path: Optional[str]) -> Optional[str]:
+    """Absolute form of a local path; hub ids and `builtin:` names are left alone."""
+    if path is None or path.startswith("builtin:"):
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or path.startswith((".", "~")) or os.sep in path and p.parent.exists():
+        return str(p.resolve())
+    return path  # most likely a hub id such as "Qwen/Qwen2.5-0.5B"
+
+
+def make_absolute(obj: Any) -> None:
+    """`root` and `run_dir` resolved, and every PATH_KEYS value of a finalized config made absolute, in place."""
+    obj.root = str(Path(obj.root).expanduser().resolve())
+    obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())
+    for key in PATH_KEYS:
+        *parents, name = key.split(".")
+        node = obj
+        for part in parents:
+            node = getattr(node, part, None)
+        if node is not None and hasattr(node, name):
+            setattr(node, name, absolute_path(getattr(node, name)))
