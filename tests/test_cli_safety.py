@@ -51,17 +51,28 @@ def finished(tmp_path) -> Path:
 
 def test_refusals_and_failed_replacements_leave_the_artifact_and_its_hydra_record(finished, tmp_path):
     before = _snapshot(finished)
+
+    def untouched() -> bool:  # every file byte for byte, and no .overwrite/ left beside them
+        files = {str(p.relative_to(finished)): p.read_bytes() for p in sorted(finished.rglob("*")) if p.is_file()}
+        return files == before and not (finished / ".overwrite").exists()
+
     _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "train.max_steps=12"], tmp_path), 2,
                  "already holds a finished sft artifact")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
     _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", f"data.path={bad}"], tmp_path), 2,
                  "completion")
+    assert untouched()
+    # a config that fails only once the data is seen (after the replacement's directory was prepared)
+    _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "data.toy.num_train=8"], tmp_path),
+                 2, "only 8 training examples")
+    assert untouched()
     _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "optim.lr=1e6"], tmp_path), 3,
                  "training diverged", "optim.lr")
+    assert untouched()  # diverged before its first checkpoint: nothing to resume either
     _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "optim.lr=nan"], tmp_path), 2,
                  "optim.lr=nan is not a finite number")
-    assert _snapshot(finished) == before
+    assert untouched()
     ok = run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "train.max_steps=12"], tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "train.max_steps=12" in (finished / ".hydra" / "overrides.yaml").read_text()

@@ -12,15 +12,20 @@
 
 A replacement never touches the finished artifact: it trains beside it and is moved into place only once it is
 published (artifacts.settle), so a refusal, a crash or a kill at any point leaves the old artifact intact and
-usable by the next stages. Resuming checks the checkpoint's files against what was recorded when it was written,
-and its config against this run's (a differing key is refused, naming it, unless force_resume=true); the stage
-then checks the training data against the checkpoint's record (`check_data`).
+usable by the next stages. A replacement that fails before it has anything to resume (no checkpoint, no manifest:
+bad data, a config that only fails once the data or model is seen, a divergence before the first checkpoint) is
+removed again (`discard_failed`), so the finished run directory is left exactly as it was.
+
+Resuming checks the checkpoint's files against what was recorded when it was written, and its config against this
+run's (a differing key is refused, naming it, unless force_resume=true); the stage then checks the training data
+against the checkpoint's record (`check_data`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +48,11 @@ class RunPlan:
     @property
     def checkpoints(self) -> Path:
         return self.work_dir / "checkpoints"
+
+
+# Replacements (run_dir/.overwrite) that this process prepared on rank 0, until its stage ends: engine.train.process
+# removes those a failed stage leaves with nothing to resume (`discard_failed`).
+PREPARED: list[RunPlan] = []
 
 
 def plan_run_dir(run_dir: Path, stage: str, overwrite: bool, resume: bool) -> tuple[Path, Path | None, bool]:
@@ -90,7 +100,10 @@ def prepare(cfg, d: dist.Dist) -> RunPlan:
         resumed = checkpoint.verify(resume_from, cfg.artifact_check)
         _check_config(resumed, cfg, resume_from, d)
     dist.barrier(d)
+    plan = RunPlan(run_dir=run_dir, work_dir=work_dir, resume_from=resume_from, resumed=resumed)
     if d.is_main:
+        if work_dir != run_dir:
+            PREPARED.append(plan)
         try:
             if clean:
                 artifacts.clean_run_dir(work_dir)
@@ -103,7 +116,18 @@ def prepare(cfg, d: dist.Dist) -> RunPlan:
                                           hint="check that it is writable (permissions, a read-only mount) and the "
                                                "disk has free space, or set root= to another place") from exc
     dist.barrier(d)
-    return RunPlan(run_dir=run_dir, work_dir=work_dir, resume_from=resume_from, resumed=resumed)
+    return plan
+
+
+def discard_failed() -> None:
+    """After a stage failed (engine.train.process, rank 0): remove each replacement it prepared that holds nothing
+    to continue (no checkpoint to resume, no finished manifest to settle), so a refused or failed `overwrite=true`
+    leaves the finished artifact's directory as it was. One with a checkpoint stays, for overwrite=true resume=true."""
+    while PREPARED:
+        plan = PREPARED.pop()
+        if plan.work_dir.is_dir() and not artifacts.is_finished(plan.work_dir) \
+                and checkpoint.latest(plan.checkpoints) is None:
+            shutil.rmtree(plan.work_dir, ignore_errors=True)
 
 
 def _check_config(state: dict, cfg, path: Path, d: dist.Dist) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import charts
-from rlhf_cli.engine import checkpoint, device as dev, dist, fsdp
+from rlhf_cli.engine import checkpoint, device as dev, dist, fsdp, rundir
 from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import MetricsLog, close_failed, console
 from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
@@ -47,8 +47,10 @@ def process(device_setting: str, precision: str = "auto", strategy: str = "ddp"
         yield d, device
     except BaseException:
         close_failed()  # trackers still open end as failed runs
+        rundir.discard_failed()  # a failed replacement with nothing to resume leaves no .overwrite/
         raise
     finally:
+        rundir.PREPARED.clear()
         dist.close()
         dev.set_precision("auto")
 
