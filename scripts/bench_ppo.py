@@ -178,8 +178,8 @@ def bench(args, cache: str) -> int:
     from rlhf_cli.engine import device as dev, dist, train
     from rlhf_cli.engine.flops import matmul_params, mfu
     from rlhf_cli.engine.guard import Guard
-    from rlhf_cli.engine.logging import MetricsLog
     from rlhf_cli.engine.optim import build_optimizer, build_scheduler
+    from rlhf_cli.engine.recording import MetricsLog
     from rlhf_cli.models import lora
     from rlhf_cli.models.loading import quiet_transformers
     from rlhf_cli.stages import ppo

@@ -157,8 +157,8 @@ def run(args: argparse.Namespace, cache_dir: str | None, d, device) -> dict:
     from rlhf_cli.engine import device as dev, train
     from rlhf_cli.engine.flops import matmul_params, mfu
     from rlhf_cli.engine.guard import Guard
-    from rlhf_cli.engine.logging import MetricsLog
     from rlhf_cli.engine.optim import build_optimizer, build_scheduler
+    from rlhf_cli.engine.recording import MetricsLog
     from rlhf_cli.models.tiny import tiny_model_path
     from rlhf_cli.stages.sft import train_step
 

@@ -215,7 +215,7 @@ def test_experiment_names_are_single_safe_components(tmp_path):
 
 
 def test_strict_json_writes_null_for_nan(tmp_path):
-    from rlhf_cli.engine.logging import MetricsLog
+    from rlhf_cli.engine.recording import MetricsLog
 
     assert artifacts.dumps({"a": float("nan"), "b": [float("inf"), 1.5], "c": tmp_path}) == \
         f'{{"a": null, "b": [null, 1.5], "c": "{tmp_path}"}}'

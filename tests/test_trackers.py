@@ -94,7 +94,7 @@ def mlflow_stage(stage: str, tmp_path: Path, monkeypatch) -> tuple:
 
 
 def test_failed_run_ends_as_failed_and_resume_continues_it(tmp_path, monkeypatch):
-    from rlhf_cli.engine.logging import MetricsLog, close_failed
+    from rlhf_cli.engine.recording import MetricsLog, close_failed
 
     cfg, run_dir, client = mlflow_stage("sft", tmp_path, monkeypatch)
     log = MetricsLog(run_dir, True, cfg)

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import weakref
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,9 @@ from rlhf_cli.engine import device as dev, dist
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import bare
+
+if TYPE_CHECKING:
+    from rlhf_cli.config.schemas import FSDPConfig
 
 # sharded model -> (its structure on the meta device to receive the full weights, or None for a frozen one;
 #                   reshard_after_forward of its blocks; of its root)
@@ -58,7 +62,7 @@ def units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard(model: torch.nn.Module, device: torch.device, d: dist.Dist, cfg, trained: bool = True) -> None:
+def shard(model: torch.nn.Module, device: torch.device, d: dist.Dist, cfg: FSDPConfig, trained: bool = True) -> None:
     """Shard `model` in place over the processes' mesh (`cfg`: train.fsdp): each transformer block, then the root.
     `trained`: keep the model's structure (on the meta device, no memory) so `gathered` can hand rank 0 a plain
     copy with the full weights at the end; a frozen model (no backward to wait for) frees its root's gathered

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf_cli.engine.guard import Guard
 
+if TYPE_CHECKING:
+    from rlhf_cli.config.schemas import OptimConfig
 
-def build_optimizer(params, cfg) -> torch.optim.AdamW:
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; biases and norm weights (1-D tensors) get no weight decay. The fused implementation (one kernel
     over all parameters: 4x faster than the per-tensor loop on a CPU) where every parameter allows it."""
     params = [p for p in params if p.requires_grad]
@@ -40,14 +44,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     return min_ratio + (1 - min_ratio) * (1 - p)
 
 
-def build_scheduler(optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio),
     )
 
 
-def apply_hyperparameters(optimizer, scheduler, cfg) -> None:
+def apply_hyperparameters(optimizer, scheduler, cfg: OptimConfig) -> None:
     """Set lr, betas, eps and weight decay from the config after a checkpoint's state was loaded, so a resumed run
     follows its config (the same values in a plain resume; the new ones under force_resume=true) rather than the
     values the saved optimizer and scheduler states carry. Groups as `build_optimizer` makes them: [decay, none]."""

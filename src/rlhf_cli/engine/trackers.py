@@ -34,7 +34,8 @@ from pathlib import Path
 from rich.markup import escape
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import LOGGERS, flatten
+from rlhf_cli.config.compose import flatten
+from rlhf_cli.config.schemas import LOGGERS
 from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ConfigError
 

@@ -20,16 +20,21 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf_cli import charts
 from rlhf_cli.engine import checkpoint, device as dev, dist, fsdp, rundir
 from rlhf_cli.engine.guard import Guard
-from rlhf_cli.engine.logging import MetricsLog, close_failed, console
+from rlhf_cli.engine.logging import console
 from rlhf_cli.engine.optim import apply_hyperparameters, build_optimizer, build_scheduler, optimizer_step
+from rlhf_cli.engine.recording import MetricsLog, close_failed
 from rlhf_cli.engine.rundir import RunPlan
 from rlhf_cli.models.loading import enable_gradient_checkpointing
+
+if TYPE_CHECKING:
+    from rlhf_cli.config.schemas import ComputeConfig, LoopConfig
 
 
 @contextlib.contextmanager
@@ -66,8 +71,8 @@ def main_first(d: dist.Dist, load, *args, **kwargs):
     return result
 
 
-def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device, t) -> torch.nn.Module:
-    """The module a training forward/backward runs through, as `t` (the stage's train config) says; call it before
+def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device, t: LoopConfig) -> torch.nn.Module:
+    """The module a training forward/backward runs through, as `t` (the stage's loop knobs) says; call it before
     `start` builds the optimizer. This is the one place a different way of holding a model for training slots in.
 
     t.strategy: ddp = the model itself in one process, DDP (gradients averaged over ranks at the last micro-step)
@@ -93,14 +98,14 @@ def wrap_for_training(model: torch.nn.Module, d: dist.Dist, device: torch.device
     return torch.compile(wrapped) if t.compile else wrapped
 
 
-def load_device(device: torch.device, t) -> torch.device:
+def load_device(device: torch.device, t: ComputeConfig) -> torch.device:
     """Where a stage loads its models before `wrap_for_training`/`hold_frozen`: the host under fsdp (fully_shard
     moves one block at a time to the device and keeps its shard there, so models whose full weights do not fit
     one device, or do not fit it together, still load), the training device otherwise."""
     return torch.device("cpu") if t.strategy == "fsdp" else device
 
 
-def hold_frozen(model, d: dist.Dist, device: torch.device, t):
+def hold_frozen(model, d: dist.Dist, device: torch.device, t: ComputeConfig):
     """A model that is only run (PPO's reference and reward model), held as `t.strategy` says: sharded like the
     trained ones under fsdp (no optimizer state, no copy kept for saving), a full copy per process under ddp."""
     if t.strategy == "fsdp" and isinstance(model, torch.nn.Module):

@@ -27,8 +27,8 @@ from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
 from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.guard import Guard
-from rlhf_cli.engine.logging import MetricsLog, append_jsonl, charts_row, console, metrics_text, progress_bar, \
-    summary_table, truncate_jsonl
+from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
+from rlhf_cli.engine.recording import MetricsLog, append_jsonl, truncate_jsonl
 from rlhf_cli.engine.rollout import (Rollout, Scorer, constants, decode, policy_logits, response_logprobs,
                                     response_values, rollout, score_responses, value_slice)
 from rlhf_cli.errors import ArtifactError, ConfigError
