@@ -137,3 +137,17 @@ def test_sweep_ranks_by_the_direction_the_spec_gives(tmp_path):
     summary = summarise("sft", sweep_dir)
     assert summary["headline"] == "eval_loss" and summary["best"] == "lowest"
     assert [Path(j["run_dir"]).name for j in summary["jobs"]] == ["b", "a"]
+
+
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.path_keys])
+def test_every_path_key_of_a_spec_is_made_absolute_at_compose_time(name, tmp_path, monkeypatch):
+    from helpers import compose_stage
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_stage(name, [f"{key}=./here" for key in SPECS[name].path_keys], tmp_path / "run")
+    for key in SPECS[name].path_keys:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)  # a key the schema lacks fails here
+        assert value == str(tmp_path / "here"), key

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-SCHEMAS_MODULE = "rlhf_cli.config"
+SCHEMAS_MODULE = "rlhf_cli.config.schemas"
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class StageSpec:
     name: str
     module: str  # the recipe: run(cfg) for a Hydra stage, main(args) otherwise
     help: str  # one line, for `rlhf --help` and the stage's own --help header
-    schema: Optional[str] = None  # class name in rlhf_cli.config; None: no Hydra app (pipeline)
+    schema: Optional[str] = None  # class name in rlhf_cli.config.schemas; None: no Hydra app (pipeline)
     artifact: Optional[str] = None  # the artifact kind in its manifest (policy, reward_model); None: no artifact
     results: str = ""  # "manifest" (manifest.json's metrics) | "eval.json" (one row per policy) | "" (nothing)
     pipeline: Optional[int] = None  # place in `rlhf pipeline` (and in the report); None: not a pipeline stage
@@ -144,7 +144,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         name="eval", module="rlhf_cli.stages.eval",
         help="compare policies on held-out prompts: score, gold, KL, win rate",
         schema="EvalConfig", results="eval.json", pipeline=4,
-        path_keys=("policies", "reward", "reference", *LOOP_PATHS),
+        path_keys=("reward", "reference", *LOOP_PATHS),  # policies stay as typed: they name the table's rows
         headline=(Metric("gold", "gold score", "gold", "high"), Metric("score", "reward-model score", "score", "high"),
                   Metric("kl", "KL to the reference", "KL"), Metric("win_rate", "win rate", "win rate")),
         rank_by=("gold", "score"),

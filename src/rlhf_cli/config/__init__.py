@@ -14,7 +14,7 @@ makes every path absolute once. The names below are re-exported for `from rlhf_c
 from rlhf_cli.config.compose import (RUN_KEYS, compose_stage, config_diff, describe_diff, finalize, flatten,
                                      logger_word, register_configs)
 from rlhf_cli.config.hydra_errors import close_keys, compose_error, schema_keys, stage_groups, unknown_key_error
-from rlhf_cli.config.paths import PATH_KEYS, absolute_path, conf_dir
+from rlhf_cli.config.paths import absolute_path, conf_dir
 from rlhf_cli.config.schemas import (BUILTIN_TINY, LOGGERS, SCHEMAS, ComputeConfig, DataConfig, EvalConfig,
                                      FSDPConfig, LoopConfig, LoraConfig, ModelConfig, OptimConfig, PPOAlgoConfig,
                                      PPOConfig, PPOModelConfig, PPOTrainConfig, ReportConfig, RewardConfig,
@@ -23,7 +23,7 @@ from rlhf_cli.config.schemas import (BUILTIN_TINY, LOGGERS, SCHEMAS, ComputeConf
                                      check_loggers)
 
 __all__ = [
-    "BUILTIN_TINY", "LOGGERS", "PATH_KEYS", "RUN_KEYS", "SCHEMAS", "ComputeConfig", "DataConfig", "EvalConfig",
+    "BUILTIN_TINY", "LOGGERS", "RUN_KEYS", "SCHEMAS", "ComputeConfig", "DataConfig", "EvalConfig",
     "FSDPConfig", "LoopConfig", "LoraConfig", "ModelConfig", "OptimConfig", "PPOAlgoConfig", "PPOConfig",
     "PPOModelConfig", "PPOTrainConfig", "ReportConfig", "RewardConfig", "RewardLossConfig", "RewardModelConfig",
     "RewardTrainConfig", "SFTConfig", "SFTTrainConfig", "StageConfig", "TinyModelConfig", "ToyDataConfig",

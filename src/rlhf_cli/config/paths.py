@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-# Config keys that hold a local path (a key a stage's schema lacks is skipped); `root` and `run_dir` always do.
-PATH_KEYS = ("model.name_or_path", "model.policy", "model.reward", "model.value", "data.path", "data.eval_path")
 
 
 def conf_dir() -> Path:
@@ -30,13 +28,15 @@ def absolute_path(path: Optional[str]) -> Optional[str]:
 
 
 def make_absolute(obj: Any) -> None:
-    """`root` and `run_dir` resolved, and every PATH_KEYS value of a finalized config made absolute, in place."""
+    """`root` and `run_dir` resolved, and every value of the stage's path keys (its spec's `path_keys`) made
+    absolute, in place."""
+    from rlhf_cli.stagespec import SPECS
+
     obj.root = str(Path(obj.root).expanduser().resolve())
     obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())
-    for key in PATH_KEYS:
+    for key in SPECS[obj.stage].path_keys:
         *parents, name = key.split(".")
         node = obj
         for part in parents:
-            node = getattr(node, part, None)
-        if node is not None and hasattr(node, name):
-            setattr(node, name, absolute_path(getattr(node, name)))
+            node = getattr(node, part)
+        setattr(node, name, absolute_path(getattr(node, name)))

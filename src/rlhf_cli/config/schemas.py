@@ -20,6 +20,7 @@ from omegaconf import MISSING
 
 from rlhf_cli.artifacts import check_experiment
 from rlhf_cli.errors import ConfigError
+from rlhf_cli.stagespec import SPECS
 
 BUILTIN_TINY = "builtin:tiny"
 
@@ -220,13 +221,6 @@ class TrainConfig(LoopConfig):
     examples_per_step: int = 32
     eval_every: int = 200
 
-    def validate(self) -> None:
-        if self.examples_per_step % self.micro_batch_size:
-            raise ConfigError(
-                f"train.examples_per_step={self.examples_per_step} is not a multiple of "
-                f"train.micro_batch_size={self.micro_batch_size}",
-                hint="examples_per_step = micro_batch_size x grad_accum_steps x world_size")
-
 
 @dataclass
 class SFTTrainConfig(TrainConfig):
@@ -311,8 +305,9 @@ class PPOAlgoConfig:
     # compiles with torch.compile / CUDA graphs), eager elsewhere (transformers' generate, dynamic cache).
     rollout_backend: str = "auto"
 
-    def validate(self, train: PPOTrainConfig) -> None:
-        """Out-of-range knobs and impossible batch arithmetic with the stage's train config."""
+    def validate(self) -> None:
+        """Out-of-range knobs, and batch arithmetic that no number of processes makes work (the rest depends on
+        the world size: stages.ppo.batch_shape)."""
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"ppo.gamma={self.gamma} and ppo.lam={self.lam} must lie in [0, 1]")
         if self.prompts_per_rollout % self.num_mini_batches:
@@ -320,12 +315,6 @@ class PPOAlgoConfig:
                 f"ppo.prompts_per_rollout={self.prompts_per_rollout} does not split into "
                 f"ppo.num_mini_batches={self.num_mini_batches} equal minibatches",
                 hint="make prompts_per_rollout a multiple of num_mini_batches")
-        minibatch = self.prompts_per_rollout // self.num_mini_batches
-        if minibatch % train.micro_batch_size:
-            raise ConfigError(
-                f"a minibatch of {minibatch} sequences (prompts_per_rollout / num_mini_batches) is not a multiple of "
-                f"train.micro_batch_size={train.micro_batch_size}",
-                hint="minibatch = micro_batch_size x grad_accum_steps x world_size")
 
 
 @dataclass
@@ -441,7 +430,6 @@ class SFTConfig(StageConfig):
         super().validate()
         self.model.validate()
         self.data.validate()
-        self.train.validate()
 
 
 @dataclass
@@ -457,7 +445,6 @@ class RewardConfig(StageConfig):
         super().validate()
         self.model.validate()
         self.data.validate()
-        self.train.validate()
 
 
 @dataclass
@@ -474,7 +461,7 @@ class PPOConfig(StageConfig):
         super().validate()
         self.model.validate()
         self.data.validate()
-        self.ppo.validate(self.train)
+        self.ppo.validate()
 
 
 @dataclass
@@ -538,9 +525,9 @@ class ReportConfig:
         check_experiment(self.experiment)
 
 
-# stage -> the schema `rlhf <stage>` composes onto (registered in Hydra's ConfigStore as `<stage>_schema`)
-SCHEMAS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "eval": EvalConfig,
-                            "report": ReportConfig}
+# stage -> the schema `rlhf <stage>` composes onto (registered in Hydra's ConfigStore as `<stage>_schema`), as
+# each stage's spec names it (stagespec.SPECS)
+SCHEMAS: dict[str, type] = {name: globals()[spec.schema] for name, spec in SPECS.items() if spec.hydra}
 
 
 def rules(schema: type, table: str) -> list:
