@@ -136,3 +136,24 @@ def test_cli_prints_one_red_line_and_a_hint():
         "config error: unknown key optim.lrr in the sft config; did you mean optim.lr?",
         "hint: `rlhf sft --help` lists every key and its default",
     ]
+
+
+@pytest.mark.parametrize("stage", ["sft", "eval"])
+def test_an_experiment_name_the_lexer_rejects_gets_our_rule(stage):
+    err = _error(stage, ["experiment=café"])
+    assert err.message.startswith("experiment='café' is not a single name: use letters, digits and . _ + - only")
+    assert "LexerNoViableAlt" not in err.message and "hydra.cc" not in err.message
+
+
+def test_the_pipeline_words_an_unreadable_experiment_the_same_way(tmp_path):
+    from helpers import run_cli
+
+    run = run_cli(["pipeline", "experiment=café"], tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "experiment='café' is not a single name" in run.stderr and "Lexer" not in run.stderr
+
+
+def test_an_unreadable_value_says_how_to_quote_it():
+    err = _error("sft", ["data.path=/tmp/é x.jsonl"])
+    assert err.message.startswith("cannot read the override data.path=/tmp/é x.jsonl: a value with spaces")
+    assert "\"data.path='/tmp/é x.jsonl'\"" in err.hint

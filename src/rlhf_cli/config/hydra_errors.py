@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_cli.artifacts import check_experiment
 from rlhf_cli.config.paths import conf_dir
 from rlhf_cli.config.schemas import SCHEMAS
 from rlhf_cli.errors import ConfigError
@@ -146,12 +147,26 @@ def _plain(exc: BaseException) -> str:
     return " ".join(" ".join(lines).split())
 
 
+def unreadable_override(word: str) -> ConfigError:
+    """An override Hydra's lexer cannot read (a non-ASCII letter, a space or a special character in a bare value):
+    an experiment name gets the rule it breaks; any other value, how to quote it."""
+    key, _, value = word.partition("=")
+    if key.lstrip("+~") == "experiment":
+        try:
+            check_experiment(value)
+        except ConfigError as refused:
+            return refused
+    return ConfigError(f"cannot read the override {word}: a value with spaces, non-ASCII letters or characters "
+                       f"such as ()[]{{}}:,= must be quoted", hint=f"quote the value, with the shell's quotes around "
+                                                                    f"the whole word: \"{key}='{value}'\"")
+
+
 def compose_error(exc: BaseException, stage: Optional[str] = None,
                   spell: Optional[Callable[[str], str]] = None) -> ConfigError:
     """Hydra's or OmegaConf's complaint about a stage's overrides as one ConfigError: an unknown key with the
     closest valid keys, a wrong group option with the group's options, a wrong type with the type expected.
     `spell` writes a stage key the way the user types it (`rlhf pipeline` prefixes the stage)."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigTypeError, ValidationError
 
     spell = spell or str
@@ -161,6 +176,9 @@ def compose_error(exc: BaseException, stage: Optional[str] = None,
         chain.append(seen)
         seen = seen.__cause__
     inner, text = chain[-1], str(exc).strip()
+    parse = next((e for e in chain if isinstance(e, OverrideParseException)), None)
+    if parse is not None:
+        return unreadable_override(parse.override)
     if stage not in SCHEMAS:
         return ConfigError(_plain(exc), hint=_help(stage or "<stage>"))
     schema, groups = SCHEMAS[stage], stage_groups(stage)
