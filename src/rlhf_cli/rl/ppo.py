@@ -1,5 +1,6 @@
 """PPO math for language models: KL estimates, per-token rewards, GAE, whitening, the clipped losses and the
-statistics logged beside them (pure torch, no I/O).
+statistics logged beside them (pure torch, no I/O). The log-prob math of any LM stage lives here too: per token
+(`logprobs_from_logits`, `logprobs_and_entropy`) and per sequence (`sequence_logprobs`, what DPO compares).
 
 Conventions. Per-token tensors are [B, T] over RESPONSE tokens only: position t is the t-th generated token.
 `mask` is [B, T] (bool, int or float), 1 for real response tokens (up to and including the first stop token) and
@@ -19,7 +20,7 @@ from rlhf_cli.rl.masks import as_bool, last_index
 __all__ = [
     "masked_sum", "masked_mean", "masked_var", "masked_whiten", "kl_per_token", "per_token_rewards",
     "gae", "policy_loss", "value_loss", "entropy_from_logits", "logprobs_from_logits", "logprobs_and_entropy",
-    "explained_variance",
+    "sequence_logprobs", "explained_variance",
     "adaptive_kl_update", "apply_missing_eos_penalty", "normalize_scores", "truncate_after_stop",
 ]
 
@@ -235,6 +236,22 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     logits are upcast a few rows at a time, and no [..., V] float32 tensor is kept for the backward pass.
     """
     return logprobs_and_entropy(logits, tokens, temperature, entropy=False)[0]
+
+
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Log-probability of each row's response under the model, summed over its response tokens:
+
+        log π(y_b | x_b) = Σ_t m_bt · log softmax(z_bt / T)[y_bt]
+
+    logits [B, T, V] (z_bt: the logits that predict token y_bt), tokens [B, T], mask [B, T] (1 on the response
+    tokens to count, 0 elsewhere: prompt, padding) → [B] in float32 (float64 for float64 logits). A row with no
+    masked-in token gets 0. Tokens where the mask is 0 are never read (any id, even -100, is allowed there).
+    `temperature` as in `logprobs_from_logits` (DPO and its relatives use T = 1).
+    """
+    valid = as_bool(mask)
+    safe = torch.where(valid, tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+    return masked_sum(logprobs_from_logits(logits, safe, temperature), mask, dim=-1)
 
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
