@@ -434,8 +434,9 @@ def test_causal_short_pair_ends_with_eos(tokenizer):
     rows = [text_pair(words(3), words(2, 50), words(1, 60), margin=1.5), text_pair(words(2), words(1, 50), "")]
     (first, second), stats = tokenize_pairs(rows, tokenizer, 10, encoder=False)
     assert first == {"chosen_ids": ids(3) + ids(2, 50) + [EOS], "rejected_ids": ids(3) + ids(1, 60) + [EOS],
-                     "margin": 1.5}
-    assert second == {"chosen_ids": ids(2) + ids(1, 50) + [EOS], "rejected_ids": ids(2) + [EOS], "margin": 0.0}
+                     "margin": 1.5, "chosen_start": 3, "rejected_start": 3}
+    assert second == {"chosen_ids": ids(2) + ids(1, 50) + [EOS], "rejected_ids": ids(2) + [EOS], "margin": 0.0,
+                      "chosen_start": 2, "rejected_start": 2}
     assert stats == {"pairs": 2, "truncated": 0, "tokens": 6 + 5 + 4 + 3}
 
 
@@ -467,6 +468,7 @@ def test_causal_truncation_by_hand(tokenizer, prompt_len, chosen_len, rejected_l
     (example,), stats = tokenize_pairs([row], tokenizer, 10, encoder=False)
     assert example["chosen_ids"] == side(prompt_len, chosen[0], 50, chosen[1], chosen[2])
     assert example["rejected_ids"] == side(prompt_len, rejected[0], 80, rejected[1], rejected[2])
+    assert (example["chosen_start"], example["rejected_start"]) == (chosen[0], rejected[0])  # after the kept prompt
     untouched = all(kept == (prompt_len, length, True) for kept, length in ((chosen, chosen_len),
                                                                             (rejected, rejected_len)))
     assert stats["truncated"] == (not untouched)
@@ -481,6 +483,7 @@ def test_causal_bos_is_kept_and_counted_in_the_budget(bos_tokenizer):
     # budget 9: chosen keeps max(9 // 2, 9 - 20) = 4, the prompt its last 5; rejected+EOS (2) leaves 7 for the prompt
     assert long["chosen_ids"] == [BOS] + ids(5, 15) + ids(4, 50)
     assert long["rejected_ids"] == [BOS] + ids(7, 13) + ids(1, 80) + [EOS]
+    assert [(x["chosen_start"], x["rejected_start"]) for x in (short, long)] == [(3, 3), (6, 8)]
     assert stats == {"pairs": 2, "truncated": 1, "tokens": 5 + 6 + 10 + 10}
 
 
@@ -514,8 +517,11 @@ def test_encoder_pair_and_single_layouts(encoder_tokenizer):
         "chosen_ids": [CLS] + enc_ids(3) + [SEP] + enc_ids(2, 50) + [SEP],
         "rejected_ids": [CLS] + enc_ids(3) + [SEP] + enc_ids(1, 60) + [SEP],
         "margin": 2.0,
+        "chosen_start": 5,   # [CLS] + 3 prompt ids + [SEP]
+        "rejected_start": 5,
     }
     assert single["chosen_ids"] == [CLS] + enc_ids(2, 50) + [SEP]
+    assert (single["chosen_start"], single["rejected_start"]) == (1, 1)   # after [CLS]
     assert single["rejected_ids"] == [CLS] + enc_ids(1, 60) + [SEP]
     assert stats == {"pairs": 2, "truncated": 0, "tokens": 8 + 7 + 4 + 3}
     # the same as the tokenizer's own pair encoding

@@ -26,7 +26,7 @@ counted.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -260,7 +260,8 @@ def _conversation(row: dict, field: str) -> dict:
 def tokenize_pairs(
     rows: list[dict], tokenizer: Any, max_seq_len: int, encoder: bool, *, source: Source | str = "data"
 ) -> tuple[list[dict], dict]:
-    """Tokenise normalised rows into `{"chosen_ids", "rejected_ids", "margin"}` examples, plus stats.
+    """Tokenise normalised rows into `{"chosen_ids", "rejected_ids", "margin", "chosen_start", "rejected_start"}`
+    examples, plus stats.
 
     Prompt and responses are rendered by `render_pair` and tokenised separately with `add_special_tokens=False`.
 
@@ -283,27 +284,15 @@ def tokenize_pairs(
     the dialogue survives). So the two sides of a pair may keep different amounts of a long prompt. A pair counts as
     truncated when either side was.
 
+    Each example also says where its responses start: `chosen_start` / `rejected_start`, the index in
+    `chosen_ids` / `rejected_ids` of the first response token (the tokens before it are the prompt and the special
+    tokens around it), so a stage can sum log-probs over the response alone.
+
     Stats: `{"pairs": n, "truncated": pairs cut, "tokens": total ids over both sides}`. `source` names the data in
     errors raised while rendering (a chat template rejecting the prompt messages): by file and line when `rows` are
     all the rows it loaded, else as "row N" counting the rows given here (`loading.source_for`).
     """
-    if encoder:
-        layout = _encoder_layout(tokenizer)
-        minimum = sum(len(part) for part in layout["pair"]) + 2
-        if max_seq_len < minimum:
-            raise ConfigError(
-                f"max_seq_len must be at least {minimum} (the special tokens, a prompt token and a response token), "
-                f"got {max_seq_len}"
-            )
-    else:
-        bos_id, adds_bos = bos_policy(tokenizer)
-        minimum = 2 if bos_id is None else 3
-        if max_seq_len < minimum:
-            raise ConfigError(
-                f"max_seq_len must be at least {minimum} (BOS, a prompt or response token, EOS), got {max_seq_len}"
-            )
-        if tokenizer.eos_token_id is None:
-            raise ConfigError("the tokenizer has no EOS token", hint="use a tokenizer with an eos_token")
+    side = sequence_builder(tokenizer, max_seq_len, encoder)
     named = source_for(rows, source)
     texts = [_render_or_fail(row, tokenizer, row_location(named, index)) for index, row in enumerate(rows)]
     prompts = encode_texts([text[0] for text in texts], tokenizer)
@@ -311,15 +300,12 @@ def tokenize_pairs(
     rejected = encode_texts([text[2] for text in texts], tokenizer)
     examples, truncated = [], 0
     for row, prompt, *responses in zip(rows, prompts, chosen, rejected):
-        if encoder:
-            sides = [_encoder_sequence(prompt, response, layout, max_seq_len) for response in responses]
-        else:
-            eos_id = tokenizer.eos_token_id
-            sides = [_causal_sequence(prompt, resp, bos_id, adds_bos, eos_id, max_seq_len) for resp in responses]
-        (chosen_ids, chosen_cut), (rejected_ids, rejected_cut) = sides
+        (chosen_ids, chosen_start, chosen_cut), (rejected_ids, rejected_start, rejected_cut) = [
+            side(prompt, response) for response in responses]
         truncated += chosen_cut or rejected_cut
         margin = float(row.get("margin", 0.0))
-        examples.append({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "margin": margin})
+        examples.append({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "margin": margin,
+                         "chosen_start": chosen_start, "rejected_start": rejected_start})
     stats = {
         "pairs": len(examples),
         "truncated": truncated,
@@ -328,26 +314,62 @@ def tokenize_pairs(
     return examples, stats
 
 
+def tokenize_responses(prompts: list[str], responses: list[str], tokenizer: Any, max_seq_len: int,
+                       encoder: bool) -> list[dict]:
+    """Each (prompt text, response text) as one side of a pair of `tokenize_pairs` (same layout, same truncation):
+    `{"input_ids": ids, "response_start": index of the first response token}`. What a reward model reads when it
+    scores text, e.g. a policy's decoded samples re-tokenised for a reward model with another tokenizer."""
+    side = sequence_builder(tokenizer, max_seq_len, encoder)
+    sides = [side(prompt, response) for prompt, response in zip(encode_texts(prompts, tokenizer),
+                                                                encode_texts(responses, tokenizer))]
+    return [{"input_ids": ids, "response_start": start} for ids, start, _ in sides]
+
+
+def sequence_builder(tokenizer: Any, max_seq_len: int, encoder: bool) -> Callable[[list[int], list[int]], tuple]:
+    """The function `(prompt ids, response ids) -> (ids, response start, cut)` of `tokenize_pairs`' layouts for
+    this tokenizer (causal or `encoder`), after checking that `max_seq_len` leaves room for them (ConfigError)."""
+    if encoder:
+        layout = _encoder_layout(tokenizer)
+        minimum = sum(len(part) for part in layout["pair"]) + 2
+        if max_seq_len < minimum:
+            raise ConfigError(
+                f"max_seq_len must be at least {minimum} (the special tokens, a prompt token and a response token), "
+                f"got {max_seq_len}"
+            )
+        return lambda prompt, response: _encoder_sequence(prompt, response, layout, max_seq_len)
+    bos_id, adds_bos = bos_policy(tokenizer)
+    minimum = 2 if bos_id is None else 3
+    if max_seq_len < minimum:
+        raise ConfigError(
+            f"max_seq_len must be at least {minimum} (BOS, a prompt or response token, EOS), got {max_seq_len}"
+        )
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ConfigError("the tokenizer has no EOS token", hint="use a tokenizer with an eos_token")
+    return lambda prompt, response: _causal_sequence(prompt, response, bos_id, adds_bos, eos_id, max_seq_len)
+
+
 def _causal_sequence(
     prompt: list[int], response: list[int], bos_id: int | None, adds_bos: bool, eos_id: int, max_seq_len: int
-) -> tuple[list[int], bool]:
+) -> tuple[list[int], int, bool]:
     lead, prompt = split_bos(prompt, bos_id, adds_bos)
     response = response + [eos_id]
     kept_prompt, kept_response = truncate_pair(prompt, response, max_seq_len - len(lead))
     cut = len(kept_prompt) + len(kept_response) < len(prompt) + len(response)
-    return lead + kept_prompt + kept_response, cut
+    return lead + kept_prompt + kept_response, len(lead) + len(kept_prompt), cut
 
 
-def _encoder_sequence(prompt: list[int], response: list[int], layout: dict, max_seq_len: int) -> tuple[list[int], bool]:
+def _encoder_sequence(prompt: list[int], response: list[int], layout: dict,
+                      max_seq_len: int) -> tuple[list[int], int, bool]:
     specials = layout["pair"] if prompt else layout["single"]
     budget = max_seq_len - sum(len(part) for part in specials)
     kept_prompt, kept_response = truncate_pair(prompt, response, budget)
     cut = len(kept_prompt) + len(kept_response) < len(prompt) + len(response)
     if prompt:
         prefix, middle, suffix = specials
-        return prefix + kept_prompt + middle + kept_response + suffix, cut
+        return prefix + kept_prompt + middle + kept_response + suffix, len(prefix) + len(kept_prompt) + len(middle), cut
     prefix, suffix = specials
-    return prefix + kept_response + suffix, cut
+    return prefix + kept_response + suffix, len(prefix), cut
 
 
 def _encoder_layout(tokenizer: Any) -> dict[str, tuple[list[int], ...]]:
@@ -410,15 +432,21 @@ def collate_pairs(examples: list[dict], pad_id: int, packing: bool = False) -> d
     """
     if packing:
         return collate_packed_pairs(examples)
-    sequences = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
+    input_ids, attention_mask = pad_right([ex["chosen_ids"] for ex in examples] +
+                                          [ex["rejected_ids"] for ex in examples], pad_id)
+    margin = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples], dtype=torch.float)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids right-padded with `pad_id`, attention_mask 1/0), both long [N, L], L the longest sequence."""
     width = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for index, ids in enumerate(sequences):
         input_ids[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[index, : len(ids)] = 1
-    margin = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples], dtype=torch.float)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+    return input_ids, attention_mask
 
 
 def collate_packed_pairs(examples: list[dict]) -> dict[str, torch.Tensor]:
