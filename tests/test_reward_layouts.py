@@ -16,7 +16,7 @@ from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTok
 from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
 from rlhf_cli.config import ModelConfig
 from rlhf_cli.engine import checkpoint
-from rlhf_cli.errors import ArtifactError
+from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models.loading import resolve
 from rlhf_cli.models.reward import CONFIG_FILE, HEAD_FILE, RewardModel, load_reward_model
 from rlhf_cli.rl.reward import pool
@@ -243,8 +243,8 @@ def test_a_reward_artifact_of_ours_loads_by_hub_id(tmp_path, tiny_tokenizer, mon
     again, tokenizer = load_reward_model("org/rm")
     assert again.layout() == "backbone_and_head" and again.score_stats == {"mean": 1.5}
     assert torch.equal(_our_scores(again, tokenizer, TEXTS), _our_scores(model, tiny_tokenizer, TEXTS))
-    with pytest.raises(ArtifactError, match="org/absent"):
-        RewardModel.from_pretrained("org/absent")
+    with pytest.raises(ConfigError, match="org/absent is neither a local directory nor in the local"):
+        RewardModel.from_pretrained("org/absent")   # offline and not in the cache: models.loading.check_source
 
 
 @pytest.mark.parametrize("kind", ["causal", "encoder"])

@@ -17,6 +17,7 @@ import torch
 
 from rlhf_cli.engine.fsdp import generating, is_sharded
 from rlhf_cli.models.loading import logits_at
+from rlhf_cli.models.reward import score_padded, score_sequences
 from rlhf_cli.rl import ppo as rl
 from rlhf_cli.rl.masks import position_ids_from_mask
 
@@ -176,20 +177,13 @@ def response_values(value_model, samples: Samples, micro: int) -> torch.Tensor:
 def score_responses(scorer: Scorer, samples: Samples, prompt_text: list[str], response_text: list[str],
                     micro: int) -> torch.Tensor:
     """The reward model's score at the last real token of prompt + response, [B]. Shared tokenizer: the samples'
-    ids as they are. Otherwise: the texts re-tokenised as the reward model was trained to read them."""
-    model, scores = scorer.model, []
+    ids as they are. Otherwise: the texts re-tokenised as the reward model was trained to read them (one side of
+    a preference pair: data.preference.tokenize_responses)."""
     if scorer.same_tokens:
-        for i in range(0, samples.response.shape[0], micro):
-            idx = slice(i, i + micro)
-            scores.append(model(samples.input_ids[idx], samples.attention_mask[idx]).float())
-        return torch.cat(scores)
-    from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
+        return score_padded(scorer.model, samples.input_ids, samples.attention_mask, micro)
+    from rlhf_cli.data.preference import tokenize_responses
 
-    rows = [{"prompt": pr, "chosen": rs, "rejected": rs} for pr, rs in zip(prompt_text, response_text)]
-    examples, _ = tokenize_pairs(rows, scorer.tokenizer, scorer.max_len, model.is_encoder, source="rollout")
-    device = samples.input_ids.device
-    for i in range(0, len(examples), micro):
-        batch = collate_pairs(examples[i:i + micro], scorer.tokenizer.pad_token_id)
-        n = len(examples[i:i + micro])
-        scores.append(model(batch["input_ids"][:n].to(device), batch["attention_mask"][:n].to(device)).float())
-    return torch.cat(scores)
+    tokenized = tokenize_responses(prompt_text, response_text, scorer.tokenizer, scorer.max_len,
+                                   scorer.model.is_encoder)
+    return score_sequences(scorer.model, [x["input_ids"] for x in tokenized], scorer.tokenizer.pad_token_id,
+                           samples.input_ids.device, micro)

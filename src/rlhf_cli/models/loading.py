@@ -1,7 +1,11 @@
 """Loading causal LMs and their tokenizers, real or built-in, always through `from_pretrained`.
 
 - `model.name_or_path` is a hub id, a local directory, or `builtin:tiny` (built on first use and cached, then loaded
-  from its directory like any model).
+  from its directory like any model). Every load first checks that what it names is there (`check_source`): a
+  local path that does not exist, or a hub id that is not in the local cache while offline, is one ConfigError
+  naming the stage's key, not a hub connection failure.
+- Frozen roles (PPO's reference and reward model, eval's judge) load through `load_frozen_lm` and
+  `models.reward.load_frozen_reward_model`.
 - Weights load from safetensors only; `trust_remote_code` stays off unless the user turns it on.
 - A pad token distinct from EOS is guaranteed: pad == EOS silently corrupts attention masks and last-token pooling,
   so when a tokenizer lacks one (or reuses EOS) `<|pad|>` is added and the embeddings are resized.
@@ -9,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,8 +32,9 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def resolve(cfg: ModelConfig) -> str:
-    """Where from_pretrained should look: the cached built-in model's directory, or name_or_path itself."""
+def resolve(cfg: ModelConfig, key: str = "model.name_or_path") -> str:
+    """Where from_pretrained should look: the cached built-in model's directory, or name_or_path itself, checked
+    to be there (`check_source`; `key` is the config key that set it, named in errors)."""
     if cfg.name_or_path == BUILTIN_TINY:
         from rlhf_cli.models.tiny import tiny_model_path
 
@@ -37,28 +43,87 @@ def resolve(cfg: ModelConfig) -> str:
                                    intermediate_size=t.intermediate_size,
                                    max_position_embeddings=t.max_position_embeddings, seed=t.seed))
     if cfg.name_or_path.startswith("builtin:"):
-        raise ConfigError(f"model.name_or_path={cfg.name_or_path}: the only built-in model is {BUILTIN_TINY}")
+        raise ConfigError(f"{key}={cfg.name_or_path}: the only built-in model is {BUILTIN_TINY}")
+    check_source(cfg.name_or_path, key, cfg.revision)
     return cfg.name_or_path
 
 
-def _load_error(what: str, name: str, exc: Exception) -> ConfigError:
+def check_source(name: str, key: str = "model.name_or_path", revision: str | None = None) -> None:
+    """Refuse, before anything loads, a model that cannot be there (ConfigError naming `key`, the config key the
+    user set, with a hint):
+
+    - a local path (absolute, starting with `.` or `~`, or not shaped like a hub id) that does not exist;
+    - a hub id (`name` or `namespace/name`) while offline (HF_HUB_OFFLINE=1 / TRANSFORMERS_OFFLINE=1) that is not
+      in the local Hugging Face cache: nothing could download it.
+
+    An existing path, a `builtin:` name and, online, any hub id pass (from_pretrained then says what is wrong)."""
+    if name.startswith("builtin:") or Path(name).expanduser().exists():
+        return
+    if not is_hub_id(name):
+        raise ConfigError(f"{key}: the path {name} does not exist",
+                          hint=f"check the path for a typo (a relative path is read from {os.getcwd()}); "
+                               "or pass a finished run directory, a model directory, a hub id or builtin:tiny")
+    if offline() and not in_hub_cache(name, revision):
+        from huggingface_hub import constants
+
+        raise ConfigError(f"{key}: {name} is neither a local directory nor in the local Hugging Face cache "
+                          f"({constants.HF_HUB_CACHE}), and the hub is off (HF_HUB_OFFLINE=1)",
+                          hint=f"on a machine with network run `hf download {name}` (older huggingface_hub: "
+                               f"`huggingface-cli download {name}`) and copy its cache here, or set HF_HOME to a "
+                               f"cache that has it, or pass a local model directory; or unset HF_HUB_OFFLINE to "
+                               f"download it now")
+
+
+def is_hub_id(name: str) -> bool:
+    """Shaped like a Hugging Face repo id (`name` or `namespace/name`: letters, digits, `-`, `_`, `.`), rather than a
+    local path (absolute, `.`/`~`-relative, or with more than one `/`)."""
+    if name.startswith((".", "~", "/")) or os.sep in name.replace("/", "", 1):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def offline() -> bool:
+    """Is the Hugging Face hub switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)?"""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
+    """Does the local hub cache hold model `repo_id` (its config.json at `revision`, or, for a repo without one,
+    any file of a snapshot)?"""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return True
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(p.is_file() for p in snapshots.rglob("*"))
+
+
+def _load_error(what: str, name: str, exc: Exception, key: str = "model.name_or_path") -> ConfigError:
     local = Path(name).exists()
     hint = ("check that the directory holds a Hugging Face model (config.json, *.safetensors, tokenizer files)"
             if local else
-            "model.name_or_path must be a local directory or a hub id reachable from here "
+            f"{key} must be a local directory or a hub id reachable from here "
             "(offline? download it elsewhere and pass its local path)")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ConfigError(f"could not load the {what} from '{name}': {first}", hint=hint)
 
 
-def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+def load_tokenizer(cfg: ModelConfig, path: str | None = None, key: str = "model.name_or_path"):
     from transformers import AutoTokenizer
 
-    path = path or resolve(cfg)
+    path = path or resolve(cfg, key)
     try:
         return AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _load_error("tokenizer", path, exc) from exc
+        raise _load_error("tokenizer", path, exc, key) from exc
 
 
 def same_tokenizer(a, b) -> bool:
@@ -98,14 +163,15 @@ def ensure_pad_token(tokenizer, model=None, require_eos: bool = True) -> bool:
     return True
 
 
-def load_causal_lm(cfg: ModelConfig, device: torch.device, dropout: bool = True):
+def load_causal_lm(cfg: ModelConfig, device: torch.device, dropout: bool = True, key: str = "model.name_or_path"):
     """(model, tokenizer, info) for a causal LM; fp32 master weights (bf16 autocast is applied by the engine).
-    dropout=False zeroes every dropout probability (PPO's policy and reference must be deterministic)."""
+    dropout=False zeroes every dropout probability (PPO's policy and reference must be deterministic). `key`: the
+    config key that named the model, for errors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
-    path = resolve(cfg)
-    tokenizer = load_tokenizer(cfg, path)
+    path = resolve(cfg, key)
+    tokenizer = load_tokenizer(cfg, path, key)
     try:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         if not dropout:
@@ -115,7 +181,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, dropout: bool = True)
             use_safetensors=True, dtype=torch.float32,
         )
     except (OSError, ValueError) as exc:
-        raise _load_error("model", path, exc) from exc
+        raise _load_error("model", path, exc, key) from exc
     added_pad = ensure_pad_token(tokenizer, model)
     model.to(device)
     info = {
@@ -124,6 +190,16 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, dropout: bool = True)
         "added_pad_token": added_pad,
     }
     return model, tokenizer, info
+
+
+def load_frozen_lm(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+                   key: str = "model.name_or_path"):
+    """(model, tokenizer) of a causal LM that is read, never trained (PPO's reference, eval's reference and
+    policies): loaded by `load_causal_lm` with dropout off onto `device`, then cast to `dtype`, in eval mode, with
+    no parameter requiring a gradient."""
+    model, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=path, trust_remote_code=trust_remote_code), device,
+                                         dropout=False, key=key)
+    return model.to(dtype).eval().requires_grad_(False), tokenizer
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_cli.errors import ArtifactError, ConfigError
-from rlhf_cli.models.loading import no_dropout
+from rlhf_cli.models.loading import check_source, no_dropout
 from rlhf_cli.rl.masks import position_ids_from_mask
 from rlhf_cli.rl.reward import pool
 
@@ -135,12 +135,13 @@ class RewardModel(torch.nn.Module):
 
     @classmethod
     def from_backbone(cls, path: str, tokenizer, *, pooling: str = "auto", revision: str | None = None,
-                      trust_remote_code: bool = False) -> "RewardModel":
+                      trust_remote_code: bool = False, key: str = "model.name_or_path") -> "RewardModel":
         """A new reward model from the pretrained model at `path`: a causal LM's body (without its LM head) and a
         fresh head, or, for an encoder read at [CLS], the architecture's own AutoModelForSequenceClassification
-        with one label (its classification head freshly initialised)."""
+        with one label (its classification head freshly initialised). `key`: the config key that named `path`."""
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+        check_source(path, key, revision)
         try:
             config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
             no_dropout(config)
@@ -157,7 +158,7 @@ class RewardModel(torch.nn.Module):
         except (OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"could not load a reward-model backbone from '{path}': {first}",
-                              hint="model.name_or_path must be a local Hugging Face model directory, a run "
+                              hint=f"{key} must be a local Hugging Face model directory, a run "
                                    "directory with a finished artifact, or a reachable hub id") from exc
         if len(tokenizer) > net.get_input_embeddings().weight.shape[0]:
             net.resize_token_embeddings(len(tokenizer))  # a pad token was added
@@ -203,12 +204,14 @@ class RewardModel(torch.nn.Module):
             tokenizer.save_pretrained(directory)
 
     @classmethod
-    def from_pretrained(cls, directory, trust_remote_code: bool = False) -> "RewardModel":
+    def from_pretrained(cls, directory, trust_remote_code: bool = False, key: str = "model.reward") -> "RewardModel":
         """Load a reward model: the `model/` of a reward artifact (either layout, or the layout of earlier versions),
-        or any Hugging Face AutoModelForSequenceClassification directory or hub id with one label."""
+        or any Hugging Face AutoModelForSequenceClassification directory or hub id with one label. `key`: the
+        config key that named it, for errors."""
         from transformers import AutoConfig, AutoModel
 
         path = str(directory)
+        check_source(path, key)
         meta_file = side_file(path, CONFIG_FILE)
         meta = json.loads(Path(meta_file).read_text()) if meta_file else None
         try:
@@ -314,13 +317,14 @@ def from_seq_cls(path: str, config, meta: dict | None, trust_remote_code: bool) 
     return model
 
 
-def load_reward_model(path: str, trust_remote_code: bool = False) -> tuple[RewardModel, object]:
+def load_reward_model(path: str, trust_remote_code: bool = False,
+                      key: str = "model.reward") -> tuple[RewardModel, object]:
     """(reward model, its tokenizer) for scoring: `RewardModel.from_pretrained` and the tokenizer beside it. A
     tokenizer without a pad token (Llama reward models) pads with the model's pad id, else EOS, without adding a
     token (the embeddings stay as trained): the attention mask, not the pad id, says where a text ends."""
     from transformers import AutoTokenizer
 
-    model = RewardModel.from_pretrained(path, trust_remote_code)
+    model = RewardModel.from_pretrained(path, trust_remote_code, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -335,3 +339,45 @@ def load_reward_model(path: str, trust_remote_code: bool = False) -> tuple[Rewar
     if model.pad_token_id is None:
         model.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_frozen_reward_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+                             key: str = "model.reward") -> tuple[RewardModel, object]:
+    """(reward model, its tokenizer) that only scores (PPO's reward, eval's judge): `load_reward_model`, moved to
+    `device` in `dtype`, in eval mode, with no parameter requiring a gradient."""
+    model, tokenizer = load_reward_model(path, trust_remote_code, key)
+    return model.to(device, dtype).eval().requires_grad_(False), tokenizer
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+
+def score_pairs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each [B] float32, of B tokenized pairs collated by data.preference.collate_pairs, in
+    one forward pass: rows 0..B-1 chosen and B..2B-1 rejected (`input_ids`, `attention_mask`), or, packed, one
+    padding-free row read at each sequence's last token (`input_ids`, `position_ids`, `ends`). `model`: a
+    RewardModel, or one wrapped for training (DDP, FSDP, torch.compile)."""
+    if "ends" in batch:
+        r = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], ends=batch["ends"]).float()
+    else:
+        r = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+    n = r.shape[0] // 2
+    return r[:n], r[n:]
+
+
+def score_padded(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, micro: int) -> torch.Tensor:
+    """The score of each row of a padded batch [N, L] (left, right or both), [N] float32, `micro` rows per
+    forward pass."""
+    return torch.cat([model(input_ids[i:i + micro], attention_mask[i:i + micro]).float()
+                      for i in range(0, input_ids.shape[0], micro)])
+
+
+def score_sequences(model, sequences: list[list[int]], pad_id: int, device: torch.device, micro: int) -> torch.Tensor:
+    """The score of each token sequence (e.g. data.preference.tokenize_responses' input_ids), [N] float32: `micro`
+    sequences per forward pass, each micro-batch right-padded with `pad_id` to its own longest sequence."""
+    from rlhf_cli.data.preference import pad_right
+
+    scores = []
+    for i in range(0, len(sequences), micro):
+        input_ids, attention_mask = pad_right(sequences[i:i + micro], pad_id)
+        scores.append(model(input_ids.to(device), attention_mask.to(device)).float())
+    return torch.cat(scores)
