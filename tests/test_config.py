@@ -140,7 +140,7 @@ def test_missing_required_value_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("override,key", [
     ("optim.schedule=exp", "optim.schedule"), ("train.max_steps=0", "train.max_steps"),
-    ("train.examples_per_step=30", "train.examples_per_step"), ("data.toy.label_noise=0.7", "label_noise"),
+    ("train.examples_per_step=0", "train.examples_per_step"), ("data.toy.label_noise=0.7", "label_noise"),
     ("logger=[comet]", "logger"), ("optim.lr=-1", "optim.lr"),
 ])
 def test_rule_violations_name_the_key(override, key, tmp_path):
@@ -163,6 +163,17 @@ def test_non_finite_numbers_are_refused_at_compose_time(stage, override, tmp_pat
 def test_experiment_must_be_one_safe_name(name, tmp_path):
     with pytest.raises(ConfigError, match="is not a single name"):
         _finalize("sft", [f"experiment={name}"], tmp_path)
+
+
+def test_micro_batch_size_is_an_upper_bound_not_a_divisor(tmp_path):
+    # examples_per_step need not be a multiple of micro_batch_size: the step uses 2 micro-batches of 12
+    cfg = _finalize("sft", ["train.examples_per_step=24", "train.micro_batch_size=16"], tmp_path)
+    assert (cfg.train.examples_per_step, cfg.train.micro_batch_size) == (24, 16)
+    ppo = _finalize("ppo", ["ppo.prompts_per_rollout=16", "ppo.num_mini_batches=2", "train.micro_batch_size=3"],
+                    tmp_path)
+    assert ppo.train.micro_batch_size == 3
+    with pytest.raises(ConfigError, match="train.micro_batch_size=0 must be > 0"):
+        _finalize("sft", ["train.micro_batch_size=0"], tmp_path)
 
 
 def test_config_diff_ignores_how_a_run_is_launched():

@@ -75,9 +75,11 @@ def test_sft_fsdp_on_two_nodes_matches_one_process_and_resumes_across_strategies
     single_dir = tmp_path / "runs" / "single" / "sft"
     # the same global batch and loss normalisation on 2 shards as on 1 process: equal up to summation order
     _assert_close(_weights(fsdp_dir), _weights(single_dir), atol=1e-5)
-    (ddp,) = _torchrun(["sft", "experiment=ddp", *SFT], tmp_path)  # and on 2 replicas
+    # and on 2 replicas, micro_batch_size an upper bound: each process's 8 examples in 2 micro-batches of 4
+    (ddp,) = _torchrun(["sft", "experiment=ddp", *SFT, "train.micro_batch_size=6"], tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "x world_size 2" in ddp.stdout and ddp.stdout.count("sft summary") == 1
+    assert "examples_per_step 16 = micro_batch_size 4 (of at most 6) x grad_accum_steps 2 x world_size 2" in \
+        ddp.stdout and ddp.stdout.count("sft summary") == 1
     _assert_close(_weights(tmp_path / "runs" / "ddp" / "sft"), _weights(single_dir), atol=1e-5)
     for key in ("eval_loss", "train_loss"):
         assert json.loads((fsdp_dir / "manifest.json").read_text())["metrics"][key] == pytest.approx(

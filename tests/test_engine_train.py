@@ -163,6 +163,34 @@ def test_step_plan_holds_the_batch_arithmetic_and_prints_it():
     assert (steps.grad_accum, steps.total, steps.per_epoch) == (2, 9, 6)
     assert steps.describe(t, 2, " pairs") == ("batch: examples_per_step 16 pairs = micro_batch_size 4 x "
                                               "grad_accum_steps 2 x world_size 2; 9 steps = 1.50 epochs of 6 steps")
+    t = SFTTrainConfig(examples_per_step=24, micro_batch_size=16, max_steps=5)  # 16 does not divide 24: 12 does
+    steps = batches.step_plan(t, 100, world_size=1)
+    assert (steps.micro, steps.grad_accum) == (12, 2)
+    assert steps.describe(t, 1) == ("batch: examples_per_step 24 = micro_batch_size 12 (of at most 16) x "
+                                    "grad_accum_steps 2 x world_size 1; 5 steps = 1.25 epochs of 4 steps")
+
+
+@pytest.mark.parametrize("examples,world_size,upper,split", [
+    (32, 1, 32, (32, 1)),  # the defaults on one process: as before
+    (32, 2, 32, (16, 1)),  # the README's DDP line: each process's 16 in one micro-batch
+    (24, 1, 16, (12, 2)),
+    (16, 2, 4, (4, 2)),
+    (14, 2, 4, (1, 7)),    # 7 per process: only 1 divides it below 4
+])
+def test_the_micro_batch_is_the_largest_up_to_the_bound_that_divides_each_share(examples, world_size, upper, split):
+    from rlhf_cli.engine import batches
+
+    assert batches.split_step(examples, world_size, upper) == split
+
+
+def test_a_step_that_does_not_split_over_the_processes_is_refused():
+    from rlhf_cli.engine import batches
+    from rlhf_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.examples_per_step=30 does not split evenly over world_size=4 "):
+        batches.split_step(30, 4, 32)
+    with pytest.raises(ConfigError, match="world_size=4"):
+        batches.split_step(2, 4, 32)  # fewer examples than processes
 
 
 def _loss_and_grads(model, checkpointing: bool, forward) -> tuple[float, dict]:

@@ -175,14 +175,22 @@ def test_adaptive_kl_moves_the_coefficient(root):
     assert coefs[0] == 0.05 and coefs[-1] != coefs[0]
 
 
-def test_impossible_batch_arithmetic_fails_at_compose_time(tmp_path):
+def test_batch_arithmetic_takes_the_largest_micro_batch_and_refuses_only_what_cannot_work(tmp_path):
     from rlhf_cli.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="num_mini_batches"):
+    with pytest.raises(ConfigError, match="num_mini_batches"):  # whatever the world size: at compose time
         compose_stage("ppo", ["ppo.prompts_per_rollout=10", "ppo.num_mini_batches=3"], tmp_path)
-    with pytest.raises(ConfigError, match="micro_batch_size"):
-        compose_stage("ppo", ["ppo.prompts_per_rollout=16", "ppo.num_mini_batches=2", "train.micro_batch_size=3"],
-                      tmp_path)
+    default = ppo.batch_shape(compose_stage("ppo", [], tmp_path), 1)  # 64 prompts, 2 minibatches, micro 32
+    assert (default.micro, default.grad_accum, default.local_minibatch, default.local_rollout) == (32, 1, 32, 64)
+    # train.micro_batch_size is an upper bound: minibatches of 8 at most 3 at a time are 4 micro-batches of 2
+    cfg = compose_stage("ppo", ["ppo.prompts_per_rollout=16", "ppo.num_mini_batches=2", "train.micro_batch_size=3"],
+                        tmp_path)
+    shape = ppo.batch_shape(cfg, 1)
+    assert (shape.micro, shape.grad_accum, shape.local_minibatch, shape.local_rollout) == (2, 4, 8, 16)
+    shape = ppo.batch_shape(cfg, 2)  # 4 of each minibatch per process: 2 micro-batches of 2
+    assert (shape.micro, shape.grad_accum, shape.local_minibatch, shape.local_rollout) == (2, 2, 4, 8)
+    with pytest.raises(ConfigError, match="a minibatch of 8 sequences .* does not split evenly over world_size=3"):
+        ppo.batch_shape(cfg, 3)
 
 
 def test_encoder_reward_model_gets_retokenised_text_and_a_causal_value_model(root, tiny_bert_dir):

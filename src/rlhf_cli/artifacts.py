@@ -347,9 +347,11 @@ def stage_results(results: str, run_dir: Path) -> list[dict] | None:
     return None
 
 
-def upstream(name_or_path: str | None, root: str, experiment: str, stage: str, kind: str,
-             check: str = "auto") -> tuple[str | None, dict | None]:
-    """Where a stage's input model comes from, and the parent record for the manifest.
+def upstream(name_or_path: str | None, root: str, experiment: str, stage: str, kind: str, check: str = "auto",
+             key: str = "model.name_or_path", value: str = "<model or run directory>"
+             ) -> tuple[str | None, dict | None]:
+    """Where a stage's input model comes from, and the parent record for the manifest. `key` is the config key the
+    user sets to point elsewhere (ppo's `model.policy`, eval's `reference`), `value` what a hint shows it set to.
 
     - None: the finished `stage` artifact of this experiment (<root>/<experiment>/<stage>);
     - a run directory with a manifest: that artifact (its kind is checked);
@@ -365,7 +367,7 @@ def upstream(name_or_path: str | None, root: str, experiment: str, stage: str, k
             command = f"rlhf {stage} experiment={experiment}" + (" resume=true" if unfinished else "")
             state = "an unfinished" if unfinished else "no finished"
             raise ArtifactError(f"experiment '{experiment}' has {state} {stage} artifact at {run_dir}",
-                                hint=f"run `{command}` first, or set model.name_or_path=<model or run directory>")
+                                hint=f"run `{command}` first, or set {key}={value}")
     elif (Path(name_or_path) / MANIFEST).is_file() or (Path(name_or_path) / STAGING / MANIFEST).is_file():
         run_dir = Path(name_or_path)
         settle_if_possible(run_dir)

@@ -1,32 +1,52 @@
 """Batch arithmetic and data order, shared by every training stage.
 
-examples_per_step (global, per optimizer step) = micro_batch_size x grad_accum_steps x world_size. The data
-order is a pure function of (step, seed): a seeded permutation per epoch, so the data position in a checkpoint is
-just the step, and a run resumes (at any world size) on exactly the examples it would have seen.
+examples_per_step (global, per optimizer step) = micro-batch x grad_accum_steps x world_size, where the micro-batch
+is the largest size up to `train.micro_batch_size` (a memory knob, an upper bound) that divides each process's
+share, examples_per_step / world_size, into equal micro-batches. The data order is a pure function of (step, seed):
+a seeded permutation per epoch, so the data position in a checkpoint is just the step, and a run resumes (at any
+world size) on exactly the examples it would have seen.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.rl.masks import position_ids_from_mask
 
-
-def grad_accum_steps(examples_per_step: int, micro_batch_size: int, world_size: int) -> int:
-    per_rank, rest = divmod(examples_per_step, world_size)
-    if rest or per_rank % micro_batch_size:
-        raise ConfigError(
-            f"train.examples_per_step={examples_per_step} is not micro_batch_size={micro_batch_size} x "
-            f"grad_accum_steps x world_size={world_size}",
-            hint="make examples_per_step a multiple of micro_batch_size * world_size")
-    return per_rank // micro_batch_size
+if TYPE_CHECKING:
+    from rlhf_cli.config.schemas import TrainConfig
 
 
-def total_steps(train, n_examples: int) -> tuple[int, int]:
+def largest_micro_batch(share: int, upper: int) -> int:
+    """The largest micro-batch of at most `upper` rows that splits `share` rows into equal micro-batches:
+    (16, 32) -> 16, (24, 16) -> 12, (7, 4) -> 1."""
+    return next(m for m in range(min(share, upper), 0, -1) if share % m == 0)
+
+
+def split_step(examples: int, world_size: int, upper: int, key: str = "train.examples_per_step") -> tuple[int, int]:
+    """(micro-batch, grad_accum_steps) for a step of `examples` over `world_size` processes: each process takes
+    examples / world_size of them in grad_accum_steps equal micro-batches of at most `upper`
+    (`largest_micro_batch`). A ConfigError, naming `key`, when the examples do not split evenly over the processes.
+    (32, 2, 32) -> (16, 1); (24, 1, 16) -> (12, 2); (30, 4, ...) -> refused."""
+    per_rank, rest = divmod(examples, world_size)
+    if rest or not per_rank:
+        raise ConfigError(f"{key}={examples} does not split evenly over world_size={world_size} processes",
+                          hint=f"make {key} a multiple of the number of processes")
+    micro = largest_micro_batch(per_rank, upper)
+    return micro, per_rank // micro
+
+
+def micro_batch(train: TrainConfig, world_size: int) -> int:
+    """The micro-batch each process steps with: `split_step`'s for the run's examples_per_step."""
+    return split_step(train.examples_per_step, world_size, train.micro_batch_size)[0]
+
+
+def total_steps(train: TrainConfig, n_examples: int) -> tuple[int, int]:
     """(steps of the run, steps per epoch) for a TrainConfig and a dataset of n_examples."""
     if n_examples < train.examples_per_step:
         raise ConfigError(f"only {n_examples} training examples for train.examples_per_step={train.examples_per_step}",
@@ -86,21 +106,28 @@ def step_examples(examples: list, step: int, batch: int, seed: int) -> list:
     return [examples[i] for i in step_indices(step, batch, len(examples), seed)]
 
 
+def describe_micro(micro: int, upper: int) -> str:
+    """`micro_batch_size 12 (of at most 16)` as the batch line prints it; the bound only when it is not the size."""
+    return f"micro_batch_size {micro}" + (f" (of at most {upper})" if micro != upper else "")
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """The batch arithmetic of a run of optimizer steps over a dataset."""
+    micro: int                # examples per micro-batch on each rank (at most train.micro_batch_size)
     grad_accum: int           # micro-batches per optimizer step on each rank
     total: int                # optimizer steps of the run
     per_epoch: int            # optimizer steps per pass over the dataset
 
-    def describe(self, train, world_size: int, unit: str = "") -> str:
-        """The arithmetic as printed at start: examples_per_step = micro_batch_size x grad_accum_steps x world."""
-        return (f"batch: examples_per_step {train.examples_per_step}{unit} = micro_batch_size {train.micro_batch_size}"
-                f" x grad_accum_steps {self.grad_accum} x world_size {world_size}; {self.total} steps = "
-                f"{self.total / self.per_epoch:.2f} epochs of {self.per_epoch} steps")
+    def describe(self, train: TrainConfig, world_size: int, unit: str = "") -> str:
+        """The arithmetic as printed at start: examples_per_step = micro-batch x grad_accum_steps x world."""
+        return (f"batch: examples_per_step {train.examples_per_step}{unit} = "
+                f"{describe_micro(self.micro, train.micro_batch_size)} x grad_accum_steps {self.grad_accum} x "
+                f"world_size {world_size}; {self.total} steps = {self.total / self.per_epoch:.2f} epochs of "
+                f"{self.per_epoch} steps")
 
 
-def step_plan(train, n_examples: int, world_size: int) -> StepPlan:
-    """`grad_accum_steps` and `total_steps` for a TrainConfig, a dataset of n_examples and world_size processes."""
-    return StepPlan(grad_accum_steps(train.examples_per_step, train.micro_batch_size, world_size),
+def step_plan(train: TrainConfig, n_examples: int, world_size: int) -> StepPlan:
+    """`split_step` and `total_steps` for a TrainConfig, a dataset of n_examples and world_size processes."""
+    return StepPlan(*split_step(train.examples_per_step, world_size, train.micro_batch_size),
                     *total_steps(train, n_examples))

@@ -117,18 +117,14 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
 
 # ---- set up -----------------------------------------------------------------------------------------------------
 
-def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key: str) -> tuple[str, dict | None]:
-    """artifacts.upstream with the path made absolute (against the cwd), and a hint naming eval's own key."""
+def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key: str,
+                  value: str = "<model or run directory>") -> tuple[str, dict | None]:
+    """artifacts.upstream with the path made absolute (against the cwd), its hints naming eval's own `key`."""
     path = absolute_path(name)
     if path is not None and Path(path).is_absolute() and not Path(path).exists():
         raise ArtifactError(f"{key}: {path} does not exist",
                             hint="pass a finished run directory, a model directory, a hub id or builtin:tiny")
-    try:
-        return artifacts.upstream(path, cfg.root, cfg.experiment, stage, kind, cfg.artifact_check)
-    except ArtifactError as exc:
-        if exc.hint:
-            exc.hint = exc.hint.replace("model.name_or_path=<model or run directory>", f"{key}=<run directory>")
-        raise
+    return artifacts.upstream(path, cfg.root, cfg.experiment, stage, kind, cfg.artifact_check, key, value)
 
 
 def resolve_policies(cfg: EvalConfig) -> list[dict]:
@@ -149,7 +145,7 @@ def resolve_policies(cfg: EvalConfig) -> list[dict]:
                                 f"{artifacts.MANIFEST}) nor a Hugging Face model (no config.json)",
                                 hint="finish that run first (`rlhf <stage> ... resume=true`), or pass a finished run "
                                      "directory, a model directory or builtin:tiny")
-        model, parent = find_upstream(path, cfg, stage, "policy", "policies")
+        model, parent = find_upstream(path, cfg, stage, "policy", "policies", "[<run directory>,...]")
         name = name if name not in names else f"{name} #{len(policies) + 1}"
         names.add(name)
         policies.append({"name": name, "path": parent["path"] if parent else path, "model": model,

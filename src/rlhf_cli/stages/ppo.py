@@ -110,12 +110,14 @@ class Upstream:
 def find_upstream(cfg: PPOConfig) -> Upstream:
     """The SFT policy and the reward model (and a separate value model, if given), checked before anything loads."""
     check = cfg.artifact_check
-    policy, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy", check)
+    policy, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy", check,
+                                            key="model.policy")
     reward, reward_parent = artifacts.upstream(cfg.model.reward, cfg.root, cfg.experiment, "reward", "reward_model",
-                                               check)
+                                               check, key="model.reward")
     value = reward
     if cfg.model.value is not None:
-        value, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check)
+        value, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check,
+                                      key="model.value")
     return Upstream(policy, reward, value, [x for x in (sft_parent, reward_parent) if x])
 
 
@@ -126,20 +128,24 @@ class BatchShape:
     local_minibatch: int
     grad_accum: int
     optimizer_steps: int        # over the whole run (the schedule's length)
+    micro: int                  # rows per micro-batch (at most train.micro_batch_size)
 
 
 def batch_shape(cfg: PPOConfig, world_size: int) -> BatchShape:
-    """prompts_per_rollout = num_mini_batches x micro_batch_size x grad_accum_steps x world_size, or a ConfigError."""
+    """prompts_per_rollout = num_mini_batches x micro-batch x grad_accum_steps x world_size, the micro-batch the
+    largest up to train.micro_batch_size that splits a process's share of a minibatch evenly (engine.batches), or
+    a ConfigError when a minibatch does not split evenly over the processes."""
     p, t = cfg.ppo, cfg.train
-    if p.prompts_per_rollout % world_size or (p.prompts_per_rollout // p.num_mini_batches) % (
-            t.micro_batch_size * world_size):
-        raise ConfigError(f"ppo.prompts_per_rollout={p.prompts_per_rollout} / num_mini_batches={p.num_mini_batches}"
-                          f" is not micro_batch_size={t.micro_batch_size} x grad_accum_steps x "
-                          f"world_size={world_size}", hint="adjust ppo.prompts_per_rollout or micro_batch_size")
-    local_rollout = p.prompts_per_rollout // world_size
-    local_minibatch = local_rollout // p.num_mini_batches
-    return BatchShape(local_rollout, local_minibatch, local_minibatch // t.micro_batch_size,
-                      t.max_steps * p.num_ppo_epochs * p.num_mini_batches)
+    minibatch = p.prompts_per_rollout // p.num_mini_batches  # whole: checked at compose time
+    if minibatch % world_size:
+        raise ConfigError(f"a minibatch of {minibatch} sequences (ppo.prompts_per_rollout={p.prompts_per_rollout} / "
+                          f"num_mini_batches={p.num_mini_batches}) does not split evenly over world_size={world_size} "
+                          f"processes", hint="make prompts_per_rollout / num_mini_batches a multiple of the number "
+                                             "of processes")
+    micro, grad_accum = batches.split_step(minibatch, world_size, t.micro_batch_size)
+    local_minibatch = minibatch // world_size
+    return BatchShape(local_minibatch * p.num_mini_batches, local_minibatch, grad_accum,
+                      t.max_steps * p.num_ppo_epochs * p.num_mini_batches, micro)
 
 
 @dataclass
@@ -212,8 +218,8 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
               f"{roles.value_init} ({lora.describe(roles.value)}); {device}, {dev.precision(device)}, frozen weights "
               f"in {str(roles.reference.dtype).removeprefix('torch.')}; {prompts}")
     con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} = num_mini_batches {p.num_mini_batches} x "
-              f"(micro_batch_size {t.micro_batch_size} x grad_accum_steps {shape.grad_accum} x world_size "
-              f"{d.world_size}); {p.num_ppo_epochs} epochs -> {p.num_ppo_epochs * p.num_mini_batches} optimizer "
+              f"({batches.describe_micro(shape.micro, t.micro_batch_size)} x grad_accum_steps {shape.grad_accum} x "
+              f"world_size {d.world_size}); {p.num_ppo_epochs} epochs -> {p.num_ppo_epochs * p.num_mini_batches} optimizer "
               f"steps per iteration, {t.max_steps} iterations")
 
 
@@ -319,7 +325,7 @@ def ppo_update(wrapped: list, roll: Rollout, shaped: Shaped, training: train.Tra
         for mb in range(p.num_mini_batches):
             mb_loss = torch.zeros((), device=device)
             rows = perm[mb * shape.local_minibatch:(mb + 1) * shape.local_minibatch]
-            for idx, last in train.micro_batches(rows, cfg.train.micro_batch_size):
+            for idx, last in train.micro_batches(rows, shape.micro):
                 with train.micro_step(wrapped, last, device):
                     loss, s = ppo_loss(train_policy, train_value, roll, idx, shaped, p)
                     (loss / shape.grad_accum).backward()

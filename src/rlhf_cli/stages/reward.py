@@ -182,7 +182,7 @@ def train_step(train_model, examples: list[dict], pad_id: int, training: train.T
     micro-batches do not wait for the device: one sync per step."""
     sums = torch.zeros(3, device=device)  # loss, correct, margin: summed on the device, read once per step
     for micro, last in train.micro_batches(batches.rank_slice(examples, d.rank, d.world_size),
-                                           cfg.train.micro_batch_size):
+                                           batches.micro_batch(cfg.train, d.world_size)):
         with train.micro_step([train_model], last, device):
             rc, rr, m = pair_scores(train_model, micro, pad_id, device, cfg.data.packing)
             loss = pairwise_loss(rc, rr, m if cfg.reward.use_margin else None, cfg.reward.center_coef,

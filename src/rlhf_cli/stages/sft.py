@@ -153,7 +153,7 @@ def train_step(train_model, examples: list[dict], pad_id: int, training: train.T
     n_sup = sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in examples)
     loss_sum, n_in = torch.zeros((), device=device), 0
     for micro, last in train.micro_batches(batches.rank_slice(examples, d.rank, d.world_size),
-                                           cfg.train.micro_batch_size):
+                                           batches.micro_batch(cfg.train, d.world_size)):
         batch = collate_sft(micro, pad_id, cfg.data.packing)
         n_in += sum(len(ex["input_ids"]) for ex in micro)
         with train.micro_step([train_model], last, device):
