@@ -23,7 +23,7 @@ from rlhf_cli.data.sft import normalize_sft_rows
 from rlhf_cli.data.splits import holdout
 
 if TYPE_CHECKING:
-    from rlhf_cli.config import DataConfig
+    from rlhf_cli.config.schemas import DataConfig
 
 
 def is_builtin(data: DataConfig) -> bool:

@@ -32,7 +32,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import config_diff, describe_diff
+from rlhf_cli.config.compose import config_diff, describe_diff
 from rlhf_cli.engine import checkpoint, dist
 from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ArtifactError, ConfigError, DataError

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.config import BUILTIN_TINY, ModelConfig
+from rlhf_cli.config.schemas import BUILTIN_TINY, ModelConfig
 from rlhf_cli.errors import ConfigError
 
 PAD_TOKEN = "<|pad|>"

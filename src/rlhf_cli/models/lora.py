@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.config import LoraConfig
+from rlhf_cli.config.schemas import LoraConfig
 from rlhf_cli.errors import ConfigError
 
 _PEFT: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()

@@ -20,7 +20,7 @@ import torch
 from rich.table import Table
 
 from rlhf_cli import artifacts
-from rlhf_cli.config import SFTConfig
+from rlhf_cli.config.schemas import SFTConfig
 from rlhf_cli.data import tasks
 from rlhf_cli.data.sft import collate_sft, tokenize_sft
 from rlhf_cli.data.text import render
