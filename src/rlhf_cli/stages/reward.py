@@ -28,7 +28,7 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import (check_packing, ensure_pad_token, load_tokenizer, quiet_transformers, resolve,
                                      same_tokenizer)
-from rlhf_cli.models.reward import RewardModel
+from rlhf_cli.models.reward import RewardModel, score_pairs
 from rlhf_cli.rl.reward import pairwise_loss
 
 TRAIN_ACCURACY_PAIRS = 1000  # the final train accuracy is measured on at most this many training pairs
@@ -167,12 +167,7 @@ def pair_scores(net, examples: list[dict], pad_id: int, device,
     """(r_chosen, r_rejected, margin) of a micro-batch of pairs, chosen and rejected in one forward pass (padded
     rows, or with `packing` one padding-free row)."""
     batch = batches.to_device(collate_pairs(examples, pad_id, packing), device)
-    if packing:
-        r = net(input_ids=batch["input_ids"], position_ids=batch["position_ids"], ends=batch["ends"]).float()
-    else:
-        r = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()
-    n = len(examples)
-    return r[:n], r[n:], batch["margin"]
+    return *score_pairs(net, batch), batch["margin"]
 
 
 def train_step(train_model, examples: list[dict], pad_id: int, training: train.Training, step: int,
