@@ -52,8 +52,8 @@ from rlhf_cli.engine.trackers import Trackers
 from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample, score_responses
 from rlhf_cli.errors import ArtifactError
 from rlhf_cli.models import lora
-from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
-from rlhf_cli.models.reward import load_reward_model
+from rlhf_cli.models.loading import check_source, load_causal_lm, load_frozen_lm, load_tokenizer, same_tokenizer
+from rlhf_cli.models.reward import load_frozen_reward_model
 from rlhf_cli.stagespec import SPECS, pipeline_order
 
 NUM_SAMPLES = 4  # responses per policy kept in eval.json, to read what the numbers mean
@@ -120,11 +120,10 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
 def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key: str,
                   value: str = "<model or run directory>") -> tuple[str, dict | None]:
     """artifacts.upstream with the path made absolute (against the cwd), its hints naming eval's own `key`."""
-    path = absolute_path(name)
-    if path is not None and Path(path).is_absolute() and not Path(path).exists():
-        raise ArtifactError(f"{key}: {path} does not exist",
-                            hint="pass a finished run directory, a model directory, a hub id or builtin:tiny")
-    return artifacts.upstream(path, cfg.root, cfg.experiment, stage, kind, cfg.artifact_check, key, value)
+    model, parent = artifacts.upstream(absolute_path(name), cfg.root, cfg.experiment, stage, kind, cfg.artifact_check,
+                                       key, value)
+    check_source(model, key)   # a model directory or hub id given instead must be there
+    return model, parent
 
 
 def resolve_policies(cfg: EvalConfig) -> list[dict]:
@@ -167,9 +166,9 @@ def ppo_checkpoints(pol: dict) -> list[tuple[int, Path]]:
 
 def check_tokenizers(policies: list[dict], reference_path: str) -> None:
     """Every policy must use the reference's tokenizer: the KL to the reference is per token."""
-    reference = load_tokenizer(ModelConfig(name_or_path=reference_path))
+    reference = load_tokenizer(ModelConfig(name_or_path=reference_path), key="reference")
     for pol in policies:
-        other = load_tokenizer(ModelConfig(name_or_path=pol["model"]))
+        other = load_tokenizer(ModelConfig(name_or_path=pol["model"]), key="policies")
         if not same_tokenizer(reference, other):
             raise ArtifactError(
                 f"policy {pol['name']} does not share the reference's tokenizer ({pol['model']}: vocab "
@@ -192,10 +191,10 @@ class Judge:
 def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str, device, d: dist.Dist) -> Judge:
     """The reference and the reward model, frozen, held as `strategy` says (sharded under fsdp)."""
     frozen, at = dev.frozen_dtype(cfg.dtype, device), train.load_device(device, cfg)
-    reference, tokenizer, _ = load_causal_lm(ModelConfig(name_or_path=reference_path), at, dropout=False)
-    train.hold_frozen(reference.to(frozen).eval().requires_grad_(False), d, device, cfg)
-    reward_model, reward_tokenizer = load_reward_model(reward_path)
-    train.hold_frozen(reward_model.to(at, frozen).eval().requires_grad_(False), d, device, cfg)
+    reference, tokenizer = load_frozen_lm(reference_path, at, frozen, key="reference")
+    train.hold_frozen(reference, d, device, cfg)
+    reward_model, reward_tokenizer = load_frozen_reward_model(reward_path, at, frozen, key="reward")
+    train.hold_frozen(reward_model, d, device, cfg)
     scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     return Judge(reference, tokenizer, scorer, tasks.gold_scorer(cfg.data))
 
@@ -262,7 +261,8 @@ def curve_model(pol: dict, model, cfg: EvalConfig, device, d: dist.Dist) -> torc
 def load_policy(path: str, cfg: EvalConfig, device, d: dist.Dist, lora_cfg: LoraConfig | None = None):
     """A policy to sample from, frozen (with fresh adapters of `lora_cfg`'s shape, for a LoRA run's checkpoints),
     held as `strategy` says."""
-    model = load_causal_lm(ModelConfig(name_or_path=path), train.load_device(device, cfg), dropout=False)[0]
+    model = load_causal_lm(ModelConfig(name_or_path=path), train.load_device(device, cfg), dropout=False,
+                           key="policies")[0]
     model.to(dev.frozen_dtype(cfg.dtype, device))
     if lora_cfg is not None:
         lora.add_adapters(model, lora_cfg, 0)

@@ -33,8 +33,8 @@ from rlhf_cli.engine.rollout import (Rollout, Scorer, constants, decode, policy_
                                     response_values, rollout, score_responses, value_slice)
 from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
-from rlhf_cli.models.loading import load_causal_lm, load_tokenizer, same_tokenizer
-from rlhf_cli.models.reward import RewardModel, load_reward_model
+from rlhf_cli.models.loading import check_source, load_causal_lm, load_frozen_lm, load_tokenizer, same_tokenizer
+from rlhf_cli.models.reward import RewardModel, load_frozen_reward_model
 from rlhf_cli.rl import ppo as rl
 
 
@@ -112,12 +112,15 @@ def find_upstream(cfg: PPOConfig) -> Upstream:
     check = cfg.artifact_check
     policy, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy", check,
                                             key="model.policy")
+    check_source(policy, "model.policy")   # a model directory or hub id given instead must be there
     reward, reward_parent = artifacts.upstream(cfg.model.reward, cfg.root, cfg.experiment, "reward", "reward_model",
                                                check, key="model.reward")
+    check_source(reward, "model.reward")
     value = reward
     if cfg.model.value is not None:
         value, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check,
                                       key="model.value")
+        check_source(value, "model.value")
     return Upstream(policy, reward, value, [x for x in (sft_parent, reward_parent) if x])
 
 
@@ -176,19 +179,18 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     fsdp: `hold_roles` then shards them onto `device`)."""
     policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
     frozen, at = dev.frozen_dtype(cfg.model.dtype, device), train.load_device(device, cfg.train)
-    policy, tokenizer, _ = load_causal_lm(policy_cfg, at, dropout=False)
+    policy, tokenizer, _ = load_causal_lm(policy_cfg, at, dropout=False, key="model.policy")
     lora.add_adapters(policy, cfg.model.lora, cfg.seed, base_dtype=frozen)
-    reference = lora.frozen_base(policy, lambda: load_causal_lm(policy_cfg, at, dropout=False)[0].to(frozen)
-                                 .eval().requires_grad_(False))
-    reward, reward_tokenizer = load_reward_model(paths.reward, cfg.model.trust_remote_code)
-    reward.to(at, frozen).eval().requires_grad_(False)
+    reference = lora.frozen_base(policy, lambda: load_frozen_lm(paths.policy, at, frozen, cfg.model.trust_remote_code,
+                                                                "model.policy")[0])
+    reward, reward_tokenizer = load_frozen_reward_model(paths.reward, at, frozen, cfg.model.trust_remote_code)
     scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
-    value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code)
+    value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code, "model.value")
     value_init = "the reward model"
     if not value.gives_values or not same_tokenizer(tokenizer, load_tokenizer(policy_cfg, paths.value)):
         # a bidirectional value model would see the very tokens whose return it predicts
         value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
-        value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last")
+        value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last", key="model.policy")
     value.add_head_bias().to(at).train()
     lora.add_adapters(value, cfg.model.lora, cfg.seed + 1, base_dtype=frozen)  # on the backbone; the head trains in full
     policy.train()
