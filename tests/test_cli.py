@@ -50,7 +50,7 @@ def test_stage_help_and_cfg(tmp_path):
     ("train.max_steps=many", ["train.max_steps", "many"]),
     ("data=hh_sft", ["data.path"]),
     ("model=nope", ["model=nope is not an option of group model", "tiny"]),
-    ("train.examples_per_step=30", ["train.examples_per_step"]),
+    ("train.micro_batch_size=0", ["train.micro_batch_size=0 must be > 0"]),
 ])
 def test_config_mistakes_are_one_message_and_exit_2(override, needles, tmp_path):
     proc = run_cli(["sft", override], tmp_path)
