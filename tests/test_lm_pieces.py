@@ -104,14 +104,25 @@ def old_fake_pair_scores(model, tokenizer, prompts, responses, max_len, micro) -
     return torch.cat(scores)
 
 
+@pytest.fixture(scope="module")
+def encoder_reward_model(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    torch.manual_seed(0)
+    return RewardModel.from_backbone(str(tiny_bert_dir), tokenizer).eval(), tokenizer
+
+
 @pytest.mark.parametrize("micro", [1, 2, 4])
-def test_scoring_sequences_directly_is_bit_identical_to_the_fake_pair_path(reward_model, tokenizer, micro):
+@pytest.mark.parametrize("kind", ["causal", "encoder"])
+def test_scoring_sequences_directly_is_bit_identical_to_the_fake_pair_path(kind, micro, request):
+    model, tok = ((request.getfixturevalue("reward_model"), request.getfixturevalue("tokenizer")) if kind == "causal"
+                  else request.getfixturevalue("encoder_reward_model"))
     prompts, responses = PROMPTS * 2, RESPONSES + [" no", " yes yes", " cats"]
     with torch.no_grad():
-        old = old_fake_pair_scores(reward_model, tokenizer, prompts, responses, 48, micro)
-        tokenized = tokenize_responses(prompts, responses, tokenizer, 48, reward_model.is_encoder)
-        new = score_sequences(reward_model, [x["input_ids"] for x in tokenized], tokenizer.pad_token_id,
-                              torch.device("cpu"), micro)
+        old = old_fake_pair_scores(model, tok, prompts, responses, 48, micro)
+        tokenized = tokenize_responses(prompts, responses, tok, 48, model.is_encoder)
+        new = score_sequences(model, [x["input_ids"] for x in tokenized], tok.pad_token_id, torch.device("cpu"), micro)
     assert torch.equal(old, new)
     assert old.std() > 0
 
