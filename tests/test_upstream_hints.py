@@ -20,7 +20,8 @@ def test_ppo_names_model_policy_and_model_reward(tmp_path):
     cfg = compose_stage("ppo", [f"root={tmp_path}", "experiment=x"], tmp_path / "x" / "ppo")
     assert _hint(lambda: ppo.find_upstream(cfg)) == \
         "run `rlhf sft experiment=x` first, or set model.policy=<model or run directory>"
-    cfg = compose_stage("ppo", [f"root={tmp_path}", "experiment=x", "model.policy=builtin:tiny"], tmp_path / "x" / "ppo")
+    cfg = compose_stage("ppo", [f"root={tmp_path}", "experiment=x", "model.policy=builtin:tiny"],
+                        tmp_path / "x" / "ppo")
     assert _hint(lambda: ppo.find_upstream(cfg)) == \
         "run `rlhf reward experiment=x` first, or set model.reward=<model or run directory>"
 

@@ -162,7 +162,8 @@ class FSDPConfig:
 @dataclass
 class ComputeConfig:
     """Where a stage's models run and how its processes share them: the knobs of every stage that runs models
-    (`train.*` in sft, reward and ppo; the top level of eval). engine.train's `load_device` and `hold_frozen` take it."""
+    (`train.*` in sft, reward and ppo; the top level of eval). engine.train's `load_device` and `hold_frozen` take
+    it."""
 
     CHOICES: ClassVar[dict] = {"device": ("auto", "cpu", "cuda"), "strategy": ("ddp", "fsdp")}
     POSITIVE: ClassVar[tuple] = ("micro_batch_size",)

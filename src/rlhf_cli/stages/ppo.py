@@ -221,8 +221,8 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
               f"in {str(roles.reference.dtype).removeprefix('torch.')}; {prompts}")
     con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} = num_mini_batches {p.num_mini_batches} x "
               f"({batches.describe_micro(shape.micro, t.micro_batch_size)} x grad_accum_steps {shape.grad_accum} x "
-              f"world_size {d.world_size}); {p.num_ppo_epochs} epochs -> {p.num_ppo_epochs * p.num_mini_batches} optimizer "
-              f"steps per iteration, {t.max_steps} iterations")
+              f"world_size {d.world_size}); {p.num_ppo_epochs} epochs -> {p.num_ppo_epochs * p.num_mini_batches} "
+              f"optimizer steps per iteration, {t.max_steps} iterations")
 
 
 @dataclass
