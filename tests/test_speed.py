@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from rlhf_cli.engine import batches, device as dev, dist, flops, train
 from rlhf_cli.engine.rollout import Scorer, backend_for, policy_logits, sample
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
-from rlhf_cli.models.loading import check_packing, logits_at
+from rlhf_cli.models.loading import logits_at, packing_refusal
 from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.models.tiny import tiny_model_path
 from rlhf_cli.rl.ppo import entropy_from_logits, logprobs_and_entropy
@@ -141,7 +142,7 @@ def test_packed_and_padded_reward_scores_are_equal(tiny):
 
 def test_packing_refuses_a_model_whose_examples_see_each_other_and_an_encoder(tiny, tiny_bert_dir):
     model, tok, _ = tiny
-    check_packing(model, "tiny")  # transformers' Llama keeps them apart
+    assert packing_refusal(model, "tiny") is None  # transformers' Llama keeps them apart
 
     class Leaky(torch.nn.Module):  # ignores the restarting positions: one causal mask over the whole row
         def __init__(self):
@@ -151,11 +152,39 @@ def test_packing_refuses_a_model_whose_examples_see_each_other_and_an_encoder(ti
         def forward(self, input_ids, position_ids=None, use_cache=False):
             return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=use_cache)
 
-    with pytest.raises(ConfigError, match=r"data.packing=true, but leaky .*does not keep packed examples apart"):
-        check_packing(Leaky(), "leaky")
+    assert re.match(r"leaky .*does not keep packed examples apart", packing_refusal(Leaky(), "leaky"))
     encoder = RewardModel.from_backbone(str(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir))
-    with pytest.raises(ConfigError, match="is an encoder"):
-        reward.check_packable(encoder, "tiny-bert")
+    assert "is an encoder" in reward.why_not_packable(encoder, "tiny-bert")
+
+
+@pytest.mark.parametrize("setting, refusal, on, says", [
+    ("auto", None, True, "packing on (auto: each micro-batch one padding-free row)"),
+    ("auto", "tiny-bert is an encoder", False, "packing off (auto: tiny-bert is an encoder)"),
+    (True, None, True, "packing on (data.packing=true: each micro-batch one padding-free row)"),
+    (False, "never asked", False, "packing off (data.packing=false)"),
+])
+def test_packing_is_settled_once_and_said(setting, refusal, on, says):
+    from rlhf_cli.config.schemas import DataConfig
+    from rlhf_cli.engine.batches import decide_packing
+
+    data = DataConfig(packing=setting)
+    assert decide_packing(data, lambda: refusal) == says and data.packing is on
+
+
+def test_packing_asked_for_on_a_model_that_cannot_is_refused():
+    from rlhf_cli.config.schemas import DataConfig
+    from rlhf_cli.engine.batches import decide_packing
+
+    with pytest.raises(ConfigError, match="data.packing=true, but tiny-bert is an encoder") as raised:
+        decide_packing(DataConfig(packing=True), lambda: "tiny-bert is an encoder")
+    assert "data.packing=false" in raised.value.hint
+
+
+def test_packing_defaults_to_auto_and_takes_only_auto_true_false(tmp_path):
+    assert compose_stage("sft", [], tmp_path).data.packing == "auto"
+    assert compose_stage("sft", ["data.packing=false"], tmp_path).data.packing is False
+    with pytest.raises(ConfigError, match="data.packing='yes' is not one of auto, true, false"):
+        compose_stage("sft", ["data.packing=yes"], tmp_path)
 
 
 def test_sft_stage_with_packing_trains_and_its_final_checkpoint_has_no_optimizer_state(tmp_path):

@@ -82,13 +82,14 @@ def finalize(cfg: DictConfig) -> Any:
 
 
 # Keys that say how to run, not what is trained: a difference in them neither makes a finished artifact stale
-# (`rlhf pipeline`) nor stops an interrupted run from resuming. Micro-batch sizes only split the same step.
+# (`rlhf pipeline`) nor stops an interrupted run from resuming. Micro-batch sizes only split the same step, and
+# packing lays out the same micro-batch without padding (a run records what `auto` settled to).
 RUN_KEYS = ("run_dir", "root", "experiment", "resume", "overwrite", "force_resume", "logger", "artifact_check",
             "objective", "train.device", "train.log_every", "train.eval_every", "train.checkpoint_every",
             "train.keep_checkpoints", "train.sample_every", "train.micro_batch_size",
             "train.rollout_micro_batch_size", "train.compile", "ppo.rollout_backend", "train.strategy",
             "train.fsdp.cpu_offload", "train.fsdp.reshard_after_forward", "strategy", "fsdp.cpu_offload",
-            "fsdp.reshard_after_forward")
+            "fsdp.reshard_after_forward", "data.packing")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

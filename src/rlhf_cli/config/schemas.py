@@ -113,12 +113,16 @@ class DataConfig:
     # Preference data: drop (and count) pairs with chosen == rejected or two empty responses instead of failing.
     skip_invalid: bool = False
     # sft and reward: each micro-batch's examples in one row without padding (positions restart per example and
-    # attention never crosses one), instead of rows padded to the longest. The same loss, fewer FLOPs. PPO's
-    # rollouts share one layout and ignore it.
-    packing: bool = False
+    # attention never crosses one), instead of rows padded to the longest. The same loss, fewer FLOPs. auto: on
+    # where the model keeps packed examples apart (checked on the loaded model), else off with the reason printed;
+    # true: on or refused; false: off. PPO's rollouts share one layout and ignore it.
+    packing: Any = "auto"
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)
 
     def validate(self) -> None:
+        if not (isinstance(self.packing, bool) or self.packing == "auto"):
+            raise ConfigError(f"data.packing={self.packing!r} is not one of auto, true, false",
+                              hint="data.packing=auto (the default) packs where the model allows it")
         if self.path is None and self.format != "auto":
             raise ConfigError(f"data.path is required with data.format={self.format} (the built-in task has no file)",
                               hint="data.path=/path/to/file.jsonl on the command line")

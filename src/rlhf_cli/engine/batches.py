@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -19,7 +19,7 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.rl.masks import position_ids_from_mask
 
 if TYPE_CHECKING:
-    from rlhf_cli.config.schemas import TrainConfig
+    from rlhf_cli.config.schemas import DataConfig, TrainConfig
 
 
 def largest_micro_batch(share: int, upper: int) -> int:
@@ -131,3 +131,20 @@ def step_plan(train: TrainConfig, n_examples: int, world_size: int) -> StepPlan:
     """`split_step` and `total_steps` for a TrainConfig, a dataset of n_examples and world_size processes."""
     return StepPlan(*split_step(train.examples_per_step, world_size, train.micro_batch_size),
                     *total_steps(train, n_examples))
+
+
+def decide_packing(data: DataConfig, refusal: Callable[[], str | None]) -> str:
+    """Settle `data.packing` to a bool, in place, and say how, in a few words for the start-up lines:
+    true -> on (a ConfigError with the reason if `refusal()` gives one), false -> off, auto -> on where the model
+    keeps packed examples apart (the same loss, fewer padding FLOPs), else off with `refusal()`'s reason."""
+    if data.packing is False:
+        data.packing = False
+        return "packing off (data.packing=false)"
+    why = refusal()
+    if why is None:
+        was, data.packing = data.packing, True
+        return f"packing on ({'auto' if was == 'auto' else 'data.packing=true'}: each micro-batch one padding-free row)"
+    if data.packing == "auto":
+        data.packing = False
+        return f"packing off (auto: {why})"
+    raise ConfigError(f"data.packing=true, but {why}", hint="set data.packing=false (or auto)")

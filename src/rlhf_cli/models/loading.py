@@ -261,10 +261,16 @@ def _keeps_logits(cls: type) -> bool:
 
 
 def check_packing(model: torch.nn.Module, name: str) -> None:
-    """Refuse (ConfigError) a model that lets packed examples see each other (data.packing): two short sequences
-    packed into one row, positions restarting at the second, must give the second the outputs it gets alone. A
-    transformers model reads such rows through its attention masks; one that does not would silently train on
-    attention across examples."""
+    """Refuse (ConfigError) a model that lets packed examples see each other (data.packing=true)."""
+    if (why := packing_refusal(model, name)) is not None:
+        raise ConfigError(f"data.packing=true, but {why}", hint="set data.packing=false (or auto)")
+
+
+def packing_refusal(model: torch.nn.Module, name: str) -> str | None:
+    """Why `model` cannot train on packed rows, or None when it can: two short sequences packed into one row,
+    positions restarting at the second, must give the second the outputs it gets alone. A transformers model reads
+    such rows through its attention masks; one that does not would silently train on attention across examples.
+    Uses no global random state (the run's numbers do not depend on whether this ran)."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     first, second = torch.randint(3, 200, (1, 6), generator=g), torch.randint(3, 200, (1, 5), generator=g)
@@ -272,15 +278,19 @@ def check_packing(model: torch.nn.Module, name: str) -> None:
     positions = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
     training = model.training
     model.eval()
-    with torch.no_grad():
-        alone = _outputs(model(input_ids=second.to(device), use_cache=False))
-        both = _outputs(model(input_ids=packed, position_ids=positions, use_cache=False))[:, 6:]
-    model.train(training)
+    try:
+        with torch.no_grad():
+            alone = _outputs(model(input_ids=second.to(device), use_cache=False))
+            both = _outputs(model(input_ids=packed, position_ids=positions, use_cache=False))[:, 6:]
+    except (TypeError, ValueError, RuntimeError) as exc:  # a model that takes no position_ids, say
+        return f"{name} ({type(bare(model)).__name__}) cannot read a packed row ({type(exc).__name__}: {exc})"
+    finally:
+        model.train(training)
     gap = float((both.float() - alone.float()).abs().max())
     if not gap <= 1e-3 * (1.0 + float(alone.float().abs().max())):
-        raise ConfigError(f"data.packing=true, but {name} ({type(bare(model)).__name__}) does not keep packed "
-                          f"examples apart: an example's outputs change when another precedes it in the row "
-                          f"(max difference {gap:.3g})", hint="set data.packing=false")
+        return (f"{name} ({type(bare(model)).__name__}) does not keep packed examples apart: an example's outputs "
+                f"change when another precedes it in the row (max difference {gap:.3g})")
+    return None
 
 
 def _outputs(out) -> torch.Tensor:

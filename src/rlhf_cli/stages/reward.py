@@ -26,7 +26,7 @@ from rlhf_cli.engine import batches, device as dev, dist, rundir, train
 from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
-from rlhf_cli.models.loading import (check_packing, ensure_pad_token, load_tokenizer, quiet_transformers, resolve,
+from rlhf_cli.models.loading import (packing_refusal, ensure_pad_token, load_tokenizer, quiet_transformers, resolve,
                                      same_tokenizer)
 from rlhf_cli.models.reward import RewardModel, score_pairs
 from rlhf_cli.rl.reward import pairwise_loss
@@ -45,13 +45,13 @@ def run(cfg: RewardConfig) -> dict:
         torch.manual_seed(cfg.seed)  # the head's initialisation must match on every rank
         train_rows, eval_rows, source, data_stats = tasks.preference_pairs(cfg.data, cfg.seed)
         data_sha256 = rundir.check_data(plan, cfg, d, train_rows, eval_rows)
-        model, tokenizer, backbone = load_model(cfg, backbone, parent, device)
+        model, tokenizer, backbone, packing = load_model(cfg, backbone, parent, device)
         train_set, eval_set, truncated = tokenize(cfg, train_rows, eval_rows, tokenizer, model.is_encoder, source)
         eval_gold = tasks.gold_preferences(cfg.data, eval_rows)
         steps = batches.step_plan(t, len(train_set), d.world_size)
         show_plan(con, cfg, model, backbone, device, f"data {source}: {len(train_set)} train / {len(eval_set)} "
                   f"held-out pairs, {truncated} truncated to {cfg.data.max_seq_len} tokens",
-                  steps.describe(t, d.world_size, " pairs"))
+                  f"{steps.describe(t, d.world_size, ' pairs')}; {packing}")
         train_model = train.wrap_for_training(model, d, device, t)
         training = train.start(plan, cfg, {"model": model}, steps.total, d, restore_rng=d.is_main)
         loop = Counters.restore(training.resumed)
@@ -97,11 +97,10 @@ def run(cfg: RewardConfig) -> dict:
 
 # ---- set up -----------------------------------------------------------------------------------------------------
 
-def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) -> tuple[RewardModel, object, str]:
+def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) -> tuple[RewardModel, object, str, str]:
     """The reward model (backbone + a fresh scalar head, in training mode; LoRA adapters on the backbone when
-    model.lora.r > 0), its tokenizer with a pad token, and
-    where the backbone came from: the SFT artifact (`parent`), or model.name_or_path (the built-in tiny model is
-    built if asked for)."""
+    model.lora.r > 0), its tokenizer with a pad token, where the backbone came from: the SFT artifact (`parent`), or
+    model.name_or_path (the built-in tiny model is built if asked for), and how data.packing was settled."""
     from_artifact = parent is not None
     backbone = backbone if from_artifact else resolve(cfg.model)
     quiet_transformers()
@@ -111,21 +110,19 @@ def load_model(cfg: RewardConfig, backbone: str, parent: dict | None, device) ->
                                       revision=None if from_artifact else cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code).to(train.load_device(device,
                                                                                                         cfg.train))
-    if cfg.data.packing:
-        check_packable(model, backbone)
+    packing = batches.decide_packing(cfg.data, lambda: why_not_packable(model, backbone))
     lora.add_adapters(model, cfg.model.lora, cfg.seed)  # on the backbone; the head trains in full
     model.train()
-    return model, tokenizer, backbone
+    return model, tokenizer, backbone, packing
 
 
-def check_packable(model: RewardModel, backbone: str) -> None:
-    """data.packing needs a causal reward model read at each sequence's last token, whose body keeps packed
-    sequences apart (models.loading.check_packing); else a ConfigError."""
+def why_not_packable(model: RewardModel, backbone: str) -> str | None:
+    """Why the reward model cannot score packed rows (data.packing), or None: it must be causal, read at each
+    sequence's last token, and its body must keep packed sequences apart (models.loading.packing_refusal)."""
     if not model.packable:
-        raise ConfigError(f"data.packing=true, but the reward model on {backbone} is "
-                          f"{'an encoder' if model.is_encoder else 'not read at its last token'}: packed sequences "
-                          f"would see each other or be read elsewhere", hint="set data.packing=false")
-    check_packing(model.backbone, backbone)
+        return (f"the reward model on {backbone} is {'an encoder' if model.is_encoder else 'not read at its last token'}"
+                f": packed sequences would see each other or be read elsewhere")
+    return packing_refusal(model.backbone, backbone)
 
 
 def tokenize(cfg: RewardConfig, train_rows: list[dict], eval_rows: list[dict], tokenizer, is_encoder: bool,

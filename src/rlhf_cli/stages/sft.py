@@ -29,7 +29,7 @@ from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
 from rlhf_cli.errors import DataError
 from rlhf_cli.models import lora
-from rlhf_cli.models.loading import check_packing, load_causal_lm, logits_at
+from rlhf_cli.models.loading import load_causal_lm, logits_at, packing_refusal
 from rlhf_cli.rl import ppo as rl
 
 
@@ -100,8 +100,7 @@ def run(cfg: SFTConfig) -> dict:
 def load_model(cfg: SFTConfig, d: dist.Dist, device) -> tuple:
     """(model in training mode, with LoRA adapters when model.lora.r > 0, its tokenizer, load facts)."""
     model, tokenizer, info = train.main_first(d, load_causal_lm, cfg.model, train.load_device(device, cfg.train))
-    if cfg.data.packing:
-        check_packing(model, cfg.model.name_or_path or "the model")
+    info["packing"] = batches.decide_packing(cfg.data, lambda: packing_refusal(model, cfg.model.name_or_path))
     lora.add_adapters(model, cfg.model.lora, cfg.seed)
     model.train()
     return model, tokenizer, info
@@ -123,7 +122,7 @@ def tokenize(cfg: SFTConfig, train_rows: list[dict], eval_rows: list[dict], toke
 def show_plan(con, cfg: SFTConfig, model, model_info: dict, device, data: str, batch: str) -> None:
     con.print(f"[bold]rlhf sft[/bold] -> {cfg.run_dir}")
     con.print(f"model {model_info['path']} ({lora.describe(model)}) on {device}, {dev.precision(device)}; {data}")
-    con.print(batch)
+    con.print(f"{batch}; {model_info['packing']}")
 
 
 @dataclass
