@@ -151,3 +151,13 @@ def test_every_path_key_of_a_spec_is_made_absolute_at_compose_time(name, tmp_pat
         for part in key.split("."):
             value = getattr(value, part)  # a key the schema lacks fails here
         assert value == str(tmp_path / "here"), key
+
+
+@pytest.mark.parametrize("name", [n for n, s in SPECS.items() if s.results == "manifest"])
+def test_the_declared_metrics_are_what_a_run_records(name, trained_experiment):
+    """objective= is checked against the spec's metrics before a run: they must be exactly what a run of the
+    built-in task records (a new metric not declared would be refused as an objective; a declared one never
+    written would pass the check and fail after training)."""
+    manifest = json.loads((trained_experiment / "demo" / name / "manifest.json").read_text())
+    numbers = {k for k, v in manifest["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers == set(SPECS[name].metrics)
