@@ -1,9 +1,11 @@
-"""Shared test set-up: offline hubs, one cache for the built-in tiny model, and the pytest fixtures. Constants and
-plain helpers (FAST_SFT, run_cli, compose_stage, ...) live in helpers.py: `from helpers import ...`."""
+"""Shared test set-up: offline hubs, one cache for the built-in tiny model, the pytest fixtures (among them the
+experiment trained once per run, `trained_experiment`) and the `slow` marker of every test that needs it. Constants
+and plain helpers (FAST_SFT, run_cli, compose_stage, ...) live in helpers.py: `from helpers import ...`."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +16,46 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("RLHF_CLI_CACHE", str(Path(tempfile.gettempdir()) / "rlhf_cli_test_cache"))
 os.environ.pop("HYDRA_FULL_ERROR", None)
 
-from helpers import HH_FILE  # noqa: E402  (after the environment is set)
+from helpers import EXPERIMENT, HH_FILE, compose_stage  # noqa: E402  (after the environment is set)
+
+SHARED = "trained_experiment"
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the shared experiment costs its training when it runs alone: it is `slow`."""
+    for item in items:
+        if SHARED in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+def _listing(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def trained_experiment(tmp_path_factory):
+    """The root of experiment `demo` with finished sft, reward and ppo artifacts (helpers.EXPERIMENT's settings),
+    trained in-process once per pytest run for every test that needs upstream artifacts. Read it, never write into
+    it: a stage under test gets a run_dir under its tmp_path (upstream artifacts are found through root= and
+    experiment=), and a test that changes artifacts works on `experiment_copy`. The session checks at its end that
+    nothing in it changed."""
+    from rlhf_cli.stages import ppo, reward, sft
+
+    root = tmp_path_factory.mktemp("trained")
+    for stage, module in (("sft", sft), ("reward", reward), ("ppo", ppo)):
+        module.run(compose_stage(stage, [*EXPERIMENT[stage], "experiment=demo", f"root={root}"],
+                                 root / "demo" / stage))
+    before = _listing(root)
+    yield root
+    assert _listing(root) == before, f"a test wrote into the shared {root}: use experiment_copy or its own run_dir"
+
+
+@pytest.fixture
+def experiment_copy(trained_experiment, tmp_path) -> Path:
+    """A test's own copy of `trained_experiment` (the same layout, root/demo/<stage>), free to change."""
+    root = tmp_path / "trained"
+    shutil.copytree(trained_experiment, root, symlinks=True)
+    return root
 
 
 @pytest.fixture

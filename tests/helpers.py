@@ -32,6 +32,15 @@ FAST_PPO = [
     "train.checkpoint_every=2", "train.sample_every=2",
 ]
 
+# The shared experiment `demo` that conftest's `trained_experiment` trains once per pytest run, stage by stage:
+# an SFT policy that has learnt the task's vocabulary (held-out loss at steps 75 and 150), a reward model, and PPO
+# from both (checkpoints kept at iterations 2 and 4).
+EXPERIMENT = {
+    "sft": [*FAST_SFT, "train.max_steps=150", "train.eval_every=75"],
+    "reward": [*FAST_REWARD, "train.max_steps=40"],
+    "ppo": FAST_PPO,
+}
+
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m rlhf_cli <args>` in `cwd`, captured."""
@@ -40,15 +49,33 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
                           text=True, timeout=timeout)
 
 
-def compose_stage(stage: str, overrides: list[str], run_dir: Path | None = None):
-    """The typed config a stage would get from `rlhf <stage> <overrides>` (run_dir given, since no Hydra run)."""
+_REGISTERED: dict = {}  # the schemas compose_config registered last
+
+
+def compose_config(stage: str, overrides: list[str]):
+    """The DictConfig `rlhf <stage> <overrides>` composes from conf/, before `finalize`. Hydra stays initialised on
+    conf/ and the schemas registered between calls: doing either again costs a third of a composition, and the tests
+    compose hundreds of times (whoever initialises Hydra otherwise clears it first, as Hydra requires)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from rlhf_cli.config import finalize, register_configs
+    from rlhf_cli.config import SCHEMAS, register_configs
 
-    register_configs()
-    GlobalHydra.instance().clear()
+    if _REGISTERED != SCHEMAS:  # storing every schema again costs another third
+        register_configs()
+        _REGISTERED.clear()
+        _REGISTERED.update(SCHEMAS)
+    hydra = GlobalHydra.instance()
+    if not (hydra.is_initialized() and getattr(hydra.config_loader(), "_tests_conf", None) == REPO / "conf"):
+        hydra.clear()
+        initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3")
+        hydra.config_loader()._tests_conf = REPO / "conf"
+    return compose(config_name=stage, overrides=overrides)
+
+
+def compose_stage(stage: str, overrides: list[str], run_dir: Path | None = None):
+    """The typed config a stage would get from `rlhf <stage> <overrides>` (run_dir given, since no Hydra run)."""
+    from rlhf_cli.config import finalize
+
     extra = [f"run_dir={run_dir}"] if run_dir is not None else []
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return finalize(compose(config_name=stage, overrides=[*overrides, *extra]))
+    return finalize(compose_config(stage, [*overrides, *extra]))

@@ -7,23 +7,18 @@ import shlex
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
-from helpers import REPO
+from helpers import REPO, compose_config
 from rlhf_cli.cli import SPECS as STAGES, conf_dir
-from rlhf_cli.config import SCHEMAS, SFTConfig, finalize, register_configs
+from rlhf_cli.config import SCHEMAS, SFTConfig, finalize
 from rlhf_cli.errors import ConfigError
 
 CONF = REPO / "conf"
 
 
 def _compose(stage: str, overrides: list[str]):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=stage, overrides=overrides)
+    return compose_config(stage, overrides)
 
 
 def _finalize(stage: str, overrides: list[str], tmp_path: Path):

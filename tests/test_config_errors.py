@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from rich.console import Console
 
-from helpers import REPO
+from helpers import REPO, compose_config
 from rlhf_cli.cli import _is_user_error, _report
 from rlhf_cli.config import compose_error, finalize, register_configs
 from rlhf_cli.errors import ConfigError
@@ -20,18 +20,13 @@ CONF = REPO / "conf"
 
 def _error(stage: str, overrides: list[str]) -> ConfigError:
     """What `rlhf <stage> <overrides>` reports: Hydra's exception as the CLI rewords it, or finalize's own."""
-    register_configs()
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            finalize(compose(config_name=stage, overrides=[*overrides, "run_dir=."]))
+        finalize(compose_config(stage, [*overrides, "run_dir=."]))
     except ConfigError as exc:
         return exc
     except Exception as exc:  # noqa: BLE001 - sorted exactly as the CLI sorts it
         assert _is_user_error(exc), exc
         return compose_error(exc, stage)
-    finally:
-        GlobalHydra.instance().clear()
     raise AssertionError(f"{stage} {overrides} composed without an error")
 
 

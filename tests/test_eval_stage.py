@@ -7,38 +7,38 @@ import json
 
 import pytest
 
-from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
+from helpers import compose_stage
 from rlhf_cli.errors import ArtifactError
-from rlhf_cli.stages import eval as eval_stage, ppo, reward, sft
+from rlhf_cli.stages import eval as eval_stage
 
 FAST_EVAL = ["num_prompts=48", "response_length=8", "micro_batch_size=48"]
 METRICS = ("score", "gold", "kl", "response_length", "stop_rate", "win_rate")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(trained_experiment):
     """Experiment `demo` with finished SFT, reward and PPO artifacts (PPO keeps checkpoints at steps 2 and 4)."""
-    root = tmp_path_factory.mktemp("runs")
-    common = ["experiment=demo", f"root={root}"]
-    sft.run(compose_stage("sft", [*FAST_SFT, *common, "train.max_steps=150"], root / "demo" / "sft"))
-    reward.run(compose_stage("reward", [*FAST_REWARD, *common, "train.max_steps=40"], root / "demo" / "reward"))
-    ppo.run(compose_stage("ppo", [*FAST_PPO, *common], root / "demo" / "ppo"))
-    return root
+    return trained_experiment
 
 
 @pytest.fixture(scope="module")
-def report(root):
-    """The default evaluation: the experiment's SFT policy (baseline) against its PPO policy."""
-    return eval_stage.run(compose_stage("eval", [*FAST_EVAL, "experiment=demo", f"root={root}"],
-                                        root / "demo" / "eval"))
+def evaluated(root, tmp_path_factory):
+    """The default evaluation: the experiment's SFT policy (baseline) against its PPO policy, and its run dir."""
+    run_dir = tmp_path_factory.mktemp("eval") / "eval"
+    return eval_stage.run(compose_stage("eval", [*FAST_EVAL, "experiment=demo", f"root={root}"], run_dir)), run_dir
+
+
+@pytest.fixture(scope="module")
+def report(evaluated):
+    return evaluated[0]
 
 
 def _policy(report: dict, name: str) -> dict:
     return next(p for p in report["policies"] if p["name"] == name)
 
 
-def test_report_has_both_policies_with_every_metric_and_its_standard_error(report, root):
-    run_dir = root / "demo" / "eval"
+def test_report_has_both_policies_with_every_metric_and_its_standard_error(report, evaluated, root):
+    run_dir = evaluated[1]
     on_disk = json.loads((run_dir / "eval.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert (run_dir / "config.yaml").is_file() and on_disk["config"]["stage"] == "eval"

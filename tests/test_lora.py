@@ -4,6 +4,7 @@ adapter beside them, checkpoints of only what trains, PPO's reference as the pol
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -168,13 +169,15 @@ def test_config_rules(tmp_path):
 # ---- the stages ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Experiment `l`: a fully fine-tuned SFT policy (LoRA adapts a model that has learnt something), then reward
-    and ppo with LoRA adapters (r=8); and `l/sft_lora`, SFT with LoRA on the built-in tiny model."""
+def runs(trained_experiment, tmp_path_factory):
+    """Experiment `l`: a fully fine-tuned SFT policy (the shared experiment's: LoRA adapts a model that has learnt
+    something), then reward and ppo with LoRA adapters (r=8); and `l/sft_lora`, SFT with LoRA on the built-in tiny
+    model."""
     root = tmp_path_factory.mktemp("lora-runs")
     common = ["experiment=l", f"root={root}"]
     out = {"root": root}
-    sft.run(compose_stage("sft", [*FAST_SFT, *common, "train.max_steps=150"], root / "l" / "sft"))
+    shutil.copytree(trained_experiment / "demo" / "sft", root / "l" / "sft",
+                    ignore=shutil.ignore_patterns("checkpoints"))
     out["sft"] = sft.run(compose_stage("sft", [*FAST_SFT, *common, "model.lora.r=8", "train.max_steps=60",
                                                "optim.lr=1e-2"], root / "l" / "sft_lora"))
     out["reward"] = reward.run(compose_stage("reward", [*FAST_REWARD, *common, "model.lora.r=8", "train.max_steps=80",

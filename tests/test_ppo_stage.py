@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
+from helpers import FAST_PPO, FAST_REWARD, compose_stage
 from rlhf_cli import artifacts
 from rlhf_cli.config import ModelConfig, PPOAlgoConfig
 from rlhf_cli.errors import ArtifactError
@@ -17,23 +17,19 @@ from rlhf_cli.models.loading import load_causal_lm
 from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.engine import rollout as rollout_mod
 from rlhf_cli.engine.rollout import Rollout, Scorer, constants, sample
-from rlhf_cli.stages import ppo, reward, sft
+from rlhf_cli.stages import ppo, reward
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """Experiment `demo` with finished SFT and reward artifacts."""
-    root = tmp_path_factory.mktemp("runs")
-    common = ["experiment=demo", f"root={root}"]
-    sft.run(compose_stage("sft", [*FAST_SFT, *common, "train.max_steps=150"], root / "demo" / "sft"))
-    reward.run(compose_stage("reward", [*FAST_REWARD, *common, "train.max_steps=40"], root / "demo" / "reward"))
-    return root
+def root(trained_experiment):
+    """Experiment `demo` with finished SFT, reward and PPO artifacts; runs of the tests' own go under tmp_path."""
+    return trained_experiment
 
 
 @pytest.fixture(scope="module")
 def trained(root):
-    cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}"], root / "demo" / "ppo")
-    return ppo.run(cfg), root / "demo" / "ppo"
+    run_dir = root / "demo" / "ppo"
+    return artifacts.read_manifest(run_dir)["metrics"], run_dir
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +161,12 @@ def test_wrong_kind_is_refused(tmp_path, root):
         ppo.run(cfg)
 
 
-def test_adaptive_kl_moves_the_coefficient(root):
+def test_adaptive_kl_moves_the_coefficient(root, tmp_path):
     cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", "ppo.adaptive_kl=true",
                                 "ppo.kl_target=0.01", "ppo.kl_horizon=100", "train.max_steps=3"],
-                        root / "demo" / "ppo_adaptive")
+                        tmp_path / "ppo_adaptive")
     ppo.run(cfg)
-    rows = [json.loads(line) for line in (root / "demo" / "ppo_adaptive" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "ppo_adaptive" / "metrics.jsonl").read_text().splitlines()]
     coefs = [r["kl_coef"] for r in rows]
     assert coefs[0] == 0.05 and coefs[-1] != coefs[0]
 
@@ -193,16 +189,16 @@ def test_batch_arithmetic_takes_the_largest_micro_batch_and_refuses_only_what_ca
         ppo.batch_shape(cfg, 3)
 
 
-def test_encoder_reward_model_gets_retokenised_text_and_a_causal_value_model(root, tiny_bert_dir):
-    bert_rm = root / "demo" / "reward_bert"
+def test_encoder_reward_model_gets_retokenised_text_and_a_causal_value_model(root, tiny_bert_dir, tmp_path):
+    bert_rm = tmp_path / "reward_bert"
     reward.run(compose_stage("reward", [*FAST_REWARD, "experiment=demo", f"root={root}",
                                         f"model.name_or_path={tiny_bert_dir}", "train.max_steps=4"], bert_rm))
     cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", f"model.reward={bert_rm}",
-                                "train.max_steps=2"], root / "demo" / "ppo_bert")
+                                "train.max_steps=2"], tmp_path / "ppo_bert")
     metrics = ppo.run(cfg)
-    manifest = artifacts.read_manifest(root / "demo" / "ppo_bert")
+    manifest = artifacts.read_manifest(tmp_path / "ppo_bert")
     assert manifest["ppo"]["same_tokenizer_as_reward"] is False and metrics["iterations"] == 2
-    rows = [json.loads(line) for line in (root / "demo" / "ppo_bert" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "ppo_bert" / "samples.jsonl").read_text().splitlines()]
     # the scores the run logged are the encoder's scores of the decoded texts
     from transformers import AutoTokenizer
 
@@ -218,12 +214,12 @@ def test_encoder_reward_model_gets_retokenised_text_and_a_causal_value_model(roo
     assert again.tolist() == pytest.approx([r["score"] for r in rows[:2]], abs=1e-4)
 
 
-def test_gradient_checkpointing_trains_the_same_policy_and_value_model(root):
+def test_gradient_checkpointing_trains_the_same_policy_and_value_model(root, tmp_path):
     from safetensors.torch import load_file
 
     metrics, dirs = {}, {}
     for flag in ("false", "true"):
-        dirs[flag] = root / "demo" / f"ppo_checkpointing_{flag}"
+        dirs[flag] = tmp_path / f"ppo_checkpointing_{flag}"
         cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", "train.max_steps=2",
                                     f"train.gradient_checkpointing={flag}"], dirs[flag])
         metrics[flag] = ppo.run(cfg)
@@ -235,9 +231,9 @@ def test_gradient_checkpointing_trains_the_same_policy_and_value_model(root):
         assert all(torch.allclose(plain[k], checkpointed[k], rtol=1e-4, atol=1e-6) for k in plain), name
 
 
-def test_frozen_roles_in_bf16(root, capsys):
+def test_frozen_roles_in_bf16(root, tmp_path, capsys):
     cfg = compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", "train.max_steps=2",
-                                "model.dtype=bfloat16"], root / "demo" / "ppo_bf16")
+                                "model.dtype=bfloat16"], tmp_path / "ppo_bf16")
     metrics = ppo.run(cfg)
     assert "frozen weights in bfloat16" in capsys.readouterr().out.replace("\n", " ")
     # the reference is the SFT policy rounded to bf16: the first rollout's KL is near 0, not exactly 0

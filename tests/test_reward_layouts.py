@@ -13,14 +13,14 @@ from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTok
                           BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, LlamaConfig,
                           LlamaForSequenceClassification)
 
-from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
+from helpers import FAST_PPO, compose_stage
 from rlhf_cli.config import ModelConfig
 from rlhf_cli.engine import checkpoint
 from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models.loading import resolve
 from rlhf_cli.models.reward import CONFIG_FILE, HEAD_FILE, RewardModel, load_reward_model
 from rlhf_cli.rl.reward import pool
-from rlhf_cli.stages import eval as eval_stage, ppo, reward, sft
+from rlhf_cli.stages import eval as eval_stage, ppo
 
 TEXTS = ["give 1 fruit : fig !", "give 3 tool without saw : axe rake drill", "give 2 color : red"]
 
@@ -264,17 +264,16 @@ def test_checkpoints_round_trip_both_forms(kind, tmp_path, tiny_tokenizer, tiny_
 # ---- the stages ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    sft.run(compose_stage("sft", [*FAST_SFT, "experiment=x", f"root={root}"], root / "x" / "sft"))
-    return root
+def root(trained_experiment):
+    """Experiment `demo` with finished sft, reward and ppo artifacts; runs of the tests' own go under tmp_path."""
+    return trained_experiment
 
 
 @pytest.mark.parametrize("rm", ["llama_rm", "gpt2_rm", "bert_rm"])
-def test_ppo_and_eval_take_an_off_the_shelf_reward_model(rm, root, request):
+def test_ppo_and_eval_take_an_off_the_shelf_reward_model(rm, root, request, tmp_path):
     rm_dir = request.getfixturevalue(rm)
-    run_dir = root / "x" / f"ppo_{rm}"
-    metrics = ppo.run(compose_stage("ppo", [*FAST_PPO, "experiment=x", f"root={root}", f"model.reward={rm_dir}",
+    run_dir = tmp_path / f"ppo_{rm}"
+    metrics = ppo.run(compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", f"model.reward={rm_dir}",
                                             "train.max_steps=2"], run_dir))
     assert metrics["iterations"] == 2
     # the scores PPO logged are what transformers gives for the decoded texts, re-tokenised as the reward stage
@@ -291,10 +290,10 @@ def test_ppo_and_eval_take_an_off_the_shelf_reward_model(rm, root, request):
         with torch.no_grad():
             expected = net(input_ids=torch.tensor([ids])).logits[0, 0].item()
         assert row["score"] == pytest.approx(expected, abs=2e-3), row
-    report = eval_stage.run(compose_stage("eval", ["experiment=x", f"root={root}", f"reward={rm_dir}",
-                                                   f"policies=[{root / 'x' / 'sft'},{run_dir}]", "num_prompts=8",
+    report = eval_stage.run(compose_stage("eval", ["experiment=demo", f"root={root}", f"reward={rm_dir}",
+                                                   f"policies=[{root / 'demo' / 'sft'},{run_dir}]", "num_prompts=8",
                                                    "response_length=8", "checkpoints=false"],
-                                          root / "x" / f"eval_{rm}"))
+                                          tmp_path / f"eval_{rm}"))
     assert report["reward_model"] == str(rm_dir) and len(report["policies"]) == 2
 
 
@@ -306,7 +305,7 @@ def test_same_token_scoring_of_rollouts_matches_transformers(llama_rm, root, tin
     from rlhf_cli.engine.rollout import Scorer, sample, score_responses
     from rlhf_cli.models.loading import load_causal_lm, same_tokenizer
 
-    policy, tok, _ = load_causal_lm(ModelConfig(name_or_path=str(root / "x" / "sft" / "model")), torch.device("cpu"))
+    policy, tok, _ = load_causal_lm(ModelConfig(name_or_path=str(root / "demo" / "sft" / "model")), torch.device("cpu"))
     model, rm_tok = load_reward_model(str(llama_rm))
     assert same_tokenizer(tok, rm_tok)
     ids, _ = encode_prompts([r["prompt"] for r in toy.prompt_rows(6, 0, "train")], tok, 64)
@@ -321,8 +320,7 @@ def test_same_token_scoring_of_rollouts_matches_transformers(llama_rm, root, tin
 
 
 def test_a_reward_artifact_works_in_transformers_end_to_end(root):
-    run_dir = root / "x" / "reward"
-    reward.run(compose_stage("reward", [*FAST_REWARD, "experiment=x", f"root={root}"], run_dir))
+    run_dir = root / "demo" / "reward"
     model, tokenizer = load_reward_model(str(run_dir / "model"))
     net = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
     assert torch.allclose(_hf_scores(net, tokenizer, TEXTS, "right"), _our_scores(model, tokenizer, TEXTS), atol=1e-6)

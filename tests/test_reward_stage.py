@@ -8,31 +8,29 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers import FAST_REWARD, FAST_SFT, compose_stage, run_cli
+from helpers import FAST_REWARD, compose_stage, run_cli
 from rlhf_cli import artifacts
 from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
 from rlhf_cli.errors import ArtifactError, DataError
 from rlhf_cli.models.reward import RewardModel
-from rlhf_cli.stages import reward, sft
+from rlhf_cli.stages import reward
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """An experiment `demo` with a finished SFT artifact."""
-    root = tmp_path_factory.mktemp("runs")
-    sft.run(compose_stage("sft", [*FAST_SFT, "experiment=demo", f"root={root}", "train.max_steps=150"],
-                          root / "demo" / "sft"))
-    return root
+def root(trained_experiment):
+    """An experiment `demo` with a finished SFT artifact; reward runs of the tests' own go under tmp_path."""
+    return trained_experiment
 
 
 @pytest.fixture(scope="module")
-def trained(root):
+def trained(root, tmp_path_factory):
     # no label noise: accuracy can climb far above chance within a few seconds of training
+    run_dir = tmp_path_factory.mktemp("reward") / "reward"
     cfg = compose_stage("reward", [*FAST_REWARD, "experiment=demo", f"root={root}", "data.toy.label_noise=0",
                                    "data.toy.num_train=2000", "data.toy.num_eval=200", "train.max_steps=150",
                                    "train.eval_every=75", "train.examples_per_step=32", "train.micro_batch_size=16"],
-                        root / "demo" / "reward")
-    return reward.run(cfg), root / "demo" / "reward"
+                        run_dir)
+    return reward.run(cfg), run_dir
 
 
 def test_heldout_accuracy_rises_well_above_chance(trained):
@@ -85,17 +83,18 @@ def test_wrong_kind_of_upstream_artifact(trained, tmp_path):
         reward.run(cfg)
 
 
-def test_encoder_backbone_is_recorded_as_a_different_tokenizer(root, tiny_bert_dir):
+def test_encoder_backbone_is_recorded_as_a_different_tokenizer(root, tiny_bert_dir, tmp_path):
     cfg = compose_stage("reward", [*FAST_REWARD, "experiment=demo", f"root={root}",
                                    f"model.name_or_path={tiny_bert_dir}", "train.max_steps=4"],
-                        root / "demo" / "reward_bert")
+                        tmp_path / "reward_bert")
     reward.run(cfg)
-    manifest = artifacts.read_manifest(root / "demo" / "reward_bert")
+    manifest = artifacts.read_manifest(tmp_path / "reward_bert")
     assert manifest["reward"] == {**manifest["reward"], "pooling": "first", "is_encoder": True}
     assert manifest["policy_tokenizer"] == {"policy": str(root / "demo" / "sft"), "same_tokenizer": False}
     assert manifest["parents"] == []
 
 
+@pytest.mark.slow
 def test_hh_pairs_on_the_shared_file(hh_file, tiny_bert_dir, tmp_path):
     cfg = compose_stage("reward", [*FAST_REWARD, "data=hh_pref", f"data.path={hh_file}", "data.max_rows=96",
                                    "data.max_seq_len=64", f"model.name_or_path={tiny_bert_dir}", "train.max_steps=3"],

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
+from helpers import EXPERIMENT, FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage
 from rlhf_cli import artifacts
 from rlhf_cli.errors import ArtifactError, ConfigError, DataError, DivergedError
 from rlhf_cli.stages import ppo, reward, sft
@@ -63,11 +63,18 @@ def _interrupt(src: Path, dst: Path, keep_steps: int | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory) -> Path:
-    """A finished reward artifact on builtin:tiny, for PPO."""
-    root = tmp_path_factory.mktemp("up")
-    _run("reward", root, "up")
-    return root / "up" / "reward"
+def reward_dir(trained_experiment) -> Path:
+    """A finished reward artifact (the shared experiment's), for PPO."""
+    return trained_experiment / "demo" / "reward"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """A finished sft run with FAST_SFT (checkpoints at steps 12 and 24), to copy: the uninterrupted run that
+    killed, replaced and resumed copies are compared with."""
+    root = tmp_path_factory.mktemp("straight")
+    _run("sft", root, "straight")
+    return root / "straight" / "sft"
 
 
 def _ppo_args(reward_dir: Path) -> list[str]:
@@ -76,9 +83,9 @@ def _ppo_args(reward_dir: Path) -> list[str]:
 
 # ---- 1. overwrite=true never destroys a finished artifact before its replacement is published --------------------
 
-def test_overwrite_keeps_the_finished_artifact_until_the_replacement_is_published(tmp_path):
-    _run("sft", tmp_path, "x")
-    run_dir = tmp_path / "x" / "sft"
+@pytest.mark.slow
+def test_overwrite_keeps_the_finished_artifact_until_the_replacement_is_published(straight, tmp_path):
+    run_dir = shutil.copytree(straight, tmp_path / "x" / "sft")
     before = _snapshot(run_dir)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
@@ -99,22 +106,18 @@ def test_overwrite_keeps_the_finished_artifact_until_the_replacement_is_publishe
     artifacts.upstream(None, str(tmp_path), "x", "sft", "policy")  # the new one matches its own manifest
 
 
-def test_an_interrupted_replacement_continues_with_overwrite_and_resume(tmp_path):
+@pytest.mark.slow
+def test_an_interrupted_replacement_continues_with_overwrite_and_resume(straight, tmp_path):
     _run("sft", tmp_path, "x", "train.max_steps=12")
     run_dir = tmp_path / "x" / "sft"
-    _run("sft", tmp_path, "x", "overwrite=true")  # the replacement to compare with
-    replaced = _weights(run_dir)
-    shutil.rmtree(tmp_path / "x")
-    _run("sft", tmp_path, "x", "train.max_steps=12")
     old = _snapshot(run_dir)
-    _run("sft", tmp_path, "y")
-    _interrupt(tmp_path / "y" / "sft", run_dir / artifacts.STAGING, keep_steps=12)  # killed after step 12 of 24
+    _interrupt(straight, run_dir / artifacts.STAGING, keep_steps=12)  # a replacement killed after step 12 of 24
     with pytest.raises(ArtifactError, match="overwrite=true resume=true"):
         _run("sft", tmp_path, "x")
     assert _snapshot(run_dir) == old
     _run("sft", tmp_path, "x", "overwrite=true", "resume=true")
     assert not (run_dir / artifacts.STAGING).exists()
-    new = _weights(run_dir)
+    new, replaced = _weights(run_dir), _weights(straight)  # what the replacement would have published
     assert all(torch.equal(new[k], replaced[k]) for k in replaced)
 
 
@@ -174,13 +177,14 @@ def test_ppo_stops_on_a_reward_model_that_scores_nan(tmp_path, reward_dir):
 # ---- 3. a resumed run publishes what an uninterrupted one does -----------------------------------------------------
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
-def test_resume_after_a_kill_while_publishing_gives_the_same_artifact(stage, tmp_path, reward_dir):
-    extra = _ppo_args(reward_dir) if stage == "ppo" else []
-    straight = _run(stage, tmp_path, "straight", *extra)
-    _interrupt(tmp_path / "straight" / stage, tmp_path / "killed" / stage)
-    resumed = _run(stage, tmp_path, "killed", "resume=true", *extra)
-    a, b = tmp_path / "straight" / stage, tmp_path / "killed" / stage
-    assert _what_was_computed(resumed) == _what_was_computed(straight)
+def test_resume_after_a_kill_while_publishing_gives_the_same_artifact(stage, trained_experiment, experiment_copy):
+    """The shared experiment's runs, each copied as a kill while publishing leaves it (ppo's upstream copied too)."""
+    a, b = trained_experiment / "demo" / stage, experiment_copy / "demo" / stage
+    shutil.rmtree(b)
+    _interrupt(a, b)
+    resumed = STAGES[stage].run(compose_stage(stage, [*EXPERIMENT[stage], "experiment=demo", f"root={experiment_copy}",
+                                                      "resume=true"], b))
+    assert _what_was_computed(resumed) == _what_was_computed(artifacts.read_manifest(a)["metrics"])
     assert _what_was_computed(artifacts.read_manifest(b)["metrics"]) == \
         _what_was_computed(artifacts.read_manifest(a)["metrics"])
     rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
@@ -192,6 +196,7 @@ def test_resume_after_a_kill_while_publishing_gives_the_same_artifact(stage, tmp
     assert not list(b.glob(".*.tmp-*"))  # the killed publish's leftover is gone
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary(tmp_path):
     # 256 rows / 16 per step: epoch 2 starts at step 16
     extra = ["train.checkpoint_every=8", "train.keep_checkpoints=10"]
@@ -206,26 +211,27 @@ def test_resume_at_an_epoch_boundary(tmp_path):
 # ---- 9. resume checks what it resumes ------------------------------------------------------------------------------
 
 @pytest.fixture
-def unfinished(tmp_path) -> Path:
+def unfinished(straight, tmp_path) -> Path:
     """An sft run killed after its checkpoint at step 12 of 24."""
-    _run("sft", tmp_path, "straight")
-    _interrupt(tmp_path / "straight" / "sft", tmp_path / "x" / "sft", keep_steps=12)
+    _interrupt(straight, tmp_path / "x" / "sft", keep_steps=12)
     return tmp_path / "x" / "sft"
 
 
-def test_resume_refuses_a_changed_config_unless_forced(unfinished):
+@pytest.mark.slow
+def test_resume_refuses_a_changed_config_unless_forced(unfinished, straight):
     root = str(unfinished.parents[1])
     with pytest.raises(ConfigError, match=r"optim.lr 0.001 -> 0.0005, train.max_steps 24 -> 36") as err:
         _run("sft", Path(root), "x", "resume=true", "optim.lr=5e-4", "train.max_steps=36")
     assert "force_resume=true" in err.value.hint
     _run("sft", Path(root), "x", "resume=true", "train.log_every=1", "train.micro_batch_size=16")  # how, not what
     shutil.rmtree(unfinished)
-    _interrupt(Path(root) / "straight" / "sft", unfinished, keep_steps=12)
+    _interrupt(straight, unfinished, keep_steps=12)
     metrics = _run("sft", Path(root), "x", "resume=true", "force_resume=true", "optim.lr=5e-4", "optim.schedule=constant")
     rows = [json.loads(x) for x in (unfinished / "metrics.jsonl").read_text().splitlines()]
     assert metrics["steps"] == 24 and rows[-1]["lr"] == pytest.approx(5e-4)  # the new value, not the checkpoint's
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data(tmp_path):
     from rlhf_cli.data import toy
 
@@ -243,6 +249,7 @@ def test_resume_refuses_changed_data(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_damaged_checkpoint(unfinished):
     weights = unfinished / "checkpoints" / "step-12" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -255,8 +262,9 @@ def test_resume_refuses_a_damaged_checkpoint(unfinished):
 
 # ---- 7. the next stage checks its upstream model --------------------------------------------------------------------
 
-def test_reward_names_the_stage_to_rerun_when_the_sft_model_was_deleted(tmp_path):
-    _run("sft", tmp_path, "x", "train.max_steps=4", "train.checkpoint_every=4", "train.eval_every=4")
+@pytest.mark.slow
+def test_reward_names_the_stage_to_rerun_when_the_sft_model_was_deleted(straight, tmp_path):
+    shutil.copytree(straight, tmp_path / "x" / "sft")
     shutil.rmtree(tmp_path / "x" / "sft" / "model")
     with pytest.raises(ArtifactError, match="model/ is missing") as err:
         reward.run(compose_stage("reward", [*FAST_REWARD, "experiment=x", f"root={tmp_path}"],

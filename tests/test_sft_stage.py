@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,10 +17,10 @@ from rlhf_cli.stages import sft
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "demo" / "sft"
-    cfg = compose_stage("sft", [*FAST_SFT, "train.max_steps=150", "train.eval_every=75"], run_dir)
-    return sft.run(cfg), run_dir
+def trained(trained_experiment):
+    """The shared experiment's SFT run: 150 steps, held-out loss at 75 and 150 (helpers.EXPERIMENT)."""
+    run_dir = trained_experiment / "demo" / "sft"
+    return artifacts.read_manifest(run_dir)["metrics"], run_dir
 
 
 def test_heldout_loss_falls_clearly(trained):
@@ -63,8 +64,8 @@ def test_artifact_loads_with_plain_transformers_and_generates(trained):
     assert words and sum(w in vocab for w in words) >= len(words) / 2
 
 
-def test_finished_artifact_is_not_overwritten(trained):
-    _, run_dir = trained
+def test_finished_artifact_is_not_overwritten(trained, tmp_path):
+    run_dir = shutil.copytree(trained[1], tmp_path / "sft")
     cfg = compose_stage("sft", FAST_SFT, run_dir)
     with pytest.raises(ArtifactError, match="overwrite=true"):
         sft.run(cfg)
@@ -107,6 +108,7 @@ def test_token_loss_sum_matches_mean_cross_entropy():
     assert positions.tolist() == [0, 1] and torch.allclose(total, hand)
 
 
+@pytest.mark.slow
 def test_hh_sft_on_the_shared_file(hh_file, tmp_path):
     cfg = compose_stage("sft", [*FAST_SFT, "data=hh_sft", f"data.path={hh_file}", "data.max_rows=96",
                                 "data.max_seq_len=128", "train.max_steps=4", "train.eval_every=4"],
@@ -127,12 +129,14 @@ def test_bad_data_row_names_file_row_and_field(tmp_path):
     assert not artifacts.is_finished(tmp_path / "sft")
 
 
+@pytest.mark.slow
 def test_epochs_set_the_run_length(tmp_path):
     # 256 rows / 16 per step = 16 steps per epoch; 1.5 epochs -> 24 steps
     cfg = compose_stage("sft", [*FAST_SFT, "train.epochs=1.5", "train.max_steps=999"], tmp_path / "sft")
     assert sft.run(cfg)["steps"] == 24
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
     from safetensors.torch import load_file
 
