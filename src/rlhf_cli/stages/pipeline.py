@@ -12,8 +12,9 @@ Every stage's config is composed and checked before the first one starts. A stag
 with the same config is reused; one finished with a different config stops the pipeline with the keys that
 differ (pass overwrite=true, or pick another experiment); an interrupted one is resumed. Each stage runs in its
 own process (stages talk only through their artifacts on disk), so re-running the same command after a crash
-continues where it stopped. A stage without an artifact (`rlhf eval`) always runs again: it is a report. The pipeline ends with `rlhf report`:
-<root>/<experiment>/report.html, one page with every stage's numbers, config, charts and samples.
+continues where it stopped. A stage without an artifact (`rlhf eval`) always runs again: it is a report. The
+pipeline ends with `rlhf report`: <root>/<experiment>/report.html, one page with every stage's numbers, config,
+charts and samples.
 """
 
 from __future__ import annotations

@@ -120,8 +120,8 @@ def why_not_packable(model: RewardModel, backbone: str) -> str | None:
     """Why the reward model cannot score packed rows (data.packing), or None: it must be causal, read at each
     sequence's last token, and its body must keep packed sequences apart (models.loading.packing_refusal)."""
     if not model.packable:
-        return (f"the reward model on {backbone} is {'an encoder' if model.is_encoder else 'not read at its last token'}"
-                f": packed sequences would see each other or be read elsewhere")
+        kind = "an encoder" if model.is_encoder else "not read at its last token"
+        return f"the reward model on {backbone} is {kind}: packed sequences would see each other or be read elsewhere"
     return packing_refusal(model.backbone, backbone)
 
 
