@@ -16,8 +16,8 @@ TINY = ["--hidden-size", "16", "--layers", "1", "--heads", "2", "--vocab-size", 
 
 
 @pytest.fixture
-def bench(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLHF_CLI_CACHE", str(tmp_path))
+def bench():
+    """The script as a module; its models live in the tests' cache (conftest's RLHF_CLI_CACHE), built once."""
     spec = importlib.util.spec_from_file_location("bench_ppo", REPO / "scripts" / "bench_ppo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -43,6 +43,7 @@ def test_bench_ppo_with_lora_trains_only_adapters(bench, capsys):
     assert out["reference_copy_m"] == 0  # the policy with its adapters off
 
 
+@pytest.mark.slow
 def test_bench_ppo_compare_runs_full_and_lora_in_their_own_processes(bench, capsys):
     assert bench.main([*TINY, "--compare", "--sizes", "16x1"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

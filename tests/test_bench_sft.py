@@ -66,6 +66,7 @@ def test_bench_sft_under_fsdp_reports_the_same_loss_and_its_training_state(tmp_p
     assert fsdp["state_mib"] == pytest.approx(16 * fsdp["parameters"] / 2**20, rel=1e-6) == ddp["state_mib"]
 
 
+@pytest.mark.slow
 def test_bench_strategy_runs_its_cells_in_processes_of_their_own(tmp_path, monkeypatch, capsys):
     bench = _script("bench_strategy", tmp_path, monkeypatch)
     monkeypatch.setitem(bench.SIZES, "tiny", TINY[:8])

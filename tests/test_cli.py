@@ -1,4 +1,5 @@
-"""The `rlhf` command as a user runs it: dispatch, Hydra flags, errors with exit code 2, the run directory."""
+"""The `rlhf` command as a user runs it: dispatch, Hydra flags, errors with exit code 2, a sweep's directories (a
+run's own directory, its refusal to overwrite and its replacement: test_cli_safety)."""
 
 from __future__ import annotations
 
@@ -67,25 +68,6 @@ def test_misspelled_key_in_a_sweep_or_a_pipeline_names_the_closest_key(tmp_path)
     _one_error(piped, "unknown key optim.lrr in the sft config; did you mean sft.optim.lr?")
     for proc in (sweep, piped):
         assert "+" not in proc.stderr and len(proc.stderr.splitlines()) == 2, proc.stderr
-
-
-def test_run_writes_the_run_directory_then_refuses_to_overwrite(tmp_path):
-    proc = run_cli(["sft", "experiment=demo", *FAST_SFT], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    run_dir = tmp_path / "runs" / "demo" / "sft"
-    for name in ("manifest.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "model", "checkpoints", ".hydra"):
-        assert (run_dir / name).exists(), name
-    assert not (tmp_path / "outputs").exists()  # Hydra's files live inside the run directory
-    assert "sft summary" in proc.stdout and "examples_per_step 16 = micro_batch_size 8 x grad_accum_steps 2" in proc.stdout
-    before = (run_dir / "manifest.json").read_text()
-
-    again = run_cli(["sft", "experiment=demo", *FAST_SFT], tmp_path)
-    _one_error(again, "already holds a finished sft artifact", "overwrite=true")
-    assert (run_dir / "manifest.json").read_text() == before
-
-    replaced = run_cli(["sft", "experiment=demo", "overwrite=true", *FAST_SFT, "train.max_steps=12"], tmp_path)
-    assert replaced.returncode == 0, replaced.stderr
-    assert json.loads((run_dir / "manifest.json").read_text())["metrics"]["steps"] == 12
 
 
 def test_multirun_sweep_gives_one_artifact_per_job_and_a_table(tmp_path):

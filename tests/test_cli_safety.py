@@ -1,7 +1,7 @@
-"""The same promises through the `rlhf` command: one message and the documented exit code for a refusal, a
-divergence, an unsafe experiment name, a full disk, a read-only run directory and a damaged checkpoint; finished
-artifacts (Hydra's record included) and the last good checkpoint survive each of them, and a killed replacement
-leaves the old artifact in place."""
+"""The same promises through the `rlhf` command: a run writes its run directory (Hydra's record inside it); one
+message and the documented exit code for a refusal, a divergence, an unsafe experiment name, a full disk, a read-only
+run directory and a damaged checkpoint; finished artifacts (Hydra's record included) and the last good checkpoint
+survive each of them, and a killed replacement leaves the old artifact in place. One sft run, copied by the tests."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import FAST_SFT, run_cli
+from rlhf_cli import artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +41,30 @@ def _run_limited(args: list[str], cwd: Path, preexec) -> subprocess.CompletedPro
                           timeout=300, preexec_fn=preexec, env={**os.environ, "COLUMNS": "200"})
 
 
-@pytest.fixture
-def finished(tmp_path) -> Path:
-    proc = run_cli(["sft", "experiment=demo", *FAST_SFT], tmp_path)
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple:
+    """One `rlhf sft experiment=demo` with FAST_SFT (checkpoints at steps 12 and 24): what it printed and its run
+    directory, which the tests copy."""
+    cwd = tmp_path_factory.mktemp("first")
+    proc = run_cli(["sft", "experiment=demo", *FAST_SFT], cwd)
     assert proc.returncode == 0, proc.stderr
-    run_dir = tmp_path / "runs" / "demo" / "sft"
+    return proc, cwd / "runs" / "demo" / "sft"
+
+
+@pytest.fixture
+def finished(first_run, tmp_path) -> Path:
+    """runs/demo/sft under tmp_path (the working directory of the test's commands): a finished artifact."""
+    return shutil.copytree(first_run[1], tmp_path / "runs" / "demo" / "sft")
+
+
+def test_a_run_writes_its_run_directory(first_run):
+    proc, run_dir = first_run
+    for name in ("manifest.json", "config.yaml", "metrics.jsonl", "samples.jsonl", "model", "checkpoints", ".hydra"):
+        assert (run_dir / name).exists(), name
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()
-    return run_dir
+    assert not (run_dir.parents[2] / "outputs").exists()  # Hydra's files live inside the run directory
+    assert "sft summary" in proc.stdout
+    assert "examples_per_step 16 = micro_batch_size 8 x grad_accum_steps 2" in proc.stdout
 
 
 def test_refusals_and_failed_replacements_leave_the_artifact_and_its_hydra_record(finished, tmp_path):
@@ -57,7 +75,7 @@ def test_refusals_and_failed_replacements_leave_the_artifact_and_its_hydra_recor
         return files == before and not (finished / ".overwrite").exists()
 
     _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "train.max_steps=12"], tmp_path), 2,
-                 "already holds a finished sft artifact")
+                 "already holds a finished sft artifact", "overwrite=true")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
     _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", f"data.path={bad}"], tmp_path), 2,
@@ -97,20 +115,17 @@ def test_unsafe_experiment_names_write_nothing(name, tmp_path):
     assert not Path("/tmp/rlhf-abs-experiment").exists()
 
 
-def _unfinished(tmp_path: Path) -> Path:
+def _unfinished(first_run: tuple, tmp_path: Path) -> Path:
     """runs/x/sft as a kill after checkpoint step-12 of 24 leaves it (made from a finished run, deterministically)."""
-    proc = run_cli(["sft", "experiment=straight", *FAST_SFT], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    run_dir = tmp_path / "runs" / "x" / "sft"
-    shutil.copytree(tmp_path / "runs" / "straight" / "sft", run_dir)
+    run_dir = shutil.copytree(first_run[1], tmp_path / "runs" / "x" / "sft")
     (run_dir / "manifest.json").unlink()
     shutil.rmtree(run_dir / "model")
     shutil.rmtree(run_dir / "checkpoints" / "step-24")
     return run_dir
 
 
-def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path):
-    run_dir = _unfinished(tmp_path)
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(first_run, tmp_path):
+    run_dir = _unfinished(first_run, tmp_path)
     good = _snapshot(run_dir / "checkpoints")
     # the final checkpoint (step 24) holds no optimizer state: half the weights is what cannot be written
     limit = (run_dir / "checkpoints" / "step-12" / "model.safetensors").stat().st_size // 2
@@ -123,7 +138,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path
     assert _snapshot(run_dir / "checkpoints") == good and not (run_dir / "manifest.json").exists()
     resumed = run_cli(["sft", "experiment=x", "resume=true", *FAST_SFT], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    a = (tmp_path / "runs" / "straight" / "sft" / "model" / "model.safetensors").read_bytes()
+    a = (first_run[1] / "model" / "model.safetensors").read_bytes()  # the uninterrupted run's
     assert (run_dir / "model" / "model.safetensors").read_bytes() == a
 
 
@@ -151,8 +166,8 @@ def test_a_read_only_run_directory_is_one_message(finished, tmp_path):
     assert _snapshot(finished) == before
 
 
-def test_a_tampered_checkpoint_is_refused_on_resume(tmp_path):
-    run_dir = _unfinished(tmp_path)
+def test_a_tampered_checkpoint_is_refused_on_resume(first_run, tmp_path):
+    run_dir = _unfinished(first_run, tmp_path)
     (run_dir / "checkpoints" / "step-12" / "optimizer.pt").write_bytes(b"not a checkpoint")
     _one_message(run_cli(["sft", "experiment=x", "resume=true", *FAST_SFT], tmp_path), 2,
                  "artifact error: checkpoint", "step-12 is damaged", "optimizer.pt")
@@ -160,10 +175,10 @@ def test_a_tampered_checkpoint_is_refused_on_resume(tmp_path):
 
 def test_a_killed_replacement_leaves_the_old_artifact_usable(finished, tmp_path):
     before = _snapshot(finished)
-    long = [*FAST_SFT, "train.max_steps=300", "train.checkpoint_every=20", "train.num_samples=0"]
+    long = [*FAST_SFT, "train.max_steps=80", "train.checkpoint_every=20", "train.num_samples=0"]
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", "sft", "experiment=demo", "overwrite=true", *long],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staged = finished / ".overwrite" / "checkpoints" / "step-40" / "state.json"
+    staged = finished / ".overwrite" / "checkpoints" / "step-20" / "state.json"
     deadline = time.time() + 120
     while not staged.exists():
         assert proc.poll() is None and time.time() < deadline
@@ -171,10 +186,11 @@ def test_a_killed_replacement_leaves_the_old_artifact_usable(finished, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _snapshot(finished) == before
-    reward = run_cli(["reward", "experiment=demo", "data.toy.num_train=64", "data.toy.num_eval=16",
-                      "train.max_steps=2", "train.examples_per_step=16", "train.micro_batch_size=16"], tmp_path)
-    assert reward.returncode == 0, reward.stderr  # the old SFT artifact is still a valid upstream
+    # the old SFT artifact is still a valid upstream: the check the next stage makes before it loads the model
+    model_dir, parent = artifacts.upstream(None, str(tmp_path / "runs"), "demo", "sft", "policy")
+    assert model_dir == str(finished / "model")
+    assert parent["model_sha256"] == json.loads(before["manifest.json"])["model_sha256"]
     resumed = run_cli(["sft", "experiment=demo", "overwrite=true", "resume=true", *long], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and not (finished / ".overwrite").exists()
-    assert json.loads((finished / "manifest.json").read_text())["metrics"]["steps"] == 300
+    assert json.loads((finished / "manifest.json").read_text())["metrics"]["steps"] == 80

@@ -108,11 +108,10 @@ def test_reward_fsdp_on_two_processes_matches_one(tmp_path):
     assert a["reward"]["score_stats"]["std"] == pytest.approx(b["reward"]["score_stats"]["std"], rel=1e-4)
 
 
-def test_ppo_with_lora_under_fsdp_matches_ddp_on_two_processes(tmp_path):
-    made = run_cli(["reward", "experiment=base", *FAST_REWARD, "model.name_or_path=builtin:tiny"], tmp_path)
-    assert made.returncode == 0, made.stderr
+def test_ppo_with_lora_under_fsdp_matches_ddp_on_two_processes(tmp_path, trained_experiment):
+    reward = trained_experiment / "demo" / "reward"  # the shared experiment's reward model (read only)
     args = [*FAST_PPO, "train.micro_batch_size=4", "model.lora.r=4", "model.policy=builtin:tiny",
-            f"model.reward={tmp_path / 'runs' / 'base' / 'reward'}"]
+            f"model.reward={reward}"]
     for strategy in ("fsdp", "ddp"):
         (run,) = _torchrun(["ppo", f"experiment={strategy}", f"train.strategy={strategy}", *args], tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -135,7 +134,7 @@ def test_ppo_with_lora_under_fsdp_matches_ddp_on_two_processes(tmp_path):
 
     # eval on 2 processes: the same numbers with every model sharded, the curve read from sharded and plain
     # checkpoints alike
-    judge = ["reference=builtin:tiny", f"reward={tmp_path / 'runs' / 'base' / 'reward'}", "num_prompts=30",
+    judge = ["reference=builtin:tiny", f"reward={reward}", "num_prompts=30",
              "micro_batch_size=8", f"policies=[{a_dir},{b_dir}]"]
     for strategy in ("fsdp", "ddp"):
         (run,) = _torchrun(["eval", f"experiment=e{strategy}", f"strategy={strategy}", *judge], tmp_path)

@@ -71,9 +71,9 @@ def test_pipeline_runs_reuses_and_refuses_stale(tmp_path):
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d sft 24/24 \(100%\) elapsed", proc.stdout)  # a log's lines
     check_report(exp, proc.stdout)
 
-    again = run_cli(["pipeline", "experiment=p", *fast], tmp_path, timeout=600)
+    again = run_cli(["pipeline", "experiment=p", "stages=sft,reward,ppo", *fast], tmp_path, timeout=600)  # no eval
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("reusing the finished artifact") == 3
+    assert again.stdout.count("reusing the finished artifact") == 3 and "rlhf eval" not in again.stdout
 
     stale = run_cli(["pipeline", "experiment=p", *fast, "ppo.kl_coef=0.3"], tmp_path)
     assert stale.returncode == 2 and "ppo.kl_coef" in stale.stderr and "overwrite=true" in stale.stderr

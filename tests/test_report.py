@@ -64,6 +64,7 @@ def _metrics(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.slow
 def test_charts_of_every_stage_are_pngs(tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers import FAST_REWARD, compose_stage, run_cli
+from helpers import FAST_REWARD, compose_stage
 from rlhf_cli import artifacts
 from rlhf_cli.data.preference import collate_pairs, tokenize_pairs
 from rlhf_cli.errors import ArtifactError, DataError
@@ -132,13 +132,3 @@ def test_skip_invalid_drops_and_counts(tmp_path, tiny_bert_dir):
     reward.run(cfg)
     data = artifacts.read_manifest(tmp_path / "r")["data"]
     assert data["dropped_identical"] == 1 and data["rows"] == 40
-
-
-@pytest.mark.slow
-def test_cli_exit_code_for_a_bad_pair_and_a_missing_sft(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "a"}\n')
-    proc = run_cli(["reward", f"data.path={path}", "model.name_or_path=builtin:tiny"], tmp_path)
-    assert proc.returncode == 2 and "identical" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli(["reward", "experiment=none"], tmp_path)
-    assert proc.returncode == 2 and "rlhf sft experiment=none" in proc.stderr

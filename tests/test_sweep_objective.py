@@ -26,6 +26,7 @@ def test_a_sweeper_without_an_objective_is_refused(tmp_path):
     assert "a sweeper needs objective=<metric of rlhf sft>" in run.stderr and "objective=eval_loss" in run.stderr
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_every_trial_failed_ends_with_one_message(tmp_path):
     missing = tmp_path / "absent.jsonl"
     run = run_cli(["sft", "-m", "experiment=t", "hydra/sweeper=maximize", "objective=gold_score",

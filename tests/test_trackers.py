@@ -5,6 +5,7 @@ one config error; a run that fails ends its tracker runs as failed; a resumed ru
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -81,22 +82,36 @@ def test_sft_reports_to_tensorboard_mlflow_and_wandb(tmp_path):
     assert run.display_name == "sft" and config["optim"]["lr"] == manifest["config"]["optim"]["lr"]
 
 
-def mlflow_stage(stage: str, tmp_path: Path, monkeypatch) -> tuple:
-    """(config with logger=[mlflow] and the local store, its run directory, a client of that store)."""
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty local MLflow store with its tables made (seconds of migrations), for the tests to copy; the first run
+    of a fresh root making its own is the end-to-end test's."""
     pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def mlflow_stage(stage: str, tmp_path: Path, monkeypatch, store: Path) -> tuple:
+    """(config with logger=[mlflow] and the local store, a copy of `store`; its run directory, a client of that
+    store)."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "runs" / "x" / stage
     run_dir.mkdir(parents=True)
+    shutil.copy(store, tmp_path / "runs" / "mlflow.db")
     cfg = compose_stage(stage, [f"root={tmp_path / 'runs'}", "experiment=x", "logger=[mlflow]"], run_dir)
     return cfg, run_dir, MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
 
 
-def test_failed_run_ends_as_failed_and_resume_continues_it(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_failed_run_ends_as_failed_and_resume_continues_it(tmp_path, monkeypatch, empty_store):
     from rlhf_cli.engine.recording import MetricsLog, close_failed
 
-    cfg, run_dir, client = mlflow_stage("sft", tmp_path, monkeypatch)
+    cfg, run_dir, client = mlflow_stage("sft", tmp_path, monkeypatch, empty_store)
     log = MetricsLog(run_dir, True, cfg)
     log.log(1, {"loss": 2.0, "note": "text is left out", "bad": float("nan")})
     close_failed()  # what engine.train.process does when the stage raises
@@ -132,10 +147,11 @@ def test_missing_tracker_package_names_the_extra(monkeypatch):
     assert "needs the wandb package" in err.value.message and "rlhf-cli[wandb]" in err.value.hint
 
 
-def test_eval_reports_its_curve_and_every_policy(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_eval_reports_its_curve_and_every_policy(tmp_path, monkeypatch, empty_store):
     from rlhf_cli.stages.eval import track
 
-    cfg, run_dir, client = mlflow_stage("eval", tmp_path, monkeypatch)
+    cfg, run_dir, client = mlflow_stage("eval", tmp_path, monkeypatch, empty_store)
     curve = [{"step": 0, "kl": 0.0, "score": 3.0, "gold": 0.4}, {"step": 10, "kl": 1.5, "score": 4.0, "gold": 0.8}]
     report = {"policies": [{"name": "x/sft", "score": 3.0, "score_se": 0.1, "samples": []},
                            {"name": "x/ppo", "score": 4.5, "score_se": 0.1, "samples": []}], "curves": {"x/ppo": curve}}
@@ -174,13 +190,14 @@ def test_trackers_leave_the_global_random_state_as_it_was(tmp_path, monkeypatch)
     assert (random.random(), np.random.rand()) == expected
 
 
-def test_a_tracker_that_cannot_start_leaves_no_run_open(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_tracker_that_cannot_start_leaves_no_run_open(tmp_path, monkeypatch, empty_store):
     from rlhf_cli.engine import trackers
 
     def refuse(*args):
         raise ConfigError("logger wandb could not start a run: not logged in")
 
-    cfg, run_dir, client = mlflow_stage("sft", tmp_path, monkeypatch)
+    cfg, run_dir, client = mlflow_stage("sft", tmp_path, monkeypatch, empty_store)
     cfg.logger = ["mlflow", "wandb"]
     monkeypatch.setitem(trackers.OPENERS, "wandb", refuse)
     with pytest.raises(ConfigError, match="not logged in"):
