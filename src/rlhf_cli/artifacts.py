@@ -292,16 +292,14 @@ def tokenizer_facts(tokenizer) -> dict:
 
 
 def package_versions() -> dict:
-    import datasets
-    import hydra
-    import torch
-    import transformers
+    """The versions that made an artifact. Read from the installed packages' metadata, not by importing them: a
+    stage that never touched `datasets` would pay over half a second of CPU to import it for its version."""
+    from importlib.metadata import version
 
     from rlhf_cli import __version__
 
-    return {"rlhf_cli": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__,
-            "hydra": hydra.__version__}
+    return {"rlhf_cli": __version__, "python": platform.python_version(), "torch": version("torch"),
+            "transformers": version("transformers"), "datasets": version("datasets"), "hydra": version("hydra-core")}
 
 
 def build_manifest(*, stage: str, kind: str, config: dict, base_model: str, tokenizer, metrics: dict,
