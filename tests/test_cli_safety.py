@@ -86,7 +86,7 @@ def test_refusals_and_failed_replacements_leave_the_artifact_and_its_hydra_recor
                  2, "only 8 training examples")
     assert untouched()
     _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "optim.lr=1e6"], tmp_path), 3,
-                 "training diverged", "optim.lr")
+                 "training diverged: sft: the", "no checkpoint was written yet", "lower optim.lr")
     assert untouched()  # diverged before its first checkpoint: nothing to resume either
     _one_message(run_cli(["sft", "experiment=demo", *FAST_SFT, "overwrite=true", "optim.lr=nan"], tmp_path), 2,
                  "optim.lr=nan is not a finite number")
@@ -95,15 +95,6 @@ def test_refusals_and_failed_replacements_leave_the_artifact_and_its_hydra_recor
     assert ok.returncode == 0, ok.stderr
     assert "train.max_steps=12" in (finished / ".hydra" / "overrides.yaml").read_text()
     assert json.loads((finished / "manifest.json").read_text())["metrics"]["steps"] == 12
-
-
-def test_divergence_exits_3_with_valid_metrics_and_no_artifact(tmp_path):
-    proc = run_cli(["sft", "experiment=nan", *FAST_SFT, "optim.lr=1e6", "train.log_every=1"], tmp_path)
-    _one_message(proc, 3, "training diverged: sft: the", "no checkpoint was written yet", "lower optim.lr")
-    run_dir = tmp_path / "runs" / "nan" / "sft"
-    assert not (run_dir / "manifest.json").exists() and not (run_dir / "model").exists()
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in metrics.jsonl"))
 
 
 @pytest.mark.parametrize("name", ["../../escape", "team/a", "/tmp/rlhf-abs-experiment"])

@@ -3,6 +3,8 @@ adapter beside them, checkpoints of only what trains, PPO's reference as the pol
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -213,13 +215,16 @@ def test_reward_with_lora_trains_adapters_and_a_full_head(runs):
 
 @pytest.fixture(scope="module")
 def ppo_run(runs):
+    """PPO with LoRA (r=8): its metrics, run directory and what it printed."""
     root = runs["root"]
     cfg = compose_stage("ppo", [*FAST_PPO, "experiment=l", f"root={root}", "model.lora.r=8"], root / "l" / "ppo")
-    return ppo.run(cfg), root / "l" / "ppo"
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        metrics = ppo.run(cfg)
+    return metrics, root / "l" / "ppo", out.getvalue()
 
 
-def test_ppo_with_lora_runs_end_to_end_and_keeps_only_adapters(ppo_run, capsys):
-    metrics, run_dir = ppo_run
+def test_ppo_with_lora_runs_end_to_end_and_keeps_only_adapters(ppo_run):
+    metrics, run_dir, _ = ppo_run
     assert metrics["iterations"] == 4
     assert metrics["first_kl"] == 0.0  # the first rollout's policy is its own reference, exactly
     policy = load_file(run_dir / "checkpoints" / "step-4" / "policy.safetensors")
@@ -230,12 +235,8 @@ def test_ppo_with_lora_runs_end_to_end_and_keeps_only_adapters(ppo_run, capsys):
     assert not any("lora_" in k for k in load_file(run_dir / "model" / "model.safetensors"))
 
 
-def test_ppo_lora_start_up_line_names_each_roles_parameters(runs, capsys):
-    root = runs["root"]
-    cfg = compose_stage("ppo", [*FAST_PPO, "experiment=l", f"root={root}", "model.lora.r=8", "train.max_steps=1"],
-                        root / "l" / "ppo_line")
-    ppo.run(cfg)
-    out = " ".join(capsys.readouterr().out.split())
+def test_ppo_lora_start_up_line_names_each_roles_parameters(ppo_run):
+    out = " ".join(ppo_run[2].split())
     assert "reference: the policy with its adapters off" in out
     assert out.count("parameters trained (LoRA)") == 2  # policy and value model
     assert "M parameters, frozen" in out  # the reward model
@@ -273,7 +274,7 @@ def test_ppo_lora_reference_is_the_sft_model_and_the_first_ratio_is_one(runs):
 
 
 def test_eval_draws_the_curve_from_lora_checkpoints(ppo_run, runs):
-    _, run_dir = ppo_run
+    _, run_dir, _ = ppo_run
     root = runs["root"]
     cfg = compose_stage("eval", ["experiment=l", f"root={root}", "num_prompts=16", "response_length=8"],
                         root / "l" / "eval")

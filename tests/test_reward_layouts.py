@@ -276,6 +276,8 @@ def test_ppo_and_eval_take_an_off_the_shelf_reward_model(rm, root, request, tmp_
     metrics = ppo.run(compose_stage("ppo", [*FAST_PPO, "experiment=demo", f"root={root}", f"model.reward={rm_dir}",
                                             "train.max_steps=2"], run_dir))
     assert metrics["iterations"] == 2
+    # only the llama RM shares the policy's tokenizer (the gpt2 one pads with EOS): the others score decoded text
+    assert json.loads((run_dir / "manifest.json").read_text())["ppo"]["same_tokenizer_as_reward"] is (rm == "llama_rm")
     # the scores PPO logged are what transformers gives for the decoded texts, re-tokenised as the reward stage
     # reads them (the llama RM shares the policy's tokenizer: ids go straight through, checked below)
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
