@@ -92,6 +92,28 @@ def test_charts_of_every_stage_are_pngs(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp-*"))  # written under a temporary name, then renamed
 
 
+def test_a_chart_is_redrawn_only_when_its_source_changed(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    rows = [{"step": s, "loss": 3 / s, "lr": 1e-3, "grad_norm": 1.0} for s in range(1, 5)]
+    _metrics(tmp_path / "metrics.jsonl", rows)
+    first = charts.draw("sft", tmp_path)
+    drawn = {p: p.read_bytes() for p in first}
+    assert len(drawn) == 3 and all(charts.stamp_of(p) for p in first)
+    real_figure = charts.figure
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("redrawn although metrics.jsonl did not change")
+
+    monkeypatch.setattr(charts, "figure", no_drawing)
+    assert charts.draw("sft", tmp_path) == first  # `rlhf report` after the stage: the same PNGs, not drawn again
+    assert {p: p.read_bytes() for p in first} == drawn
+    monkeypatch.setattr(charts, "figure", real_figure)
+    _metrics(tmp_path / "metrics.jsonl", [*rows, {"step": 5, "loss": 0.1, "lr": 1e-3, "grad_norm": 1.0}])
+    assert charts.draw("sft", tmp_path) == first  # a resumed run logged one more step: every chart drawn again
+    assert all(p.read_bytes() != drawn[p] for p in first)
+    assert charts.stamp_of(tmp_path / "metrics.jsonl") is None  # not a PNG
+
+
 def test_without_matplotlib_there_are_no_charts_and_a_hint(tmp_path, monkeypatch):
     from rlhf_cli.engine.logging import charts_row
 

@@ -8,16 +8,21 @@
   (proxy) score and the gold score, with standard-error bars, against the KL to the reference
   (charts/overoptimisation.png).
 
-Each stage draws its charts when it finishes, and `rlhf report` draws them again. Drawing needs matplotlib, the
-`plots` extra: without it `draw` returns no charts and `MISSING` says what to install. A chart is written under a
-temporary name and renamed, so a reader never sees half a PNG.
+Each stage draws its charts when it finishes, and `rlhf report` asks for them again. Each PNG records what it was
+drawn from (a hash of the source file's bytes, the chart's spec and this module's code, in a PNG text chunk), so
+asking again returns it without redrawing when nothing changed, and redraws it when anything did (a resumed run's
+longer metrics.jsonl, a new eval.json, a changed chart). Drawing needs matplotlib, the `plots` extra: without it
+`draw` returns no charts and `MISSING` says what to install. A chart is written under a temporary name and renamed,
+so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import struct
 from pathlib import Path
 
 from rlhf_cli import artifacts
@@ -36,19 +41,58 @@ def draw(stage: str, run_dir: Path) -> list[Path]:
     run_dir, spec = Path(run_dir), SPECS[stage]
     if not available():
         return []
-    sources = {"metrics": lambda: read_rows(run_dir / "metrics.jsonl"),
-               "results": lambda: json.loads((run_dir / spec.results).read_text())
-               if spec.results and (run_dir / spec.results).is_file() else None}
-    loaded: dict = {}
+    files = {"metrics": run_dir / "metrics.jsonl", "results": run_dir / spec.results if spec.results else None}
+    raw: dict = {}     # source -> its bytes (None when absent)
+    loaded: dict = {}  # source -> its rows (metrics) or object (results)
     out = []
     for chart in spec.charts:
         source, drawer = DRAWERS[chart.kind]
+        if source not in raw:
+            raw[source] = files[source].read_bytes() if files[source] and files[source].is_file() else None
+        if not raw[source]:
+            continue
+        png, stamp = run_dir / DIR / f"{chart.stem}.png", drawn_from(chart, spec.step_unit, raw[source])
+        if stamp_of(png) == stamp:  # drawn from these very bytes by this very code: nothing to redraw
+            out.append(png)
+            continue
         if source not in loaded:
-            loaded[source] = sources[source]()
+            loaded[source] = (json.loads(raw[source]) if source == "results" else
+                              [json.loads(line) for line in raw[source].decode().splitlines() if line.strip()])
         fig = drawer(chart, loaded[source], spec.step_unit) if loaded[source] else None
         if fig is not None:
-            out.append(save(fig, run_dir / DIR / f"{chart.stem}.png"))
+            out.append(save(fig, png, stamp))
     return out
+
+
+STAMP_KEY = "rlhf_cli.source"  # the PNG text chunk that records what a chart was drawn from
+_code_hash: list[str] = []
+
+
+def drawn_from(chart: Chart, xlabel: str, source: bytes) -> str:
+    """sha256 of what a chart's pixels depend on: this module's code, the chart's spec, the source file's bytes."""
+    if not _code_hash:
+        _code_hash.append(hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
+    h = hashlib.sha256(f"{_code_hash[0]}\0{chart!r}\0{xlabel}\0".encode())
+    h.update(source)
+    return h.hexdigest()
+
+
+def stamp_of(png: Path) -> str | None:
+    """The STAMP_KEY text a PNG was saved with, or None (no such file or chunk, or not a PNG)."""
+    try:
+        with open(png, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while len(header := f.read(8)) == 8:
+                length, kind = struct.unpack(">I4s", header)
+                if kind in (b"IDAT", b"IEND"):  # text chunks that matter come before the image data
+                    return None
+                data = f.read(length + 4)[:length]  # the chunk and its CRC
+                if kind == b"tEXt" and data.startswith(STAMP_KEY.encode() + b"\0"):
+                    return data[len(STAMP_KEY) + 1:].decode("latin-1")
+    except OSError:
+        return None
+    return None
 
 
 def lines_figure(chart: Chart, rows: list[dict], xlabel: str):
@@ -74,12 +118,6 @@ DRAWERS = {"lines": ("metrics", lines_figure), "comparison": ("results", compari
 _unknown = {c.kind for spec in SPECS.values() for c in spec.charts} - set(DRAWERS)
 if _unknown:  # a stage spec's chart no drawer knows: fail at import, not as a missing PNG
     raise TypeError(f"charts: no drawer for chart kind(s) {sorted(_unknown)} (charts.DRAWERS)")
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def figure(width: float = 6.4, height: float = 3.6):
@@ -155,12 +193,13 @@ def abbreviate(text: str, width: int = 28) -> str:
     return text[:width - 1 - tail] + "…" + text[len(text) - tail:]
 
 
-def save(fig, path: Path) -> Path:
-    """The figure as a PNG at `path`, written under a temporary name and renamed (a StorageError if refused)."""
+def save(fig, path: Path, stamp: str | None = None) -> Path:
+    """The figure as a PNG at `path` (with `stamp` as its STAMP_KEY text), written under a temporary name and
+    renamed (a StorageError if refused)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={STAMP_KEY: stamp} if stamp else None)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
