@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, run_cli
+from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, compose_stage, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +57,16 @@ def _weights(run_dir: Path) -> dict:
             load_file(f).items()}
 
 
+def _one_process(stage: str, args: list[str], tmp_path: Path) -> Path:
+    """runs/single/<stage>: the 1-process reference, run in this process (the command would only add its start-up)."""
+    from rlhf_cli.stages import reward, sft
+
+    run_dir = tmp_path / "runs" / "single" / stage
+    cfg = compose_stage(stage, [*args, "experiment=single", f"root={tmp_path / 'runs'}"], run_dir)
+    {"sft": sft, "reward": reward}[stage].run(cfg)
+    return run_dir
+
+
 def _assert_close(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys() and a
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -70,9 +80,7 @@ def test_sft_fsdp_on_two_nodes_matches_one_process_and_resumes_across_strategies
     assert "x world_size 2" in shown and shown.count("sft summary") == 1  # rank 0 prints, on whichever node
     fsdp_dir = tmp_path / "runs" / "fsdp" / "sft"
     assert (fsdp_dir / "checkpoints" / "step-12" / "shards" / ".metadata").is_file()
-    single = run_cli(["sft", "experiment=single", *SFT], tmp_path)
-    assert single.returncode == 0, single.stderr
-    single_dir = tmp_path / "runs" / "single" / "sft"
+    single_dir = _one_process("sft", SFT, tmp_path)
     # the same global batch and loss normalisation on 2 shards as on 1 process: equal up to summation order
     _assert_close(_weights(fsdp_dir), _weights(single_dir), atol=1e-5)
     # and on 2 replicas, micro_batch_size an upper bound: each process's 8 examples in 2 micro-batches of 4
@@ -85,23 +93,21 @@ def test_sft_fsdp_on_two_nodes_matches_one_process_and_resumes_across_strategies
         assert json.loads((fsdp_dir / "manifest.json").read_text())["metrics"][key] == pytest.approx(
             json.loads((single_dir / "manifest.json").read_text())["metrics"][key], rel=1e-4)
 
-    # the 2-process shards continue on 1 process with DDP's plain files; 1 process's files continue under FSDP
-    for source, name, extra in ((fsdp_dir, "to-ddp", []), (single_dir, "to-fsdp", ["train.strategy=fsdp"])):
-        target = tmp_path / "runs" / name / "sft" / "checkpoints"
-        target.mkdir(parents=True)
-        shutil.copytree(source / "checkpoints" / "step-12", target / "step-12")
-        resumed = run_cli(["sft", f"experiment={name}", "resume=true", *extra, *SFT], tmp_path)
-        assert resumed.returncode == 0, resumed.stderr
-        assert "(step 12)" in resumed.stdout
-        _assert_close(_weights(target.parent), _weights(single_dir), atol=1e-5)
+    # the 2-process shards continue on 1 process with DDP's plain files (plain files into sharded models: test_fsdp;
+    # FSDP resuming its own shards: test_resume_ddp)
+    target = tmp_path / "runs" / "to-ddp" / "sft" / "checkpoints"
+    target.mkdir(parents=True)
+    shutil.copytree(fsdp_dir / "checkpoints" / "step-12", target / "step-12")
+    resumed = run_cli(["sft", "experiment=to-ddp", "resume=true", *SFT], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(step 12)" in resumed.stdout
+    _assert_close(_weights(target.parent), _weights(single_dir), atol=1e-5)
 
 
 def test_reward_fsdp_on_two_processes_matches_one(tmp_path):
     (run,) = _torchrun(["reward", "experiment=fsdp", "train.strategy=fsdp", *REWARD], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    single = run_cli(["reward", "experiment=single", *REWARD], tmp_path)
-    assert single.returncode == 0, single.stderr
-    a_dir, b_dir = tmp_path / "runs" / "fsdp" / "reward", tmp_path / "runs" / "single" / "reward"
+    a_dir, b_dir = tmp_path / "runs" / "fsdp" / "reward", _one_process("reward", REWARD, tmp_path)
     _assert_close(_weights(a_dir), _weights(b_dir), atol=1e-5)
     a, b = (json.loads((p / "manifest.json").read_text()) for p in (a_dir, b_dir))
     assert a["metrics"]["eval_accuracy"] == b["metrics"]["eval_accuracy"]
