@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from helpers import FAST_PPO, FAST_REWARD, FAST_SFT, run_cli
+from helpers import EXPERIMENT, run_cli
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.stages.pipeline import compose, split_overrides, stale_keys
 
@@ -57,25 +57,32 @@ def test_stale_keys_ignore_how_a_run_was_launched(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_reuses_and_refuses_stale(tmp_path):
-    fast = [*[f"sft.{w}" for w in FAST_SFT], *[f"reward.{w}" for w in FAST_REWARD],
-            *[f"ppo.{w}" for w in FAST_PPO], "eval.num_prompts=16", "eval.response_length=8"]
-    proc = run_cli(["pipeline", "experiment=p", *fast], tmp_path, timeout=600)
+def test_pipeline_runs_reuses_and_refuses_stale(tmp_path, experiment_copy):
+    """On a copy of the shared experiment less its PPO run: sft and reward are reused (same config), ppo and eval
+    run in processes of their own, the report ends it; then everything is reused, then a changed key is stale."""
+    import shutil
+
+    shutil.rmtree(experiment_copy / "demo" / "ppo")
+    fast = [*[f"{stage}.{w}" for stage in ("sft", "reward", "ppo") for w in EXPERIMENT[stage]],
+            "eval.num_prompts=16", "eval.response_length=8"]
+    where = ["experiment=demo", f"root={experiment_copy}"]
+    proc = run_cli(["pipeline", *where, *fast], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    exp = tmp_path / "runs" / "p"
+    assert proc.stdout.count("reusing the finished artifact") == 2  # sft and reward
+    exp = experiment_copy / "demo"
     for stage in ("sft", "reward", "ppo"):
         assert (exp / stage / "manifest.json").is_file()
     report = json.loads((exp / "eval" / "eval.json").read_text())
     assert len(report["policies"]) == 2
     assert "pipeline" in proc.stdout
-    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d sft 24/24 \(100%\) elapsed", proc.stdout)  # a log's lines
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ppo 4/4 \(100%\) elapsed", proc.stdout)  # a log's lines
     check_report(exp, proc.stdout)
 
-    again = run_cli(["pipeline", "experiment=p", "stages=sft,reward,ppo", *fast], tmp_path, timeout=600)  # no eval
+    again = run_cli(["pipeline", *where, "stages=sft,reward,ppo", *fast], tmp_path, timeout=600)  # no eval
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing the finished artifact") == 3 and "rlhf eval" not in again.stdout
 
-    stale = run_cli(["pipeline", "experiment=p", *fast, "ppo.kl_coef=0.3"], tmp_path)
+    stale = run_cli(["pipeline", *where, *fast, "ppo.kl_coef=0.3"], tmp_path)
     assert stale.returncode == 2 and "ppo.kl_coef" in stale.stderr and "overwrite=true" in stale.stderr
 
 
@@ -101,5 +108,6 @@ def check_report(exp, stdout: str) -> None:
     sft, reward, ppo = (json.loads((exp / s / "manifest.json").read_text())["metrics"] for s in ("sft", "reward", "ppo"))
     for number in (sft["eval_loss"], reward["eval_accuracy"], ppo["final_score"]):
         assert f">{fmt(number)}<" in page
-    assert "p/sft" in page and "p/ppo" in page and "over-optimisation curve of p/ppo" in page
+    name = exp.name
+    assert f"{name}/sft" in page and f"{name}/ppo" in page and f"over-optimisation curve of {name}/ppo" in page
     assert "keys that differ from the defaults" in page and ">train.max_steps<" in page  # FAST_* changed it
