@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +43,16 @@ EXPERIMENT = {
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m rlhf_cli <args>` in `cwd`, captured."""
+    """`rlhf <args>` in `cwd` in a process of its own, captured: forked from engine.launch's preloaded server as
+    `rlhf pipeline` starts its stages (a fresh `python -m rlhf_cli` with RLHF_CLI_FRESH_PROCESSES=1, or where
+    `env` changes what the libraries read at import)."""
+    from rlhf_cli.engine import launch
+
     full_env = {**os.environ, **(env or {}), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="rlhf-cli-out-") as out:
+        stdout, stderr = Path(out) / "stdout", Path(out) / "stderr"
+        code = launch.run_cli(args, cwd=cwd, env=full_env, stdout=stdout, stderr=stderr, timeout=timeout)
+        return subprocess.CompletedProcess(["rlhf", *args], code, stdout.read_text(), stderr.read_text())
 
 
 _REGISTERED: dict = {}  # the schemas compose_config registered last

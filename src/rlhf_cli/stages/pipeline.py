@@ -20,14 +20,13 @@ charts and samples.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from rlhf_cli import artifacts
 from rlhf_cli.config import SCHEMAS, compose_error, compose_stage, config_diff, finalize
+from rlhf_cli.engine import launch
 from rlhf_cli.engine.logging import console
 from rlhf_cli.errors import ArtifactError, ConfigError, in_chain
 from rlhf_cli.stagespec import SPECS, pipeline_order
@@ -107,6 +106,7 @@ def main(args: list[str]) -> int:
         con.print(HELP, markup=False)
         return 0
     stages, per_stage = split_overrides(args)
+    launch.start()  # the stage processes' imports, once, beside the checks below
     configs = {s: compose(s, per_stage[s]) for s in stages}  # every mistake surfaces before anything runs
     overwrite = {s: configs[s].overwrite for s in stages}
 
@@ -136,17 +136,16 @@ def main(args: list[str]) -> int:
             continue
         con.rule(f"rlhf {stage}")
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "rlhf_cli", stage, *per_stage[stage]])
-        if proc.returncode != 0:
-            con.print(f"[bold red]pipeline stopped:[/bold red] rlhf {stage} exited with {proc.returncode}; "
+        returncode = launch.run_cli([stage, *per_stage[stage]])  # its own process, forked from the preloaded server
+        if returncode != 0:
+            con.print(f"[bold red]pipeline stopped:[/bold red] rlhf {stage} exited with {returncode}; "
                       f"fix it and run the same command again to continue from there")
-            return proc.returncode
+            return returncode
         results[stage] = (f"ran in {time.perf_counter() - started:.0f} s", run_dir)
     _summary(con, results)
     first = configs[stages[0]]  # the experiment's page: every stage's numbers, config, charts and samples
     con.rule("rlhf report")
-    return subprocess.run([sys.executable, "-m", "rlhf_cli", "report", f"experiment={first.experiment}",
-                           f"root={first.root}"]).returncode
+    return launch.run_cli(["report", f"experiment={first.experiment}", f"root={first.root}"])
 
 
 def _summary(con, results: dict) -> None:
