@@ -84,7 +84,7 @@ def test_wrong_group_option_lists_the_groups_options(group, option):
 
 def test_group_the_stage_does_not_compose_names_its_keys_instead():
     err = _error("ppo", ["model=tiny"])
-    assert "model is not a config group of the ppo config (its groups: data, optim)" in err.message
+    assert "model is not a config group of the ppo config (its groups: data, optim, algo)" in err.message
     assert "model.policy, model.reward, model.value" in err.message
     _no_plus_advice(err)
 

@@ -18,6 +18,7 @@ from rlhf_cli.models.reward import RewardModel
 from rlhf_cli.engine import rollout as rollout_mod
 from rlhf_cli.engine.rollout import Rollout, Scorer, constants, sample
 from rlhf_cli.stages import ppo
+from rlhf_cli.rl import ppo as rl
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +89,13 @@ def test_first_minibatch_ratio_is_one_and_approx_kl_zero(roles):
                        prompt_text=[], response_text=[])
     roll = constants(roll)
     adv = torch.randn_like(roll.mask) * roll.mask
-    shaped = ppo.Shaped(roll.scores, torch.zeros_like(adv), adv, roll.values)
-    _, stats = ppo.ppo_loss(policy, value, roll, torch.arange(6), shaped, p)
+    shaped = ppo.Shaped(roll.scores, torch.zeros_like(adv), adv, roll.values, None, None, 0.0)
+    rows = torch.arange(6)
+    _, stats = ppo.ppo_loss(policy, value, roll, rows, roll.mask[rows], shaped, p, rl.masked_mean)
     assert stats["approx_kl"].item() < 1e-12 and stats["clipfrac"].item() == 0.0
     # a different temperature in training than at rollout is exactly the mistake this catches
-    _, wrong = ppo.ppo_loss(policy, value, roll, torch.arange(6), shaped, PPOAlgoConfig(response_length=8,
-                                                                                      temperature=0.7))
+    _, wrong = ppo.ppo_loss(policy, value, roll, rows, roll.mask[rows], shaped,
+                            PPOAlgoConfig(response_length=8, temperature=0.7), rl.masked_mean)
     assert wrong["approx_kl"].item() > 1e-4
 
 

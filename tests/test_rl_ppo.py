@@ -112,8 +112,8 @@ def test_k3_is_nonnegative_and_equals_its_formula():
 
 
 def test_unknown_kl_estimator_raises():
-    with pytest.raises(ValueError, match="k2"):
-        kl_per_token(torch.zeros(1), torch.zeros(1), "k2")
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_per_token(torch.zeros(1), torch.zeros(1), "k4")
 
 
 def test_score_goes_on_the_last_real_token():

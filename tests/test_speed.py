@@ -21,6 +21,7 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import logits_at, packing_refusal
 from rlhf_cli.models.reward import RewardModel
+from rlhf_cli.rl.ppo import masked_mean
 from rlhf_cli.models.tiny import tiny_model_path
 from rlhf_cli.rl.ppo import entropy_from_logits, logprobs_and_entropy
 from rlhf_cli.stages import ppo, reward, sft
@@ -216,11 +217,13 @@ def test_bf16_autocast_rollout_gives_ratio_one_on_the_first_minibatch(tiny):
             roll = ppo.collect_rollout(roles, prompts, cfg, CPU)
             dev.set_precision("bf16")
             shaped = ppo.Shaped(roll.scores, torch.zeros_like(roll.mask), torch.randn_like(roll.mask) * roll.mask,
-                                roll.values)
+                                roll.values, None, None, 0.0)
             with train.micro_step([policy, value], True, CPU):
                 assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
                 # other rows than the rollout pass's first micro-batch: a row's numbers do not depend on its company
-                _, stats[setting] = ppo.ppo_loss(policy, value, roll, torch.tensor([5, 2, 7, 0]), shaped, cfg.ppo)
+                rows = torch.tensor([5, 2, 7, 0])
+                _, stats[setting] = ppo.ppo_loss(policy, value, roll, rows, roll.mask[rows], shaped, cfg.ppo,
+                                                 masked_mean)
     finally:
         dev.set_precision("auto")
     assert stats["bf16"]["approx_kl"].item() == 0.0 and stats["bf16"]["clipfrac"].item() == 0.0

@@ -54,6 +54,7 @@ class StageSpec:
     pipeline: Optional[int] = None  # place in `rlhf pipeline` (and in the report); None: not a pipeline stage
     path_keys: tuple[str, ...] = ()  # config keys that hold local paths, made absolute once at compose time
     metrics: tuple[str, ...] = ()  # every number its results record: what `objective=` may name (a sweeper's target)
+    variant_metrics: tuple[str, ...] = ()  # those of `metrics` that only some settings record (a critic-free PPO run's)
     headline: tuple[Metric, ...] = ()  # the report's first numbers, in order; the sweep table's columns
     rank_by: tuple[str, ...] = ()  # a sweep's ranking metric: the first of these any job has
     summary: tuple[str, ...] = ()  # the pipeline's one line: str.format pieces, a piece naming an absent key dropped
@@ -75,7 +76,11 @@ LOOP_PATHS = ("data.path", "data.eval_path")
 # PPO's per-iteration quantities (metrics.jsonl); its manifest holds the last iteration's as final_<name>
 PPO_LOGGED = ("score", "score_penalised", "kl", "rlhf_reward", "response_length", "stop_rate", "kl_coef", "policy_loss",
               "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "first_minibatch_approx_kl",
-              "explained_variance", "rollout_tokens_per_s", "update_tokens_per_s", "gold", "lr")
+              "explained_variance", "rollout_tokens_per_s", "update_tokens_per_s", "gold", "lr", "kl_loss",
+              "zero_std_groups")
+# ... of which these only with some settings: the value model's (ppo.advantage=gae), the KL loss term
+# (ppo.kl_penalty=loss), the share of groups whose k responses all scored alike (ppo.samples_per_prompt > 1)
+PPO_VARIANT = ("value_loss", "vf_clipfrac", "explained_variance", "kl_loss", "zero_std_groups")
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
@@ -122,6 +127,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         path_keys=("model.policy", "model.reward", "model.value", *LOOP_PATHS),
         metrics=("iterations", "skipped_steps", *(f"final_{k}" for k in PPO_LOGGED),
                  *(f"first_{k}" for k in ("score", "kl", "gold", "response_length", "stop_rate"))),
+        variant_metrics=tuple(f"final_{k}" for k in PPO_VARIANT),
         headline=(Metric("first_score", "score, first iteration"),
                   Metric("final_score", "score, last iteration", "score", "high"),
                   Metric("first_gold", "gold, first iteration"),
@@ -138,7 +144,10 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                 Chart("entropy", "policy entropy (per token)", (("entropy", "entropy"),), "nats"),
                 Chart("clipfrac", "clip fractions", (("clipfrac", "policy"), ("vf_clipfrac", "value")), "fraction"),
                 Chart("value", "value model", (("value_loss", "value loss"),
-                                               ("explained_variance", "explained variance")))),
+                                               ("explained_variance", "explained variance"))),
+                Chart("groups", "groups whose k responses all scored alike", (("zero_std_groups", "zero-std groups"),),
+                      "fraction"),
+                Chart("kl_loss", "KL term of the loss (ppo.kl_penalty=loss)", (("kl_loss", "KL loss"),), "nats")),
         step_unit="iteration", samples="samples.jsonl", samples_last_step=True, eval_policy=True),
     StageSpec(
         name="eval", module="rlhf_cli.stages.eval",
@@ -190,6 +199,7 @@ def check(spec: StageSpec) -> None:
     need(spec.artifact is None or spec.results == "manifest", "an artifact's results are its manifest's metrics")
     need(spec.pipeline is None or (spec.hydra and spec.results), "a pipeline stage is a Hydra stage with results")
     need(spec.results != "manifest" or bool(spec.metrics), "a stage whose manifest records metrics names them")
+    need(set(spec.variant_metrics) <= set(spec.metrics), "its variant metrics are among its metrics")
     need(spec.results != "manifest" or {m.key for m in spec.headline} <= set(spec.metrics),
          "its headline metrics are among its metrics")
     if spec.results:

@@ -269,19 +269,49 @@ class RewardModelConfig(ModelConfig):
 class PPOAlgoConfig:
     """PPO for language models (names as in TRL / InstructGPT; see ../shared/ppo-notes.md and the README)."""
 
-    CHOICES: ClassVar[dict] = {"kl_estimator": ("k1", "k3"), "rollout_backend": ("auto", "eager", "compiled")}
+    CHOICES: ClassVar[dict] = {
+        "kl_estimator": ("k1", "k2", "k3"), "rollout_backend": ("auto", "eager", "compiled"),
+        "advantage": ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
+        "scale_rewards": ("group", "batch", "none"), "kl_penalty": ("reward", "loss"),
+        "loss_aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")}
+    # The estimators that compare a prompt's k responses (rl.advantages.ESTIMATORS[...].grouped; tested equal).
+    GROUPED: ClassVar[tuple] = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
     POSITIVE: ClassVar[tuple] = ("prompts_per_rollout", "num_ppo_epochs", "num_mini_batches", "response_length",
-                                 "temperature", "cliprange", "cliprange_value", "kl_horizon", "kl_target")
+                                 "temperature", "cliprange", "cliprange_value", "kl_horizon", "kl_target",
+                                 "samples_per_prompt")
     NON_NEGATIVE: ClassVar[tuple] = ("kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty")
 
-    # KL penalty to the frozen reference, per token: r_t = -kl_coef * kl_t, plus the score on the last token.
+    # How scores become advantages (rl/advantages.py, ESTIMATORS): gae = GAE with a value model (PPO as in
+    # InstructGPT); the critic-free ones load no value model: grpo = (r - group mean) / std (scale_rewards),
+    # dr_grpo = r - group mean, rloo = r - mean of the other k - 1, reinforce_pp = per-token returns of score and
+    # -kl_coef * KL whitened over the batch, reinforce_pp_baseline = the same on scores minus their group mean.
+    # The presets (algo=ppo|grpo|dr_grpo|rloo|reinforce_pp) set this and the switches below together.
+    advantage: str = "gae"
+    # k: responses sampled per prompt (prompts_per_rollout counts prompts: an iteration has prompts_per_rollout x k
+    # responses). The group estimators compare a prompt's k responses and need k >= 2.
+    samples_per_prompt: int = 1
+    # grpo's divisor: group = each group's std, batch = the std of all scores of the iteration, none = no division.
+    scale_rewards: str = "group"
+    # Leave the groups whose k responses all scored alike (zero std: no relative signal) out of the update.
+    skip_zero_std_groups: bool = False
+    # Where the KL to the reference goes: reward = -kl_coef * kl_t in the per-token reward (score - kl_coef * sum
+    # of kl_t for the estimators of one number per response); loss = + kl_coef * kl in the loss, aggregated as the
+    # policy loss (GRPO's placement).
+    kl_penalty: str = "reward"
+    # KL penalty to the frozen reference (see kl_penalty). kl_coef = 0 with adaptive_kl off: no reference is loaded.
     kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1 = logp - logp_ref | k3 = (r - 1) - log r, r = p_ref / p
+    kl_estimator: str = "k1"  # k1 = logp - logp_ref | k2 = (logp - logp_ref)^2 / 2 | k3 = (r - 1) - log r, r = p_ref / p
+    # How per-token losses are averaged, over the whole optimizer step (every micro-batch and process):
+    # token_mean = over all tokens | seq_mean_token_mean = each response's token mean, then over responses |
+    # seq_mean_token_sum_norm = each response's token sum / response_length, then over responses (Dr. GRPO).
+    loss_aggregation: str = "token_mean"
     # Adaptive KL controller (Ziegler et al.): steer the per-sequence KL towards kl_target over kl_horizon samples.
     adaptive_kl: bool = False
     kl_target: float = 6.0
     kl_horizon: int = 10000
     cliprange: float = 0.2
+    # The upper clip of the ratio, 1 + cliprange_high (DAPO's "clip higher"); null = cliprange.
+    cliprange_high: Optional[float] = None
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
@@ -315,11 +345,21 @@ class PPOAlgoConfig:
         the world size: stages.ppo.batch_shape)."""
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"ppo.gamma={self.gamma} and ppo.lam={self.lam} must lie in [0, 1]")
-        if self.prompts_per_rollout % self.num_mini_batches:
+        if self.prompts_per_rollout * self.samples_per_prompt % self.num_mini_batches:
             raise ConfigError(
-                f"ppo.prompts_per_rollout={self.prompts_per_rollout} does not split into "
-                f"ppo.num_mini_batches={self.num_mini_batches} equal minibatches",
-                hint="make prompts_per_rollout a multiple of num_mini_batches")
+                f"ppo.prompts_per_rollout={self.prompts_per_rollout} x samples_per_prompt={self.samples_per_prompt} "
+                f"responses do not split into ppo.num_mini_batches={self.num_mini_batches} equal minibatches",
+                hint="make prompts_per_rollout x samples_per_prompt a multiple of num_mini_batches")
+        if self.cliprange_high is not None and not self.cliprange_high > 0:
+            raise ConfigError(f"ppo.cliprange_high={self.cliprange_high} must be > 0 (or null: ppo.cliprange)")
+        if self.advantage in self.GROUPED and self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"ppo.advantage={self.advantage} compares the responses sampled for one prompt, but "
+                f"ppo.samples_per_prompt={self.samples_per_prompt}",
+                hint="set ppo.samples_per_prompt=2 or more (the presets use 4), or ppo.advantage=gae|reinforce_pp")
+        if self.skip_zero_std_groups and self.samples_per_prompt < 2:
+            raise ConfigError("ppo.skip_zero_std_groups=true needs groups: ppo.samples_per_prompt is 1",
+                              hint="set ppo.samples_per_prompt=2 or more, or skip_zero_std_groups=false")
 
 
 @dataclass
@@ -455,6 +495,9 @@ class RewardConfig(StageConfig):
 @dataclass
 class PPOConfig(StageConfig):
     stage: str = "ppo"
+    # The preset the ppo.* switches started from (conf/algo/<name>.yaml, set with algo=<name>): ppo, grpo, dr_grpo,
+    # rloo, reinforce_pp. A record for the manifest and sweep tables; the switches themselves decide.
+    algo: str = "ppo"
     model: PPOModelConfig = field(default_factory=PPOModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, schedule="linear",

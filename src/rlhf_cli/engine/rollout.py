@@ -47,7 +47,7 @@ class Rollout:
     attention_mask: torch.Tensor  # [B, P + R] long
     logprobs: torch.Tensor        # [B, R] float: log π_old(response token), at the sampling temperature; 0 on padding
     ref_logprobs: torch.Tensor    # [B, R] float: the same under the frozen reference
-    values: torch.Tensor          # [B, R] float: V(state before each response token); 0 on padding
+    values: torch.Tensor | None   # [B, R] float: V(state before each response token), 0 on padding; None: no value model
     scores: torch.Tensor          # [B] float: the reward model's raw score of prompt + response
     prompt_text: list[str]        # B decoded prompts (special tokens skipped)
     response_text: list[str]      # B decoded responses

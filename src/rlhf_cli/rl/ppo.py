@@ -20,11 +20,12 @@ from rlhf_cli.rl.masks import as_bool, last_index
 __all__ = [
     "masked_sum", "masked_mean", "masked_var", "masked_whiten", "kl_per_token", "per_token_rewards",
     "gae", "policy_loss", "value_loss", "entropy_from_logits", "logprobs_from_logits", "logprobs_and_entropy",
-    "sequence_logprobs", "explained_variance",
+    "sequence_logprobs", "explained_variance", "aggregate", "loss_normaliser",
     "adaptive_kl_update", "apply_missing_eos_penalty", "normalize_scores", "truncate_after_stop",
 ]
 
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 # ---------------------------------------------------------------------------------------------- masked reductions
@@ -98,12 +99,15 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> 
     """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens (Schulman's estimators):
 
         k1 = logp − ref_logp                                    (unbiased; negative on single tokens is normal)
+        k2 = ½ (logp − ref_logp)²                               (biased, ≥ 0; as a loss its gradient is the KL's)
         k3 = (r − 1) − log r,   r = exp(ref_logp − logp)        (unbiased, ≥ 0, lower variance)
 
     k3 is computed as expm1(log r) − log r for precision near r = 1. Unknown estimator: ValueError.
     """
     if estimator == "k1":
         return logp - ref_logp
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
     if estimator == "k3":
         log_r = ref_logp - logp
         return (torch.expm1(log_r) - log_r).clamp_min(0.0)
@@ -161,12 +165,44 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 # ---------------------------------------------------------------------------------------------------------- losses
 
+def loss_normaliser(mask: torch.Tensor, how: str) -> float:
+    """This batch's share of the normaliser N of `aggregate` (sum it over every micro-batch and process of an
+    optimizer step): its valid tokens (token_mean) or its responses (the seq_mean_* modes)."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {how!r}; expected one of {', '.join(AGGREGATIONS)}")
+    return float(_weights(mask, mask).sum()) if how == "token_mean" else float(mask.shape[0])
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str, norm: float, max_len: int = 1) -> torch.Tensor:
+    """A per-token loss x [B, T] reduced to this micro-batch's share of the optimizer step's loss:
+
+        token_mean               Σ_b Σ_t m·x / N                 N = valid tokens in the whole step
+        seq_mean_token_mean      Σ_b (Σ_t m·x / n_b) / N         N = responses in the step, n_b = b's tokens
+        seq_mean_token_sum_norm  Σ_b (Σ_t m·x / max_len) / N     (Dr. GRPO: a constant, not the length, divides)
+
+    N counts every micro-batch and process of the step (`loss_normaliser`, summed), so the gradient of the summed
+    micro-batch losses is the same however the step is split. Divide N by the number of processes whose gradients
+    are averaged (DDP, FSDP) to keep that true across processes. With one micro-batch token_mean is masked_mean.
+    """
+    if how == "token_mean":
+        return masked_sum(x, mask) / norm
+    if how == "seq_mean_token_mean":
+        return masked_mean(x, mask, dim=-1).sum() / norm
+    if how == "seq_mean_token_sum_norm":
+        return (masked_sum(x, mask, dim=-1) / max_len).sum() / norm
+    raise ValueError(f"unknown loss aggregation {how!r}; expected one of {', '.join(AGGREGATIONS)}")
+
+
 def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, averaged over valid tokens (ε = cliprange):
+                cliprange: float, cliprange_high: float | None = None,
+                reduce=masked_mean) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate, averaged over valid tokens (ε = cliprange, ε_high = cliprange_high, default ε):
 
         ratio = exp(logp_new − logp_old)
-        L_π   = masked_mean( max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε)) )
+        L_π   = masked_mean( max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε_high)) )
+
+    ε_high > ε is DAPO's "clip higher" (Yu et al., 2025). `reduce(per_token, mask)` replaces masked_mean in L_π
+    (e.g. `aggregate` over a whole optimizer step); the stats below stay this batch's token means.
 
     Stats (detached scalars):
         clipfrac   = masked_mean(1[−A·clip(ratio) > −A·ratio])    (share of tokens taking the clipped branch)
@@ -180,8 +216,9 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     adv = torch.where(valid, advantages.to(logp_new.dtype), zero)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    high = cliprange if cliprange_high is None else cliprange_high
+    clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
+    loss = reduce(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
@@ -191,13 +228,14 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
 
 
 def value_loss(values_new: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               cliprange_value: float, reduce=masked_mean) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss, averaged over valid tokens (ε_v = cliprange_value):
 
         V_clip = V_old + clip(V_new − V_old, −ε_v, ε_v)
         L_V    = 0.5 · masked_mean( max((V_new − R)², (V_clip − R)²) )
 
-    Stats (detached scalars): vf_clipfrac = masked_mean(1[(V_clip − R)² > (V_new − R)²]).
+    Stats (detached scalars): vf_clipfrac = masked_mean(1[(V_clip − R)² > (V_new − R)²]). `reduce` as in
+    `policy_loss`.
     """
     valid = as_bool(mask)
     zero = torch.zeros((), dtype=values_new.dtype, device=values_new.device)
@@ -207,7 +245,7 @@ def value_loss(values_new: torch.Tensor, values_old: torch.Tensor, returns: torc
     v_clip = v_old + torch.clamp(v_new - v_old, -cliprange_value, cliprange_value)
     loss_unclipped = (v_new - ret) ** 2
     loss_clipped = (v_clip - ret) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * reduce(torch.maximum(loss_unclipped, loss_clipped), mask)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).to(loss.dtype), mask)}
     return loss, stats

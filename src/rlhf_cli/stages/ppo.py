@@ -5,8 +5,8 @@ iteration = `collect_rollout`, `shape_rewards`, `ppo_update`, `iteration_metrics
 summary). The math lives in rl/ppo.py, one small pure function per formula; this file only wires it.
 
 Roles: policy (trainable, from the SFT artifact), reference (frozen copy of it), reward model (frozen, from the
-reward artifact) and value model (trainable, initialised from the reward model's backbone and head). Dropout is off
-in all four. Each iteration reseeds from (seed, iteration, rank), so a resumed run samples what an uninterrupted
+reward artifact) and, for ppo.advantage=gae only, a value model (trainable, initialised from the reward model's
+backbone and head); the critic-free estimators (rl/advantages.py) load none. Dropout is off in all of them. Each iteration reseeds from (seed, iteration, rank), so a resumed run samples what an uninterrupted
 one would have.
 """
 
@@ -35,7 +35,7 @@ from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import check_source, load_causal_lm, load_frozen_lm, load_tokenizer, same_tokenizer
 from rlhf_cli.models.reward import RewardModel, load_frozen_reward_model
-from rlhf_cli.rl import ppo as rl
+from rlhf_cli.rl import advantages as adv, ppo as rl
 
 
 def run(cfg: PPOConfig) -> dict:
@@ -77,7 +77,7 @@ def run(cfg: PPOConfig) -> dict:
                 loop.first = loop.first or dict(loop.last)
                 if p.adaptive_kl:
                     loop.kl_coef = rl.adaptive_kl_update(loop.kl_coef, loop.last["kl"], p.kl_target, p.kl_horizon,
-                                                         p.prompts_per_rollout)
+                                                         p.prompts_per_rollout * p.samples_per_prompt)
                 record(loop, roll, gold, training.log, cfg, plan.work_dir, d)
                 bar.update(task, completed=loop.step, metrics=progress_text(loop.last))
                 if train.due(loop.step, t.checkpoint_every, t.max_steps):
@@ -139,12 +139,17 @@ def batch_shape(cfg: PPOConfig, world_size: int) -> BatchShape:
     largest up to train.micro_batch_size that splits a process's share of a minibatch evenly (engine.batches), or
     a ConfigError when a minibatch does not split evenly over the processes."""
     p, t = cfg.ppo, cfg.train
-    minibatch = p.prompts_per_rollout // p.num_mini_batches  # whole: checked at compose time
+    minibatch = p.prompts_per_rollout * p.samples_per_prompt // p.num_mini_batches  # whole: checked at compose time
     if minibatch % world_size:
-        raise ConfigError(f"a minibatch of {minibatch} sequences (ppo.prompts_per_rollout={p.prompts_per_rollout} / "
-                          f"num_mini_batches={p.num_mini_batches}) does not split evenly over world_size={world_size} "
-                          f"processes", hint="make prompts_per_rollout / num_mini_batches a multiple of the number "
-                                             "of processes")
+        raise ConfigError(f"a minibatch of {minibatch} sequences (ppo.prompts_per_rollout={p.prompts_per_rollout} x "
+                          f"samples_per_prompt={p.samples_per_prompt} / num_mini_batches={p.num_mini_batches}) does "
+                          f"not split evenly over world_size={world_size} processes",
+                          hint="make prompts_per_rollout x samples_per_prompt / num_mini_batches a multiple of the "
+                               "number of processes")
+    if p.prompts_per_rollout % world_size:  # a prompt's k responses stay together on one process
+        raise ConfigError(f"ppo.prompts_per_rollout={p.prompts_per_rollout} prompts do not split evenly over "
+                          f"world_size={world_size} processes", hint="make prompts_per_rollout a multiple of the "
+                                                                       "number of processes")
     micro, grad_accum = batches.split_step(minibatch, world_size, t.micro_batch_size)
     local_minibatch = minibatch // world_size
     return BatchShape(local_minibatch * p.num_mini_batches, local_minibatch, grad_accum,
@@ -153,11 +158,11 @@ def batch_shape(cfg: PPOConfig, world_size: int) -> BatchShape:
 
 @dataclass
 class Roles:
-    """The four models of PPO and the tokenizers between them."""
+    """The models of PPO (four with a value model, three without) and the tokenizers between them."""
     policy: torch.nn.Module          # trained; from the SFT artifact
     reference: object                # the frozen SFT policy, the KL baseline: a copy, or the policy's base
                                      # with its adapters off (models.lora.BaseView)
-    value: RewardModel               # trained; per-token values
+    value: RewardModel | None        # trained; per-token values (ppo.advantage=gae only)
     scorer: Scorer                   # the frozen reward model and how it reads the policy's samples
     tokenizer: object                # the policy's (and reference's)
     value_init: str                  # what the value model started from, as shown
@@ -168,7 +173,7 @@ class Roles:
 
     def trained(self) -> dict:
         """The trained models by checkpoint name."""
-        return {"policy": self.policy, "value": self.value}
+        return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}
 
 
 def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
@@ -185,6 +190,19 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
                                                                 "model.policy")[0])
     reward, reward_tokenizer = load_frozen_reward_model(paths.reward, at, frozen, cfg.model.trust_remote_code)
     scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
+    value, value_init = None, "none (critic-free)"
+    if adv.ESTIMATORS[cfg.ppo.advantage].needs_value:
+        value, value_init = load_value_model(cfg, paths, policy_cfg, tokenizer, at, frozen)
+    policy.train()
+    if cfg.ppo.normalize_scores and not reward.score_stats.get("std"):
+        raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward} records no score statistics",
+                            hint="re-run `rlhf reward`, or set ppo.normalize_scores=false")
+    return Roles(policy, reference, value, scorer, tokenizer, value_init)
+
+
+def load_value_model(cfg: PPOConfig, paths: Upstream, policy_cfg: ModelConfig, tokenizer, at, frozen):
+    """(the value model, what it started from): the reward model when it is a causal LM on the policy's tokens,
+    else the policy with a fresh head; trained (LoRA on the backbone with model.lora.r > 0, the head in full)."""
     value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code, "model.value")
     value_init = "the reward model"
     if not value.gives_values or not same_tokenizer(tokenizer, load_tokenizer(policy_cfg, paths.value)):
@@ -193,17 +211,13 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
         value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last", key="model.policy")
     value.add_head_bias().to(at).train()
     lora.add_adapters(value, cfg.model.lora, cfg.seed + 1, base_dtype=frozen)  # on the backbone; the head trains in full
-    policy.train()
-    if cfg.ppo.normalize_scores and not reward.score_stats.get("std"):
-        raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward} records no score statistics",
-                            hint="re-run `rlhf reward`, or set ppo.normalize_scores=false")
-    return Roles(policy, reference, value, scorer, tokenizer, value_init)
+    return value, value_init
 
 
 def hold_roles(roles: Roles, d: dist.Dist, device: torch.device, t) -> list:
     """The trained roles as the update runs them (engine.train.wrap_for_training) and the frozen ones held alike
-    (sharded under train.strategy=fsdp): [policy, value model] to train through."""
-    wrapped = [train.wrap_for_training(m, d, device, t) for m in (roles.policy, roles.value)]
+    (sharded under train.strategy=fsdp): [policy, value model (gae only)] to train through."""
+    wrapped = [train.wrap_for_training(m, d, device, t) for m in roles.trained().values()]
     train.hold_frozen(roles.reference, d, device, t)
     train.hold_frozen(roles.reward, d, device, t)
     return wrapped
@@ -216,10 +230,12 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
     con.print(f"[bold]rlhf ppo[/bold] -> {cfg.run_dir}")
     con.print(f"policy {paths.policy} ({lora.describe(roles.policy)}); reference: {reference}; reward {paths.reward} "
               f"({lora.counts(roles.reward)[1] / 1e6:.2f}M parameters, frozen, "
-              f"{'same tokens' if roles.scorer.same_tokens else 're-tokenised text'}); value model from "
-              f"{roles.value_init} ({lora.describe(roles.value)}); {device}, {dev.precision(device)}, frozen weights "
+              f"{'same tokens' if roles.scorer.same_tokens else 're-tokenised text'}); value model: "
+              f"{roles.value_init}{f' ({lora.describe(roles.value)})' if roles.value is not None else ''}; "
+              f"advantage {p.advantage}; {device}, {dev.precision(device)}, frozen weights "
               f"in {str(roles.reference.dtype).removeprefix('torch.')}; {prompts}")
-    con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} = num_mini_batches {p.num_mini_batches} x "
+    con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} x samples_per_prompt {p.samples_per_prompt} = "
+              f"num_mini_batches {p.num_mini_batches} x "
               f"({batches.describe_micro(shape.micro, t.micro_batch_size)} x grad_accum_steps {shape.grad_accum} x "
               f"world_size {d.world_size}); {p.num_ppo_epochs} epochs -> {p.num_ppo_epochs * p.num_mini_batches} "
               f"optimizer steps per iteration, {t.max_steps} iterations")
@@ -252,9 +268,10 @@ def seed_everything(seed: int, step: int, rank: int) -> None:
 
 
 def rollout_prompts(prompt_ids: list[list[int]], step: int, cfg: PPOConfig, d: dist.Dist) -> list[list[int]]:
-    """This rank's prompts of iteration `step`: a seeded permutation per epoch over the prompts, as in training."""
+    """This rank's prompts of iteration `step`: a seeded permutation per epoch over the prompts, as in training,
+    each repeated ppo.samples_per_prompt times in a row (a group stays on one process)."""
     prompts = batches.step_examples(prompt_ids, step, cfg.ppo.prompts_per_rollout, cfg.seed)
-    return batches.rank_slice(prompts, d.rank, d.world_size)
+    return [ids for ids in batches.rank_slice(prompts, d.rank, d.world_size) for _ in range(cfg.ppo.samples_per_prompt)]
 
 
 def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, device: torch.device) -> Rollout:
@@ -272,7 +289,7 @@ def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, devi
             roll = Rollout(**vars(samples),
                            logprobs=response_logprobs(roles.policy, samples, p.temperature, t.micro_batch_size),
                            ref_logprobs=response_logprobs(roles.reference, samples, p.temperature, micro),
-                           values=response_values(roles.value, samples, micro),
+                           values=response_values(roles.value, samples, micro) if roles.value is not None else None,
                            scores=score_responses(roles.scorer, samples, prompt_text, response_text, micro),
                            prompt_text=prompt_text, response_text=response_text)
     roles.policy.train()
@@ -287,7 +304,8 @@ def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_path: str)
     guard.require_finite(iteration, "reference log-prob", roll.ref_logprobs,
                          hint="the reference (the SFT policy) gives non-finite log-probs: check the SFT artifact")
     guard.require_finite(iteration, "policy log-prob (and so the KL)", roll.logprobs)
-    guard.require_finite(iteration, "value model's estimate", roll.values)
+    if roll.values is not None:
+        guard.require_finite(iteration, "value model's estimate", roll.values)
 
 
 @dataclass
@@ -295,12 +313,16 @@ class Shaped:
     """What the update optimises, derived from a rollout."""
     scores: torch.Tensor             # [B] the score maximised: normalised, clipped, missing-EOS penalty applied
     kl: torch.Tensor                 # [B, R] per-token KL estimate to the reference, 0 on padding
-    advantages: torch.Tensor         # [B, R] GAE advantages, whitened over the rollout
-    returns: torch.Tensor            # [B, R] advantages + values (the value targets), before whitening
+    advantages: torch.Tensor         # [B, R] from ppo.advantage's estimator (GAE: whitened over the rollout)
+    returns: torch.Tensor | None     # [B, R] the value targets (GAE only: advantages + values, before whitening)
+    zero_std: torch.Tensor | None    # [B] bool: the row's group of k scored all alike (None: k = 1)
+    keep: torch.Tensor | None        # [B] float: 1 on the rows the update uses (None: all of them)
+    kl_loss_coef: float              # β of the KL loss term (ppo.kl_penalty=loss), else 0
 
 
 def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, score_stats: dict) -> Shaped:
-    """Scores -> per-token rewards (score at the last token, -β·KL at every token) -> GAE advantages and returns."""
+    """Scores -> the advantages of ppo.advantage's estimator (rl/advantages.py), with the KL penalty in the reward
+    (−β·KL per token) or kept for the loss (ppo.kl_penalty); zero-std groups counted, and left out when asked."""
     scores = roll.scores
     if p.normalize_scores:
         scores = rl.normalize_scores(scores, score_stats["mean"], score_stats["std"])
@@ -308,11 +330,13 @@ def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, score_stats: 
         scores = scores.clamp(-p.score_clip, p.score_clip)
     scores = rl.apply_missing_eos_penalty(scores, roll.ended, p.missing_eos_penalty)
     kl = rl.kl_per_token(roll.logprobs, roll.ref_logprobs, p.kl_estimator) * roll.mask
-    rewards = rl.per_token_rewards(scores, kl, roll.mask, kl_coef)
-    if p.whiten_rewards:
-        rewards = rl.masked_whiten(rewards, roll.mask, shift_mean=False)
-    advantages, returns = rl.gae(rewards, roll.values, roll.mask, p.gamma, p.lam)
-    return Shaped(scores, kl, rl.masked_whiten(advantages, roll.mask), returns)
+    in_reward = p.kl_penalty == "reward"
+    advantages, returns = adv.ESTIMATORS[p.advantage].fn(adv.Inputs(
+        scores, kl, roll.mask, kl_coef if in_reward else 0.0, p.samples_per_prompt, roll.values, p.gamma, p.lam,
+        p.whiten_rewards, p.scale_rewards))
+    zero_std = adv.zero_std_groups(scores, p.samples_per_prompt) if p.samples_per_prompt > 1 else None
+    keep = (~zero_std).to(roll.mask.dtype) if p.skip_zero_std_groups else None
+    return Shaped(scores, kl, advantages, returns, zero_std, keep, 0.0 if in_reward else kl_coef)
 
 
 def ppo_update(wrapped: list, roll: Rollout, shaped: Shaped, training: train.Training, step: int, cfg: PPOConfig,
@@ -320,36 +344,58 @@ def ppo_update(wrapped: list, roll: Rollout, shaped: Shaped, training: train.Tra
     """num_ppo_epochs passes over the rollout in a seeded order, one optimizer step per minibatch (accumulated over
     micro-batches); returns every micro-batch's statistics."""
     p, stats = cfg.ppo, []
-    train_policy, train_value = wrapped
+    train_policy, train_value = wrapped[0], (wrapped[1] if len(wrapped) > 1 else None)
+    mask = roll.mask if shaped.keep is None else roll.mask * shaped.keep.unsqueeze(-1)
     for epoch in range(p.num_ppo_epochs):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
         perm = torch.randperm(shape.local_rollout, generator=g)
         for mb in range(p.num_mini_batches):
             mb_loss = torch.zeros((), device=device)
             rows = perm[mb * shape.local_minibatch:(mb + 1) * shape.local_minibatch]
+            reduce = step_reduce(mask[rows], p, d, device)
             for idx, last in train.micro_batches(rows, shape.micro):
                 with train.micro_step(wrapped, last, device):
-                    loss, s = ppo_loss(train_policy, train_value, roll, idx, shaped, p)
-                    (loss / shape.grad_accum).backward()
+                    loss, s = ppo_loss(train_policy, train_value, roll, idx, mask[idx], shaped, p, reduce)
+                    loss.backward()
                 stats.append(s)
-                mb_loss += loss.detach() / shape.grad_accum
+                mb_loss += loss.detach()
             mb_loss = dist.all_sum(d, [float(mb_loss)], device)[0] / d.world_size
             train.take_step(training, step + 1, mb_loss)
     return stats
 
 
-def ppo_loss(policy, value_model, roll: Rollout, idx, shaped: Shaped, p: PPOAlgoConfig) -> tuple[torch.Tensor, dict]:
-    """L = L_clip(policy) + vf_coef * L_clip(value) - entropy_coef * entropy, on micro-batch rows `idx`."""
-    mask = roll.mask[idx]
+def step_reduce(mask: torch.Tensor, p: PPOAlgoConfig, d: dist.Dist, device: torch.device):
+    """reduce(per_token, mask) for the micro-batches of one optimizer step whose rows' masks are `mask`: rl.aggregate
+    with ppo.loss_aggregation, normalised over the whole step (every micro-batch, every process), so the summed
+    micro-batch losses give one gradient however the step is split."""
+    norm = dist.all_sum(d, [rl.loss_normaliser(mask, p.loss_aggregation)], device)[0]
+    norm = max(norm, 1.0) / d.world_size  # the processes' gradients are averaged: each holds 1/world of the sum
+    return lambda x, m: rl.aggregate(x, m, p.loss_aggregation, norm, p.response_length)
+
+
+def ppo_loss(policy, value_model, roll: Rollout, idx, mask: torch.Tensor, shaped: Shaped, p: PPOAlgoConfig,
+             reduce) -> tuple[torch.Tensor, dict]:
+    """L = L_clip(policy) + vf_coef * L_clip(value) - entropy_coef * entropy (+ β_loss * KL), on micro-batch rows
+    `idx` (their `mask`), each term reduced over the optimizer step by `reduce`; no value term without a value model,
+    no KL term unless ppo.kl_penalty=loss."""
     logp, token_entropy = rl.logprobs_and_entropy(policy_logits(policy, roll, idx), roll.response[idx], p.temperature)
-    pg_loss, pg = rl.policy_loss(logp, roll.logprobs[idx], shaped.advantages[idx], mask, p.cliprange)
-    values = value_slice(value_model, roll, idx)
-    vf_loss, vf = rl.value_loss(values, roll.values[idx], shaped.returns[idx], mask, p.cliprange_value)
-    entropy = rl.masked_mean(token_entropy, mask)
-    loss = pg_loss + p.vf_coef * vf_loss - p.entropy_coef * entropy
-    return loss, {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy.detach(),
-                  "approx_kl": pg["approx_kl"].detach(), "clipfrac": pg["clipfrac"].detach(),
-                  "vf_clipfrac": vf["vf_clipfrac"].detach()}
+    pg_loss, pg = rl.policy_loss(logp, roll.logprobs[idx], shaped.advantages[idx], mask, p.cliprange,
+                                 p.cliprange_high, reduce)
+    entropy_term = p.entropy_coef * reduce(token_entropy, mask)
+    stats = {"policy_loss": pg_loss.detach(), "entropy": rl.masked_mean(token_entropy, mask).detach(),
+             "approx_kl": pg["approx_kl"].detach(), "clipfrac": pg["clipfrac"].detach()}
+    if value_model is None:
+        loss = pg_loss - entropy_term
+    else:
+        values = value_slice(value_model, roll, idx)
+        vf_loss, vf = rl.value_loss(values, roll.values[idx], shaped.returns[idx], mask, p.cliprange_value, reduce)
+        loss = pg_loss + p.vf_coef * vf_loss - entropy_term
+        stats |= {"value_loss": vf_loss.detach(), "vf_clipfrac": vf["vf_clipfrac"].detach()}
+    if p.kl_penalty == "loss":
+        kl_loss = reduce(rl.kl_per_token(logp, roll.ref_logprobs[idx], p.kl_estimator), mask)
+        loss = loss + shaped.kl_loss_coef * kl_loss
+        stats["kl_loss"] = kl_loss.detach()
+    return loss, stats
 
 
 def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef: float, gold, seconds: dict,
@@ -364,7 +410,8 @@ def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef:
         "n": float(len(roll.scores)), "score": float(roll.scores.sum()), "score_penalised": float(shaped.scores.sum()),
         "kl": float(seq_kl.sum()), "rlhf_reward": float((shaped.scores - kl_coef * seq_kl).sum()),
         "response_length": float(roll.mask.sum(1).sum()), "stop_rate": float(roll.ended.sum()),
-        "gold": float(sum(golds)) if golds else 0.0, "tokens": float(roll.mask.sum())}, device)
+        "gold": float(sum(golds)) if golds else 0.0, "tokens": float(roll.mask.sum()),
+        **({"zero_std_groups": float(shaped.zero_std.sum())} if shaped.zero_std is not None else {})}, device)
     first = stats[:len(stats) // (p.num_ppo_epochs * p.num_mini_batches)]   # epoch 1's first minibatch: ratio 1
     means = {k: float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0]}
     means["first_minibatch_approx_kl"] = float(torch.stack([s["approx_kl"] for s in first]).mean())
@@ -372,7 +419,8 @@ def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef:
     n, tokens = sums.pop("n"), sums.pop("tokens")
     out = {k: v / n for k, v in sums.items() if k != "gold"}
     out |= {"kl_coef": kl_coef, **{k: v / d.world_size for k, v in means.items()},
-            "explained_variance": float(rl.explained_variance(roll.values, shaped.returns, roll.mask)),
+            **({"explained_variance": float(rl.explained_variance(roll.values, shaped.returns, roll.mask))}
+               if roll.values is not None else {}),
             "rollout_tokens_per_s": tokens / seconds["rollout"],
             "update_tokens_per_s": tokens * p.num_ppo_epochs / seconds["update"]}
     if golds:
@@ -429,8 +477,8 @@ def show_summary(con, first: dict, last: dict, run_dir: Path, pngs: list[Path]) 
     for col in ("metric", "first iteration", "last iteration"):
         table.add_column(col, justify="right" if col != "metric" else "left")
     for key in ("score", "gold", "kl", "rlhf_reward", "response_length", "stop_rate", "entropy", "approx_kl",
-                "first_minibatch_approx_kl", "clipfrac", "value_loss", "explained_variance", "rollout_tokens_per_s",
-                "update_tokens_per_s"):
+                "first_minibatch_approx_kl", "clipfrac", "value_loss", "explained_variance", "kl_loss",
+                "zero_std_groups", "rollout_tokens_per_s", "update_tokens_per_s"):
         if key in last:
             table.add_row(key, f"{first.get(key, float('nan')):.4g}", f"{last[key]:.4g}")
     con.print(table)
