@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """How much GPU memory one `rlhf ppo` iteration needs, by category, and the largest Llama that fits one GPU.
 
-    python scripts/ppo_memory.py                          # the presets at the issue's settings on one 80 GB GPU
+    python scripts/ppo_memory.py                          # the presets at the issue's settings on one 80 GB GPU,
+                                                          # PPO (with a value model) and GRPO (critic-free)
+    python scripts/ppo_memory.py --model Llama-3.1-8B --critic-free --prompts 16 --samples-per-prompt 4
     python scripts/ppo_memory.py --model Llama-3.1-8B --lora-r 16 --micro-batch 8 --rollout-micro-batch 32
     python scripts/ppo_memory.py --device cpu --hidden 256 --layers 4 --vocab 32000 --prompts 16 ...   # one model
     python scripts/ppo_memory.py --check                  # the accounting against instantiated models (CPU)
@@ -13,14 +15,26 @@ everything is fp32). Notation: h hidden, L layers, kvd = kv_heads x head_dim, I 
 P = parameters of the causal LM (LM head included; once when tied to the embeddings), B = of its body (no LM head),
 A = LoRA adapter parameters of one model, b micro-batch, T = prompt + response tokens, R = response tokens.
 
+Critic-free (--critic-free; `rlhf ppo` with ppo.advantage other than gae, e.g. algo=grpo): load_roles builds no value
+model, so everything the value model holds below is 0: its weights, its trained parameters (so their gradients and
+AdamW state), its half of the update's activations, its share of autocast's copies, its rollout pass and its part of
+the loading peak. The policy, the reference and the reward model are as with PPO. The rows of an iteration are
+prompts_per_rollout x samples_per_prompt (algo=grpo: 16 x 4 = 64, as algo=ppo's 64 x 1): each row is a whole
+sequence (a prompt's k copies are generated and scored as separate rows), so every per-row term below counts rows.
+
 weights (per role; frozen f = 2 bytes on CUDA, 4 on the CPU):
     full:  policy 4P,           reference f·P,  reward f·(B + h),  value 4·(B + h + 1)
     LoRA:  policy f·P + 4A,     reference 0 (the policy with adapters off), reward f·(B + h), value f·B + 4·(A + h + 1)
+    critic-free: value 0 (full or LoRA); the other roles as above.
     A = L · r · [2(h + h) + 2(h + kvd) + 3(h + I)]   (all-linear: q, o; k, v; gate, up, down; never the LM head)
     The reward head is h wide (no bias, as <Arch>ForSequenceClassification); the value head gets a bias (+1).
 trained parameters N:  full P + B + h + 1;  LoRA 2A + h + 1.      gradients 4N;   AdamW 8N (exp_avg, exp_avg_sq).
+    critic-free: N = P (full), A (LoRA): the policy alone. So a critic-free run holds less than PPO's by exactly
+    16·(B + h + 1) bytes full (value weights 4, gradients 4, AdamW 8 per parameter) and
+    f·B + 16·(A + h + 1) with LoRA, in weights + gradients + AdamW.
 
-update (one micro-batch of b sequences through the policy and the value model, one backward of both):
+update (one micro-batch of b sequences through the policy and the value model, one backward of both; critic-free:
+  through the policy alone, so the kept body activations count once instead of twice):
   saved per token and layer, bytes (counted from the ops, and measured exactly with saved-tensor hooks by --check):
     CUDA, full (fp32 weights under bf16 autocast): 30h + 4kvd + 8I + 4·heads + 8
         fp32 residual in (4h) and after attention (4h), both RMSNorms' fp32 normalised input (2 x 4h), autocast's bf16
@@ -36,7 +50,8 @@ update (one micro-batch of b sequences through the policy and the value model, o
   plus the transient of the backward: another 1/4 layer of activations without checkpointing, 5/4 with (the layer
   being recomputed and the gradients through it; measured on the CPU: 0.25 and 1.25 x the formula above).
   autocast's bf16 copies of the trained fp32 weights it multiplies with, kept for the micro-step: CUDA full
-  2·(matmul weights of the policy, its LM head, the value body and head); LoRA 2·(2A + h).
+  2·(matmul weights of the policy, its LM head, the value body and head); LoRA 2·(2A + h). Critic-free: the
+  policy's alone, 2·(L·matmul + V·h) full, 2A LoRA.
   logits the loss keeps (rollout.policy_logits, rl.logprobs_and_entropy): the LM head runs only at the R response
   positions, [b, R, V] in the forward's dtype (s = 2 under CUDA autocast, 4 on the CPU), which the fused log-prob
   and entropy function keeps for its backward instead of any fp32 copy; its backward adds the gradient [b, R, V]
@@ -50,22 +65,28 @@ rollout (train.rollout_micro_batch_size = c sequences per pass; the policy's log
     c·prompt·(2h + 3I)·s, whichever is larger;
   the log-prob passes over the R response positions (inference mode, nothing kept): s·VxR + 8·C (two fp32 chunk
     buffers), x = b for the policy and c for the reference; the value and reward passes c·T·(2h + 3I) x 4 bytes
-    (f with LoRA or under autocast): a layer's input, its norm and the MLP's three [c, T, I]. Autocast's bf16 copies
-    of the trained weights (as in the update) live for the whole rollout on CUDA. The rollout phase holds weights +
-    AdamW state + those copies + the largest of these.
+    (f with LoRA or under autocast): a layer's input, its norm and the MLP's three [c, T, I]; critic-free: the
+    reward pass alone, of the same size (the two passes run one after the other, so the largest is unchanged).
+    Autocast's bf16 copies of the trained weights (as in the update) live for the whole rollout on CUDA. The rollout
+    phase holds weights + AdamW state + those copies + the largest of these.
 
 loading (load_roles' order): CUDA full: the reference arrives in fp32 before its cast (8P with the policy); LoRA:
-  the value model arrives in fp32 before its base is cast (f·P + 4A + f·(B + h) + 4·(B + h + 1)).
+  the value model arrives in fp32 before its base is cast (f·P + 4A + f·(B + h) + 4·(B + h + 1)); never less than
+  the policy arriving in fp32 (4P) nor all the weights. Critic-free (no value model arrives): full max(8P, weights)
+  as before, LoRA max(4P, weights) = max(4P, f·P + 4A + f·(B + h)).
 optimizer step: weights + gradients + AdamW (fused AdamW: no temporaries).
 peak = max(loading, rollout, update, step) + --overhead-gib (CUDA context, cuBLAS workspace, allocator slack).
 
-The largest model that fits: per preset, the largest power-of-two train.micro_batch_size (<= prompts_per_rollout /
-num_mini_batches) and train.rollout_micro_batch_size (<= prompts_per_rollout) whose peak fits (the two phases are
-apart, so each is the largest that fits its own); a model fits when 1 / 1 does.
+The largest model that fits: per preset, the largest power-of-two train.micro_batch_size (<= rows /
+num_mini_batches) and train.rollout_micro_batch_size (<= rows; rows = prompts_per_rollout x samples_per_prompt)
+whose peak fits (the two phases are apart, so each is the largest that fits its own); a model fits when 1 / 1
+does. The default run shows this for PPO (value model; 64 prompts x 1) and, at the same settings and row count, for
+algo=grpo (critic-free; 16 prompts x 4).
 
 Against measurement. Static part: `check_static` builds the four roles with the stage's own load_roles (on the CPU
 with model.dtype=bfloat16, the CUDA rule) and steps AdamW once: weights per role, gradients and AdamW state match
-this accounting to the byte (tests/test_ppo_memory.py, full and LoRA, tied and untied). Activations:
+this accounting to the byte (tests/test_ppo_memory.py, full and LoRA, tied and untied); with critic_free it builds
+the three roles of ppo.advantage=grpo, samples_per_prompt=4 (no value model: value weights 0) alike. Activations:
 `check_activations` counts the bytes autograd saves per added layer (saved-tensor hooks) in all four regimes and
 matches the formulas above exactly (SDPA without a padding mask; the CPU kernel with one keeps more). A whole
 iteration, measured on 2 shared CPU cores (torch 2.13, transformers 5.24): a 19.6M Llama (hidden 256 x 4 layers, 4
@@ -164,24 +185,35 @@ class Setting:
     lora_r: int = 0                # model.lora.r
     gradient_checkpointing: bool = True
     device: str = "cuda"           # cuda: bf16 frozen weights and autocast; cpu: fp32 everything
-    num_mini_batches: int = 2      # ppo.num_mini_batches: micro_batch <= prompts / num_mini_batches
+    num_mini_batches: int = 2      # ppo.num_mini_batches: micro_batch <= rows / num_mini_batches
+    samples_per_prompt: int = 1    # ppo.samples_per_prompt: rows = prompts x samples_per_prompt
+    critic_free: bool = False      # ppo.advantage other than gae (algo=grpo, ...): no value model
+
+    @property
+    def rows(self) -> int:
+        """The sequences of one iteration's rollout: prompts_per_rollout x samples_per_prompt."""
+        return self.prompts * self.samples_per_prompt
 
 
 def weights(m: Llama, s: Setting) -> dict[str, int]:
-    """Bytes of each role's weights (see the module docstring)."""
+    """Bytes of each role's weights (see the module docstring); the value model's are 0 when critic-free."""
     f = 2 if s.device == "cuda" else 4
     P, B, h = m.causal_lm_params(), m.body_params(), m.hidden
     if s.lora_r:
         A = m.lora_params(s.lora_r)
-        return {"policy": f * P + 4 * A, "reference": 0, "reward": f * (B + h), "value": f * B + 4 * (A + h + 1)}
-    return {"policy": 4 * P, "reference": f * P, "reward": f * (B + h), "value": 4 * (B + h + 1)}
+        out = {"policy": f * P + 4 * A, "reference": 0, "reward": f * (B + h), "value": f * B + 4 * (A + h + 1)}
+    else:
+        out = {"policy": 4 * P, "reference": f * P, "reward": f * (B + h), "value": 4 * (B + h + 1)}
+    return {**out, "value": 0} if s.critic_free else out
 
 
 def trained_parameters(m: Llama, s: Setting) -> int:
-    """N = P + B + h + 1 (full) or 2A + h + 1 (LoRA): the policy and the value model with its head."""
-    if s.lora_r:
-        return 2 * m.lora_params(s.lora_r) + m.hidden + 1
-    return m.causal_lm_params() + m.body_params() + m.hidden + 1
+    """N = P + B + h + 1 (full) or 2A + h + 1 (LoRA): the policy and the value model with its head; critic-free
+    P (full) or A (LoRA): the policy alone."""
+    policy = m.lora_params(s.lora_r) if s.lora_r else m.causal_lm_params()
+    if s.critic_free:
+        return policy
+    return policy + (m.lora_params(s.lora_r) if s.lora_r else m.body_params()) + m.hidden + 1
 
 
 def layer_activations(m: Llama, s: Setting) -> int:
@@ -206,13 +238,16 @@ def body_activations(m: Llama, s: Setting, b: int, t: int) -> tuple[int, int]:
 
 
 def autocast_copies(m: Llama, s: Setting) -> int:
-    """bf16 copies autocast makes of the trained fp32 weights it multiplies with (kept for the micro-step)."""
+    """bf16 copies autocast makes of the trained fp32 weights it multiplies with (kept for the micro-step): the
+    policy's, and the value model's (body and head) unless critic-free."""
     if s.device != "cuda":
         return 0
     if s.lora_r:
-        return 2 * (2 * m.lora_params(s.lora_r) + m.hidden)
+        A = m.lora_params(s.lora_r)
+        return 2 * A if s.critic_free else 2 * (2 * A + m.hidden)
     matmul = m.layers * m.layer_matmul_params()
-    return 2 * (matmul + m.vocab * m.hidden + matmul + m.hidden)
+    policy = matmul + m.vocab * m.hidden
+    return 2 * policy if s.critic_free else 2 * (policy + matmul + m.hidden)
 
 
 def chunk(V: int, rows: int, device: str) -> int:
@@ -234,7 +269,8 @@ def logprob_pass(V: int, rows: int, R: int, dtype_bytes: int, device: str) -> in
 
 
 def rollout_activations(m: Llama, s: Setting) -> dict[str, int]:
-    """The rollout's transients: generation (KV cache, prefill), the log-prob passes, the value/reward passes."""
+    """The rollout's transients: generation (KV cache, prefill), the log-prob passes, the value/reward passes (the
+    reward pass alone when critic-free: the same size, so the same number)."""
     c, P, R = s.rollout_micro_batch, s.prompt_length, s.response_length
     T, h, i = P + R, m.hidden, m.intermediate
     half = 2 if s.device == "cuda" else 4      # bf16 under CUDA autocast (or a bf16 base), fp32 on the CPU
@@ -242,17 +278,20 @@ def rollout_activations(m: Llama, s: Setting) -> dict[str, int]:
     generation = max(kv * T, kv * P + c * P * (2 * h + 3 * i) * half)
     logprobs = max(logprob_pass(m.vocab, min(s.micro_batch, c), R, half, s.device),
                    logprob_pass(m.vocab, c, R, half, s.device))
-    passes = c * T * (2 * h + 3 * i) * half
-    return {"generation": generation, "logprob_pass": logprobs, "value_reward_pass": passes}
+    reward_pass = c * T * (2 * h + 3 * i) * half
+    value_pass = 0 if s.critic_free else c * T * (2 * h + 3 * i) * half
+    return {"generation": generation, "logprob_pass": logprobs, "value_reward_pass": max(value_pass, reward_pass)}
 
 
 def estimate(m: Llama, s: Setting) -> dict[str, int]:
-    """Bytes by category and phase of one PPO iteration (the module docstring has every formula), and the peak."""
+    """Bytes by category and phase of one PPO iteration (the module docstring has every formula), and the peak;
+    with s.critic_free, of one iteration without a value model (ppo.advantage other than gae)."""
     w = weights(m, s)
     static, N = sum(w.values()), trained_parameters(m, s)
     grads, adam = 4 * N, 8 * N
     b, T = s.micro_batch, s.prompt_length + s.response_length
     kept, transient = body_activations(m, s, b, T)
+    bodies = 1 if s.critic_free else 2    # the update runs the policy (and the value model), one backward
     logits = update_logits(m, s, b)
     copies = autocast_copies(m, s)
     rollout = rollout_activations(m, s)
@@ -261,16 +300,17 @@ def estimate(m: Llama, s: Setting) -> dict[str, int]:
         loading = static
     elif s.lora_r:
         A = m.lora_params(s.lora_r)
-        loading = max(4 * P, f * P + 4 * A + f * (B + h) + 4 * (B + h + 1))
+        value_arrives = 0 if s.critic_free else 4 * (B + h + 1)  # the value model in fp32 before its base's cast
+        loading = max(4 * P, f * P + 4 * A + f * (B + h) + value_arrives)
     else:
         loading = max(8 * P, static)
     out = {**{f"weights_{k}": v for k, v in w.items()}, "gradients": grads, "adamw": adam,
-           "autocast_copies": copies, "update_activations": 2 * kept, "update_transient": transient,
+           "autocast_copies": copies, "update_activations": bodies * kept, "update_transient": transient,
            "update_logits": logits, **{f"rollout_{k}": v for k, v in rollout.items()},
            "trained_parameters": N, "parameters": P}
     out["phase_loading"] = loading
     out["phase_rollout"] = static + adam + copies + max(rollout.values())
-    out["phase_update"] = static + grads + adam + copies + 2 * kept + max(logits, transient)
+    out["phase_update"] = static + grads + adam + copies + bodies * kept + max(logits, transient)
     out["phase_step"] = static + grads + adam
     out["peak"] = max(out["phase_loading"], out["phase_rollout"], out["phase_update"], out["phase_step"])
     return out
@@ -284,8 +324,8 @@ def largest_micro_batches(m: Llama, s: Setting, budget: float) -> Setting | None
     """`s` with the largest power-of-two micro-batches (train, then rollout) whose peak fits `budget` bytes, or
     None when even 1 / 1 does not."""
     best = None
-    for mb in powers_of_two(s.prompts // s.num_mini_batches):
-        for rmb in powers_of_two(s.prompts):
+    for mb in powers_of_two(s.rows // s.num_mini_batches):
+        for rmb in powers_of_two(s.rows):
             trial = replace(s, micro_batch=mb, rollout_micro_batch=rmb)
             if estimate(m, trial)["peak"] <= budget:
                 best = trial  # the loops ascend: the last fit is the largest (train first, then rollout)
@@ -311,6 +351,17 @@ def table(models: list[Llama], s: Setting, gpu_gib: float, overhead_gib: float) 
             row[f"{key}_micro"] = f"{at.micro_batch}/{at.rollout_micro_batch}" if fit else "-"
         rows.append(row)
     return rows
+
+
+GRPO_SAMPLES = 4  # conf/algo/grpo.yaml: ppo.samples_per_prompt (16 prompts x 4 = algo=ppo's 64 x 1 rows)
+
+
+def critic_free_setting(s: Setting) -> Setting:
+    """`s` as algo=grpo runs it: no value model, the same rows as k = 4 responses to a quarter of the prompts (when
+    the rows split so; else the same prompts and samples)."""
+    if s.samples_per_prompt == 1 and s.prompts % GRPO_SAMPLES == 0:
+        s = replace(s, prompts=s.prompts // GRPO_SAMPLES, samples_per_prompt=GRPO_SAMPLES)
+    return replace(s, critic_free=True)
 
 
 def largest(rows: list[dict], key: str) -> str:
@@ -346,13 +397,14 @@ def save_upstream(m: Llama, directory: Path) -> tuple[str, str]:
     return str(policy_dir), str(reward_dir)
 
 
-def check_static(m: Llama, lora_r: int) -> dict[str, tuple[int, int]]:
+def check_static(m: Llama, lora_r: int, critic_free: bool = False) -> dict[str, tuple[int, int]]:
     """{category: (this accounting's bytes, measured bytes)} for weights per role, gradients, AdamW state and the
     trained parameter count: the roles built by the stage's own `load_roles` on the CPU with model.dtype=bfloat16
-    (the CUDA rule: frozen weights bf16, trained fp32), gradients of every trained parameter, AdamW stepped once."""
+    (the CUDA rule: frozen weights bf16, trained fp32), gradients of every trained parameter, AdamW stepped once.
+    critic_free: the roles of ppo.advantage=grpo, samples_per_prompt=4 (no value model: its weights measure 0)."""
     import torch
 
-    from rlhf_cli.config import LoraConfig, PPOConfig, PPOModelConfig
+    from rlhf_cli.config import LoraConfig, PPOAlgoConfig, PPOConfig, PPOModelConfig
     from rlhf_cli.engine.optim import build_optimizer
     from rlhf_cli.models import lora
     from rlhf_cli.models.loading import quiet_transformers
@@ -361,7 +413,11 @@ def check_static(m: Llama, lora_r: int) -> dict[str, tuple[int, int]]:
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="ppo-memory-") as tmp:
         policy_dir, reward_dir = save_upstream(m, Path(tmp))
-        cfg = PPOConfig(model=PPOModelConfig(dtype="bfloat16", lora=LoraConfig(r=lora_r, alpha=2.0 * lora_r)))
+        algo = PPOAlgoConfig(advantage="grpo", samples_per_prompt=4, prompts_per_rollout=16) if critic_free else \
+            PPOAlgoConfig()
+        cfg = PPOConfig(model=PPOModelConfig(dtype="bfloat16", lora=LoraConfig(r=lora_r, alpha=2.0 * lora_r)),
+                        ppo=algo)
+        cfg.ppo.validate()
         roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, reward_dir, reward_dir, []), torch.device("cpu"))
 
     def nbytes(tensors) -> int:
@@ -373,13 +429,14 @@ def check_static(m: Llama, lora_r: int) -> dict[str, tuple[int, int]]:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     reference = 0 if isinstance(roles.reference, lora.BaseView) else nbytes(roles.reference.parameters())
+    value = 0 if roles.value is None else nbytes(roles.value.parameters())
     measured = {"weights_policy": nbytes(roles.policy.parameters()), "weights_reference": reference,
-                "weights_reward": nbytes(roles.reward.parameters()), "weights_value": nbytes(roles.value.parameters()),
+                "weights_reward": nbytes(roles.reward.parameters()), "weights_value": value,
                 "gradients": nbytes(p.grad for p in trained),
                 "adamw": nbytes(t for st in optimizer.state.values() for k, t in st.items()
                                 if k in ("exp_avg", "exp_avg_sq")),
                 "trained_parameters": sum(p.numel() for p in trained)}
-    est = estimate(m, Setting(lora_r=lora_r, device="cuda"))
+    est = estimate(m, Setting(lora_r=lora_r, device="cuda", critic_free=critic_free))
     return {k: (est[k], v) for k, v in measured.items()}
 
 
@@ -437,12 +494,13 @@ def run_checks() -> int:
     """Print the static and activation checks for a small config."""
     m = Llama("check", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, vocab=512)
     ok = True
-    for tied in (False, True):
-        for r in (0, 4):
-            for k, (est, got) in check_static(replace(m, tied=tied), r).items():
-                ok &= est == got
-                print(f"static  {'tied' if tied else 'untied'} r={r} {k:20s} estimate {est:>10,} measured {got:>10,}"
-                      f"  {'ok' if est == got else 'DIFFERS'}")
+    for critic_free in (False, True):
+        for tied in (False, True):
+            for r in (0, 4):
+                for k, (est, got) in check_static(replace(m, tied=tied), r, critic_free).items():
+                    ok &= est == got
+                    print(f"static  {'grpo' if critic_free else 'ppo '} {'tied' if tied else 'untied'} r={r} "
+                          f"{k:20s} estimate {est:>10,} measured {got:>10,}  {'ok' if est == got else 'DIFFERS'}")
     for device in ("cuda", "cpu"):
         for r in (0, 4):
             est, got = check_activations(m, r, device)
@@ -459,11 +517,13 @@ def show_categories(m: Llama, s: Setting, overhead_gib: float, as_json: bool) ->
     out["peak_with_overhead"] = out["peak"] + overhead_gib
     if as_json:
         print(json.dumps({"model": m.name, "micro_batch": s.micro_batch,
-                          "rollout_micro_batch": s.rollout_micro_batch, **out}))
+                          "rollout_micro_batch": s.rollout_micro_batch, "critic_free": s.critic_free,
+                          "rows": s.rows, **out}))
         return
     print(f"{m.name}: {m.causal_lm_params() / 1e9:.2f}B parameters, {'LoRA r=' + str(s.lora_r) if s.lora_r else 'full'}"
-          f", {s.device}, micro-batches {s.micro_batch}/{s.rollout_micro_batch}, gradient checkpointing "
-          f"{'on' if s.gradient_checkpointing else 'off'} (GiB)")
+          f", {'critic-free (no value model)' if s.critic_free else 'with a value model'}, {s.rows} rows "
+          f"({s.prompts} x {s.samples_per_prompt}), {s.device}, micro-batches {s.micro_batch}/{s.rollout_micro_batch}"
+          f", gradient checkpointing {'on' if s.gradient_checkpointing else 'off'} (GiB)")
     for k, v in out.items():
         print(f"  {k:22s} {v:>14,.3f}" if isinstance(v, float) else f"  {k:22s} {v:>14,}")
 
@@ -476,6 +536,11 @@ def main(argv=None) -> int:
     p.add_argument("--overhead-gib", type=float, default=3.0,
                    help="CUDA context, cuBLAS workspace, allocator fragmentation")
     p.add_argument("--prompts", type=int, default=64, help="ppo.prompts_per_rollout")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="ppo.samples_per_prompt: rows = prompts x this (algo=grpo: 16 x 4)")
+    p.add_argument("--critic-free", action="store_true",
+                   help="(one model) without a value model: ppo.advantage other than gae (algo=grpo, rloo, ...); "
+                        "the table shows both")
     p.add_argument("--mini-batches", type=int, default=2, help="ppo.num_mini_batches")
     p.add_argument("--prompt-length", type=int, default=512)
     p.add_argument("--response-length", type=int, default=256)
@@ -500,9 +565,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.check:
         return run_checks()
+    rows = args.prompts * args.samples_per_prompt
     s = Setting(args.prompts, args.prompt_length, args.response_length, args.micro_batch or 8,
-                args.rollout_micro_batch or min(64, args.prompts), args.lora_r, args.gradient_checkpointing,
-                args.device, args.mini_batches)
+                args.rollout_micro_batch or min(64, rows), args.lora_r, args.gradient_checkpointing,
+                args.device, args.mini_batches, args.samples_per_prompt, args.critic_free)
     if args.hidden or args.model:
         if args.model:
             m = next(x for x in PRESETS if x.name == args.model)
@@ -517,9 +583,13 @@ def main(argv=None) -> int:
             s = replace(s, rollout_micro_batch=args.rollout_micro_batch)
         show_categories(m, s, args.overhead_gib if args.device == "cuda" else 0.0, args.json)
         return 0
-    rows = table(PRESETS, s, args.gpu_gib, args.overhead_gib)
-    if args.json:
-        print(json.dumps(rows))
+    s = replace(s, critic_free=False)
+    grpo = critic_free_setting(s)
+    rows, cf_rows = table(PRESETS, s, args.gpu_gib, args.overhead_gib), table(PRESETS, grpo, args.gpu_gib,
+                                                                              args.overhead_gib)
+    if args.json:  # each row: PPO's keys as before, and algo=grpo's (critic-free) as grpo_<key>
+        print(json.dumps([{**r, **{f"grpo_{k}": v for k, v in c.items() if k not in ("model", "parameters_b")}}
+                          for r, c in zip(rows, cf_rows)]))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -541,6 +611,17 @@ def main(argv=None) -> int:
     print(f"largest that fits: full fine-tuning {largest(rows, 'full')} with gradient checkpointing, "
           f"{largest(rows, 'full_no_ckpt')} without; LoRA r=16 {largest(rows, 'lora16')} with, "
           f"{largest(rows, 'lora16_no_ckpt')} without (micro-batches train/rollout)")
+    t = Table(title=f"rlhf ppo algo=grpo (critic-free: no value model), same GPU and settings: prompts_per_rollout "
+                    f"{grpo.prompts} x samples_per_prompt {grpo.samples_per_prompt} = {grpo.rows} responses, prompt "
+                    f"{grpo.prompt_length} + response {grpo.response_length} tokens", title_justify="left")
+    for col in ("model", "params", "full, ckpt", "full, no ckpt", "LoRA r=16, ckpt", "LoRA r=16, no ckpt"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in cf_rows:
+        t.add_row(r["model"], f"{r['parameters_b']:.2f}B", *(cell(r, key) for key, _, _ in KEYS))
+    Console(width=160).print(t)
+    print(f"largest that fits, algo=grpo (critic-free): full fine-tuning {largest(cf_rows, 'full')} with gradient "
+          f"checkpointing, {largest(cf_rows, 'full_no_ckpt')} without; LoRA r=16 {largest(cf_rows, 'lora16')} with, "
+          f"{largest(cf_rows, 'lora16_no_ckpt')} without (micro-batches train/rollout)")
     return 0
 
 

@@ -97,3 +97,55 @@ def test_the_verdicts_follow_the_numbers():
         assert fits == sorted(fits, reverse=True)
     assert mem.largest(rows, "lora16").startswith("Llama-3.1-8B")
     assert mem.largest(rows, "full").startswith("Llama-3.2-1B")
+
+
+@pytest.mark.parametrize("tied,r", [(False, 0), (True, 4)])
+def test_critic_free_static_bytes_match_the_roles_load_roles_builds(tied, r):
+    """ppo.advantage=grpo, samples_per_prompt=4: load_roles builds no value model; the accounting says 0 for it."""
+    measured = mem.check_static(replace(TINY, tied=tied), r, critic_free=True)
+    assert measured["weights_value"] == (0, 0)
+    for category, (estimate, got) in measured.items():
+        assert estimate == got, category
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("r", [0, 16])
+@pytest.mark.parametrize("m", [TINY, mem.PRESETS[2]], ids=["tiny", "8B"])
+def test_critic_free_drops_exactly_the_value_model(m, r, device):
+    s = mem.Setting(lora_r=r, device=device)
+    ppo, grpo = mem.estimate(m, s), mem.estimate(m, replace(s, critic_free=True))
+    f, B, h = (2 if device == "cuda" else 4), m.body_params(), m.hidden
+    value_trained = (m.lora_params(r) if r else B) + h + 1       # the value body (or its adapters) and its head
+    value_weights = f * B + 4 * (m.lora_params(r) + h + 1) if r else 4 * (B + h + 1)
+    assert ppo["weights_value"] == value_weights and grpo["weights_value"] == 0
+    assert ppo["trained_parameters"] - grpo["trained_parameters"] == value_trained
+    assert ppo["gradients"] - grpo["gradients"] == 4 * value_trained
+    assert ppo["adamw"] - grpo["adamw"] == 8 * value_trained
+    for role in ("policy", "reference", "reward"):
+        assert ppo[f"weights_{role}"] == grpo[f"weights_{role}"]
+    static = lambda e: sum(v for k, v in e.items() if k.startswith("weights_")) + e["gradients"] + e["adamw"]
+    by_hand = f * B + 16 * (m.lora_params(r) + h + 1) if r else 16 * (B + h + 1)
+    assert static(ppo) - static(grpo) == by_hand
+    assert ppo["phase_step"] - grpo["phase_step"] == by_hand
+    # the update runs the policy alone; the rollout's largest pass is the same (the reward pass stays)
+    assert grpo["update_activations"] * 2 == ppo["update_activations"]
+    assert grpo["autocast_copies"] < ppo["autocast_copies"] if device == "cuda" else grpo["autocast_copies"] == 0
+    assert all(grpo[k] == ppo[k] for k in ("rollout_generation", "rollout_logprob_pass", "rollout_value_reward_pass",
+                                           "update_logits", "update_transient"))
+    for phase in ("phase_loading", "phase_rollout", "phase_update", "peak"):
+        assert grpo[phase] <= ppo[phase], phase
+
+
+def test_critic_free_verdicts_fit_at_least_what_ppo_fits():
+    gpu, overhead = 79.2, 3.0
+    s = mem.Setting()
+    grpo = mem.critic_free_setting(s)
+    assert (grpo.prompts, grpo.samples_per_prompt, grpo.rows, grpo.critic_free) == (16, 4, s.rows, True)
+    ppo_rows, grpo_rows = mem.table(mem.PRESETS, s, gpu, overhead), mem.table(mem.PRESETS, grpo, gpu, overhead)
+    for key, _, _ in mem.KEYS:
+        ppo_fits, grpo_fits = [r[f"{key}_fits"] for r in ppo_rows], [r[f"{key}_fits"] for r in grpo_rows]
+        assert grpo_fits == sorted(grpo_fits, reverse=True)
+        assert sum(grpo_fits) >= sum(ppo_fits), key  # the largest critic-free model is at least PPO's
+    assert mem.largest(grpo_rows, "full").startswith("Llama-3.2-3B")
+    assert mem.largest(grpo_rows, "lora16").startswith("Llama-2-13B")
+    assert mem.main([]) == 0  # the default run prints both tables
