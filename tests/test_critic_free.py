@@ -151,3 +151,15 @@ def test_micro_batches_do_not_change_the_gradient(trained_experiment, tmp_path):
     moved = load_file(trained_experiment / "demo" / "sft" / "model" / "model.safetensors")
     assert any(not torch.equal(weights[8][k], moved[k]) for k in moved)  # the step did something
     assert all(torch.allclose(weights[8][k], weights[2][k], atol=1e-6) for k in moved)
+
+
+def test_without_a_kl_coefficient_no_reference_is_loaded(trained_experiment, tmp_path, capsys):
+    """algo=dr_grpo has β = 0: no reference model, no KL measured or logged (eval measures it against the SFT
+    policy), and the run's numbers are still what the spec declares."""
+    metrics = ppo.run(compose_stage("ppo", [*CRITIC_FREE, "experiment=demo", f"root={trained_experiment}",
+                                            "algo=dr_grpo", "train.max_steps=1"], tmp_path / "d"))
+    assert "reference: none (ppo.kl_coef=0: no KL to penalise or measure)" in capsys.readouterr().out
+    assert "kl" not in _rows(tmp_path / "d")[0] and "final_kl" not in metrics and "final_kl_loss" not in metrics
+    numbers = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numbers <= set(SPECS["ppo"].metrics) and set(SPECS["ppo"].metrics) - numbers <= set(
+        SPECS["ppo"].variant_metrics)

@@ -79,8 +79,9 @@ PPO_LOGGED = ("score", "score_penalised", "kl", "rlhf_reward", "response_length"
               "explained_variance", "rollout_tokens_per_s", "update_tokens_per_s", "gold", "lr", "kl_loss",
               "zero_std_groups")
 # ... of which these only with some settings: the value model's (ppo.advantage=gae), the KL loss term
-# (ppo.kl_penalty=loss), the share of groups whose k responses all scored alike (ppo.samples_per_prompt > 1)
-PPO_VARIANT = ("value_loss", "vf_clipfrac", "explained_variance", "kl_loss", "zero_std_groups")
+# (ppo.kl_penalty=loss), the share of groups whose k responses all scored alike (ppo.samples_per_prompt > 1), the
+# KL and the KL-penalised reward (not without a reference: ppo.kl_coef=0)
+PPO_VARIANT = ("value_loss", "vf_clipfrac", "explained_variance", "kl_loss", "zero_std_groups", "kl", "rlhf_reward")
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
@@ -127,7 +128,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         path_keys=("model.policy", "model.reward", "model.value", *LOOP_PATHS),
         metrics=("iterations", "skipped_steps", *(f"final_{k}" for k in PPO_LOGGED),
                  *(f"first_{k}" for k in ("score", "kl", "gold", "response_length", "stop_rate"))),
-        variant_metrics=tuple(f"final_{k}" for k in PPO_VARIANT),
+        variant_metrics=(*(f"final_{k}" for k in PPO_VARIANT), "first_kl"),
         headline=(Metric("first_score", "score, first iteration"),
                   Metric("final_score", "score, last iteration", "score", "high"),
                   Metric("first_gold", "gold, first iteration"),
@@ -135,7 +136,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                   Metric("final_kl", "KL, last iteration", "KL"),
                   Metric("iterations", "iterations")),
         rank_by=("final_gold", "final_score"),
-        summary=("score {first_score:.3g} -> {final_score:.3g}, kl {final_kl:.3g}",),
+        summary=("score {first_score:.3g} -> {final_score:.3g}", ", kl {final_kl:.3g}"),
         charts=(Chart("score", "score of the training rollouts", (("score", "reward model (proxy)"),
                                                                   ("rlhf_reward", "score - β·KL")), "score"),
                 Chart("gold", "gold score of the training rollouts (built-in task)", (("gold", "gold"),),

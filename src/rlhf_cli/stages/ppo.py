@@ -6,7 +6,8 @@ summary). The math lives in rl/ppo.py, one small pure function per formula; this
 
 Roles: policy (trainable, from the SFT artifact), reference (frozen copy of it), reward model (frozen, from the
 reward artifact) and, for ppo.advantage=gae only, a value model (trainable, initialised from the reward model's
-backbone and head); the critic-free estimators (rl/advantages.py) load none. Dropout is off in all of them. Each iteration reseeds from (seed, iteration, rank), so a resumed run samples what an uninterrupted
+backbone and head); the critic-free estimators (rl/advantages.py) load none, and ppo.kl_coef=0 (without the
+adaptive controller) loads no reference. Dropout is off in all of them. Each iteration reseeds from (seed, iteration, rank), so a resumed run samples what an uninterrupted
 one would have.
 """
 
@@ -161,7 +162,7 @@ class Roles:
     """The models of PPO (four with a value model, three without) and the tokenizers between them."""
     policy: torch.nn.Module          # trained; from the SFT artifact
     reference: object                # the frozen SFT policy, the KL baseline: a copy, or the policy's base
-                                     # with its adapters off (models.lora.BaseView)
+                                     # with its adapters off (models.lora.BaseView); None when no KL is asked
     value: RewardModel | None        # trained; per-token values (ppo.advantage=gae only)
     scorer: Scorer                   # the frozen reward model and how it reads the policy's samples
     tokenizer: object                # the policy's (and reference's)
@@ -186,8 +187,10 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     frozen, at = dev.frozen_dtype(cfg.model.dtype, device), train.load_device(device, cfg.train)
     policy, tokenizer, _ = load_causal_lm(policy_cfg, at, dropout=False, key="model.policy")
     lora.add_adapters(policy, cfg.model.lora, cfg.seed, base_dtype=frozen)
-    reference = lora.frozen_base(policy, lambda: load_frozen_lm(paths.policy, at, frozen, cfg.model.trust_remote_code,
-                                                                "model.policy")[0])
+    reference = None
+    if needs_reference(cfg.ppo):
+        reference = lora.frozen_base(policy, lambda: load_frozen_lm(paths.policy, at, frozen,
+                                                                    cfg.model.trust_remote_code, "model.policy")[0])
     reward, reward_tokenizer = load_frozen_reward_model(paths.reward, at, frozen, cfg.model.trust_remote_code)
     scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
     value, value_init = None, "none (critic-free)"
@@ -198,6 +201,11 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
         raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward} records no score statistics",
                             hint="re-run `rlhf reward`, or set ppo.normalize_scores=false")
     return Roles(policy, reference, value, scorer, tokenizer, value_init)
+
+
+def needs_reference(p: PPOAlgoConfig) -> bool:
+    """Whether the KL to the reference is asked for: a KL coefficient, or the controller that adapts it."""
+    return p.kl_coef > 0 or p.adaptive_kl
 
 
 def load_value_model(cfg: PPOConfig, paths: Upstream, policy_cfg: ModelConfig, tokenizer, at, frozen):
@@ -218,14 +226,16 @@ def hold_roles(roles: Roles, d: dist.Dist, device: torch.device, t) -> list:
     """The trained roles as the update runs them (engine.train.wrap_for_training) and the frozen ones held alike
     (sharded under train.strategy=fsdp): [policy, value model (gae only)] to train through."""
     wrapped = [train.wrap_for_training(m, d, device, t) for m in roles.trained().values()]
-    train.hold_frozen(roles.reference, d, device, t)
+    if roles.reference is not None:
+        train.hold_frozen(roles.reference, d, device, t)
     train.hold_frozen(roles.reward, d, device, t)
     return wrapped
 
 
 def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, shape: BatchShape, d, device) -> None:
     p, t = cfg.ppo, cfg.train
-    reference = ("the policy with its adapters off" if isinstance(roles.reference, lora.BaseView) else
+    reference = ("none (ppo.kl_coef=0: no KL to penalise or measure)" if roles.reference is None else
+                 "the policy with its adapters off" if isinstance(roles.reference, lora.BaseView) else
                  f"a frozen copy ({lora.counts(roles.reference)[1] / 1e6:.2f}M parameters)")
     con.print(f"[bold]rlhf ppo[/bold] -> {cfg.run_dir}")
     con.print(f"policy {paths.policy} ({lora.describe(roles.policy)}); reference: {reference}; reward {paths.reward} "
@@ -233,7 +243,7 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
               f"{'same tokens' if roles.scorer.same_tokens else 're-tokenised text'}); value model: "
               f"{roles.value_init}{f' ({lora.describe(roles.value)})' if roles.value is not None else ''}; "
               f"advantage {p.advantage}; {device}, {dev.precision(device)}, frozen weights "
-              f"in {str(roles.reference.dtype).removeprefix('torch.')}; {prompts}")
+              f"in {str(next(roles.reward.parameters()).dtype).removeprefix('torch.')}; {prompts}")
     con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} x samples_per_prompt {p.samples_per_prompt} = "
               f"num_mini_batches {p.num_mini_batches} x "
               f"({batches.describe_micro(shape.micro, t.micro_batch_size)} x grad_accum_steps {shape.grad_accum} x "
@@ -288,7 +298,8 @@ def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, devi
         with torch.no_grad():  # not inference mode: sharded (FSDP) weights gathered in it could not train after
             roll = Rollout(**vars(samples),
                            logprobs=response_logprobs(roles.policy, samples, p.temperature, t.micro_batch_size),
-                           ref_logprobs=response_logprobs(roles.reference, samples, p.temperature, micro),
+                           ref_logprobs=(response_logprobs(roles.reference, samples, p.temperature, micro)
+                                         if roles.reference is not None else None),
                            values=response_values(roles.value, samples, micro) if roles.value is not None else None,
                            scores=score_responses(roles.scorer, samples, prompt_text, response_text, micro),
                            prompt_text=prompt_text, response_text=response_text)
@@ -301,8 +312,9 @@ def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_path: str)
     guard.require_finite(iteration, "reward model's score", roll.scores,
                          hint=f"the reward model ({reward_path}) gives NaN/inf scores for these responses: check it, or "
                               f"re-train it (`rlhf reward ... overwrite=true`)")
-    guard.require_finite(iteration, "reference log-prob", roll.ref_logprobs,
-                         hint="the reference (the SFT policy) gives non-finite log-probs: check the SFT artifact")
+    if roll.ref_logprobs is not None:
+        guard.require_finite(iteration, "reference log-prob", roll.ref_logprobs,
+                             hint="the reference (the SFT policy) gives non-finite log-probs: check the SFT artifact")
     guard.require_finite(iteration, "policy log-prob (and so the KL)", roll.logprobs)
     if roll.values is not None:
         guard.require_finite(iteration, "value model's estimate", roll.values)
@@ -312,7 +324,7 @@ def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_path: str)
 class Shaped:
     """What the update optimises, derived from a rollout."""
     scores: torch.Tensor             # [B] the score maximised: normalised, clipped, missing-EOS penalty applied
-    kl: torch.Tensor                 # [B, R] per-token KL estimate to the reference, 0 on padding
+    kl: torch.Tensor | None          # [B, R] per-token KL estimate to the reference, 0 on padding (None: no reference)
     advantages: torch.Tensor         # [B, R] from ppo.advantage's estimator (GAE: whitened over the rollout)
     returns: torch.Tensor | None     # [B, R] the value targets (GAE only: advantages + values, before whitening)
     zero_std: torch.Tensor | None    # [B] bool: the row's group of k scored all alike (None: k = 1)
@@ -329,11 +341,12 @@ def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, score_stats: 
     if p.score_clip is not None:
         scores = scores.clamp(-p.score_clip, p.score_clip)
     scores = rl.apply_missing_eos_penalty(scores, roll.ended, p.missing_eos_penalty)
-    kl = rl.kl_per_token(roll.logprobs, roll.ref_logprobs, p.kl_estimator) * roll.mask
-    in_reward = p.kl_penalty == "reward"
+    kl = None if roll.ref_logprobs is None else rl.kl_per_token(roll.logprobs, roll.ref_logprobs,
+                                                                 p.kl_estimator) * roll.mask
+    in_reward = p.kl_penalty == "reward" and kl is not None
     advantages, returns = adv.ESTIMATORS[p.advantage].fn(adv.Inputs(
-        scores, kl, roll.mask, kl_coef if in_reward else 0.0, p.samples_per_prompt, roll.values, p.gamma, p.lam,
-        p.whiten_rewards, p.scale_rewards))
+        scores, kl if kl is not None else torch.zeros_like(roll.mask), roll.mask, kl_coef if in_reward else 0.0,
+        p.samples_per_prompt, roll.values, p.gamma, p.lam, p.whiten_rewards, p.scale_rewards))
     zero_std = adv.zero_std_groups(scores, p.samples_per_prompt) if p.samples_per_prompt > 1 else None
     keep = (~zero_std).to(roll.mask.dtype) if p.skip_zero_std_groups else None
     return Shaped(scores, kl, advantages, returns, zero_std, keep, 0.0 if in_reward else kl_coef)
@@ -391,7 +404,7 @@ def ppo_loss(policy, value_model, roll: Rollout, idx, mask: torch.Tensor, shaped
         vf_loss, vf = rl.value_loss(values, roll.values[idx], shaped.returns[idx], mask, p.cliprange_value, reduce)
         loss = pg_loss + p.vf_coef * vf_loss - entropy_term
         stats |= {"value_loss": vf_loss.detach(), "vf_clipfrac": vf["vf_clipfrac"].detach()}
-    if p.kl_penalty == "loss":
+    if p.kl_penalty == "loss" and roll.ref_logprobs is not None:
         kl_loss = reduce(rl.kl_per_token(logp, roll.ref_logprobs[idx], p.kl_estimator), mask)
         loss = loss + shaped.kl_loss_coef * kl_loss
         stats["kl_loss"] = kl_loss.detach()
@@ -404,11 +417,12 @@ def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef:
     length, ...), the mean of every micro-batch statistic of the update, the approx-KL of the first minibatch (0
     when the rollout's and the update's log-probs share their numerics), the value model's explained variance, and
     response tokens per second of the rollout and of the update (tokens x epochs)."""
-    seq_kl = (shaped.kl * roll.mask).sum(1)
+    seq_kl = None if shaped.kl is None else (shaped.kl * roll.mask).sum(1)
     golds = [gold(pr, rs) for pr, rs in zip(roll.prompt_text, roll.response_text)] if gold else None
     sums = dist.all_sum_named(d, {
         "n": float(len(roll.scores)), "score": float(roll.scores.sum()), "score_penalised": float(shaped.scores.sum()),
-        "kl": float(seq_kl.sum()), "rlhf_reward": float((shaped.scores - kl_coef * seq_kl).sum()),
+        **({"kl": float(seq_kl.sum()), "rlhf_reward": float((shaped.scores - kl_coef * seq_kl).sum())}
+           if seq_kl is not None else {}),
         "response_length": float(roll.mask.sum(1).sum()), "stop_rate": float(roll.ended.sum()),
         "gold": float(sum(golds)) if golds else 0.0, "tokens": float(roll.mask.sum()),
         **({"zero_std_groups": float(shaped.zero_std.sum())} if shaped.zero_std is not None else {})}, device)
@@ -442,7 +456,7 @@ def record(loop: Counters, roll: Rollout, gold, log: MetricsLog, cfg: PPOConfig,
 
 
 def progress_text(last: dict) -> str:
-    return metrics_text({"score": last["score"], "kl": last["kl"], **({"gold": last["gold"]} if "gold" in last else {}),
+    return metrics_text({"score": last["score"], **{k: last[k] for k in ("kl", "gold") if k in last},
                          "len": last["response_length"], "approx_kl": last["approx_kl"], "clip": last["clipfrac"]})
 
 
