@@ -22,6 +22,7 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import enable_gradient_checkpointing, load_causal_lm, resolve
 from rlhf_cli.models.reward import RewardModel
+from rlhf_cli.rl.ppo import masked_mean
 from rlhf_cli.stages import eval as eval_stage, ppo, reward, sft
 
 X = torch.tensor([[5, 17, 42, 9, 3, 28], [7, 7, 12, 40, 2, 11]])
@@ -268,8 +269,9 @@ def test_ppo_lora_reference_is_the_sft_model_and_the_first_ratio_is_one(runs):
     roll = constants(roll)
     roles.policy.train()
     adv = torch.randn_like(roll.mask) * roll.mask
-    shaped = ppo.Shaped(roll.scores, torch.zeros_like(adv), adv, roll.values)
-    _, stats = ppo.ppo_loss(roles.policy, roles.value, roll, torch.arange(8), shaped, cfg.ppo)
+    shaped = ppo.Shaped(roll.scores, torch.zeros_like(adv), adv, roll.values, None, None, 0.0)
+    rows = torch.arange(8)
+    _, stats = ppo.ppo_loss(roles.policy, roles.value, roll, rows, roll.mask[rows], shaped, cfg.ppo, masked_mean)
     assert stats["approx_kl"].item() < 1e-12 and stats["clipfrac"].item() == 0.0
 
 
