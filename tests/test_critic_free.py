@@ -163,3 +163,21 @@ def test_without_a_kl_coefficient_no_reference_is_loaded(trained_experiment, tmp
     numbers = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numbers <= set(SPECS["ppo"].metrics) and set(SPECS["ppo"].metrics) - numbers <= set(
         SPECS["ppo"].variant_metrics)
+
+
+def test_a_groups_responses_stay_on_one_process(tmp_path):
+    """Each process takes its share of the iteration's prompts, then samples each of them k times in a row: a group
+    never straddles two processes, and together they cover every prompt once."""
+    from rlhf_cli.engine.dist import Dist
+
+    cfg = compose_stage("ppo", ["algo=grpo", "ppo.prompts_per_rollout=8", "ppo.num_mini_batches=2"], tmp_path)
+    prompts = [[i] for i in range(100)]
+    shares = [ppo.rollout_prompts(prompts, 3, cfg, Dist(rank=r, world_size=2)) for r in range(2)]
+    for share in shares:
+        assert len(share) == 4 * 4 and all(share[i] == share[i - i % 4 + j] for i in range(16) for j in range(4))
+    firsts = [tuple(share[i]) for share in shares for i in range(0, 16, 4)]
+    assert len(set(firsts)) == 8  # 8 distinct prompts, 4 per process
+    # 6 prompts x 4 = 24 rows would split over 4 processes, but the groups would not
+    with pytest.raises(ConfigError, match="prompts do not split evenly over world_size=4"):
+        ppo.batch_shape(compose_stage("ppo", ["algo=grpo", "ppo.prompts_per_rollout=6", "ppo.num_mini_batches=1"],
+                                      tmp_path), 4)
