@@ -54,6 +54,7 @@ def _gold_rose(rows: list[dict]) -> None:
     assert last > first + 0.05, [round(g, 2) for g in gold]
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_gold_score_with_no_value_model(grpo_run, capsys):
     metrics, run_dir = grpo_run
     _gold_rose(_rows(run_dir))
@@ -65,6 +66,7 @@ def test_grpo_raises_the_gold_score_with_no_value_model(grpo_run, capsys):
     assert (run_dir / "charts" / "groups.png").is_file() and not (run_dir / "charts" / "value.png").exists()
 
 
+@pytest.mark.slow
 def test_rloo_raises_the_gold_score(gold_root):
     run_dir = gold_root / "g" / "ppo_rloo"
     ppo.run(compose_stage("ppo", ["experiment=g", f"root={gold_root}", "algo=rloo", "train.max_steps=12",

@@ -16,7 +16,7 @@ from rlhf_cli.engine import launch
 needs_fork = pytest.mark.skipif(not launch.available(), reason="no forkserver here (not Linux, or turned off)")
 
 
-@pytest.fixture(params=["forked", "fresh"])
+@pytest.fixture(params=["forked", pytest.param("fresh", marks=pytest.mark.slow)])  # fresh: a new interpreter
 def how(request, monkeypatch):
     if request.param == "forked" and not launch.available():
         pytest.skip("no forkserver here (not Linux, or turned off)")
@@ -62,7 +62,7 @@ def test_only_runtime_variables_may_differ_from_the_servers():
 def test_a_child_past_its_timeout_is_killed(how, tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         launch.run_cli(["sft", "experiment=slow"], cwd=tmp_path, stdout=tmp_path / "o", stderr=tmp_path / "e",
-                       timeout=3)
+                       timeout=1)
 
 
 @pytest.mark.slow
