@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 # (reward, of 40) and iterations 2, 4 (ppo).
 LORA_FSDP_SFT = [*FAST_SFT, "train.max_steps=80", "train.checkpoint_every=20", "train.eval_every=40",
                  "train.keep_checkpoints=3", "train.num_samples=0", "model.lora.r=4", "train.strategy=fsdp"]
-KILL_AFTER = {"reward": 12, "ppo": 2, "sft": 20}
+KILL_AFTER = {"reward": 12, "ppo": 2, "sft": 20, "grpo": 2}
 
 
 def _weights(run_dir: Path) -> dict:
@@ -38,11 +38,17 @@ def _weights(run_dir: Path) -> dict:
     return {**weights, **({f"head.{k}": v for k, v in load_file(head).items()} if head.exists() else {})}
 
 
-@pytest.mark.parametrize("stage", ["reward", "ppo", "sft"], ids=["reward", "ppo", "sft-lora-fsdp"])
-def test_resume_after_kill_gives_identical_weights(stage, tmp_path, request):
-    """With LoRA the checkpoints hold only the adapters, the frozen base is loaded again from where it came from."""
-    if stage == "sft":  # the uninterrupted run first
+@pytest.mark.parametrize("case", ["reward", "ppo", "sft", "grpo"], ids=["reward", "ppo", "sft-lora-fsdp", "ppo-grpo"])
+def test_resume_after_kill_gives_identical_weights(case, tmp_path, request):
+    """With LoRA the checkpoints hold only the adapters, the frozen base is loaded again from where it came from.
+    A critic-free run (algo=grpo) holds the policy alone: no value model in its checkpoints."""
+    stage = "ppo" if case == "grpo" else case
+    if case in ("sft", "grpo"):  # the uninterrupted run first
         root, experiment, args = tmp_path / "runs", "killed", LORA_FSDP_SFT
+        if case == "grpo":  # on the shared experiment's sft and reward artifacts
+            shared = request.getfixturevalue("trained_experiment") / "demo"
+            args = [*EXPERIMENT["ppo"], "algo=grpo", "ppo.samples_per_prompt=4", f"model.policy={shared / 'sft'}",
+                    f"model.reward={shared / 'reward'}"]
         straight = run_cli([stage, "experiment=straight", f"root={root}", *args], tmp_path)
         assert straight.returncode == 0, straight.stderr
         straight_dir = root / "straight" / stage
@@ -58,7 +64,7 @@ def test_resume_after_kill_gives_identical_weights(stage, tmp_path, request):
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", stage, *LONG_], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    kill_after = KILL_AFTER[stage]
+    kill_after = KILL_AFTER[case]
     while not (run_dir / "checkpoints" / f"step-{kill_after}" / "state.json").exists():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
@@ -85,6 +91,8 @@ def test_resume_after_kill_gives_identical_weights(stage, tmp_path, request):
         shards = run_dir / "checkpoints" / f"step-{final_step}" / "shards"
         ckpt = FileSystemReader(str(shards)).read_metadata().state_dict_metadata
         assert ckpt and all("lora_" in k for k in ckpt), [k for k in ckpt if "lora_" not in k]
+    if case == "grpo":
+        assert not list((run_dir / "checkpoints").rglob("value*"))  # nothing of a value model was ever saved
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
