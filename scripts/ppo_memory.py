@@ -591,12 +591,22 @@ def main(argv=None) -> int:
         print(json.dumps([{**r, **{f"grpo_{k}": v for k, v in c.items() if k not in ("model", "parameters_b")}}
                           for r, c in zip(rows, cf_rows)]))
         return 0
+    show_presets(f"rlhf ppo on one GPU of {args.gpu_gib:g} GiB ({args.overhead_gib:g} GiB overhead counted): "
+                 f"prompts_per_rollout {s.prompts}, prompt {s.prompt_length} + response {s.response_length} "
+                 f"tokens; peak GiB at the largest micro-batches train/rollout that fit", rows, "largest that fits")
+    show_presets(f"rlhf ppo algo=grpo (critic-free: no value model), same GPU and settings: prompts_per_rollout "
+                 f"{grpo.prompts} x samples_per_prompt {grpo.samples_per_prompt} = {grpo.rows} responses, prompt "
+                 f"{grpo.prompt_length} + response {grpo.response_length} tokens", cf_rows,
+                 "largest that fits, algo=grpo (critic-free)")
+    return 0
+
+
+def show_presets(title: str, rows: list[dict], verdict: str) -> None:
+    """The presets' table (peak GiB at the largest micro-batches that fit, per column) and its verdict line."""
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"rlhf ppo on one GPU of {args.gpu_gib:g} GiB ({args.overhead_gib:g} GiB overhead counted): "
-                    f"prompts_per_rollout {s.prompts}, prompt {s.prompt_length} + response {s.response_length} "
-                    f"tokens; peak GiB at the largest micro-batches train/rollout that fit", title_justify="left")
+    t = Table(title=title, title_justify="left")
     for col in ("model", "params", "full, ckpt", "full, no ckpt", "LoRA r=16, ckpt", "LoRA r=16, no ckpt"):
         t.add_column(col, justify="left" if col == "model" else "right")
 
@@ -608,21 +618,9 @@ def main(argv=None) -> int:
     for r in rows:
         t.add_row(r["model"], f"{r['parameters_b']:.2f}B", *(cell(r, key) for key, _, _ in KEYS))
     Console(width=160).print(t)
-    print(f"largest that fits: full fine-tuning {largest(rows, 'full')} with gradient checkpointing, "
+    print(f"{verdict}: full fine-tuning {largest(rows, 'full')} with gradient checkpointing, "
           f"{largest(rows, 'full_no_ckpt')} without; LoRA r=16 {largest(rows, 'lora16')} with, "
           f"{largest(rows, 'lora16_no_ckpt')} without (micro-batches train/rollout)")
-    t = Table(title=f"rlhf ppo algo=grpo (critic-free: no value model), same GPU and settings: prompts_per_rollout "
-                    f"{grpo.prompts} x samples_per_prompt {grpo.samples_per_prompt} = {grpo.rows} responses, prompt "
-                    f"{grpo.prompt_length} + response {grpo.response_length} tokens", title_justify="left")
-    for col in ("model", "params", "full, ckpt", "full, no ckpt", "LoRA r=16, ckpt", "LoRA r=16, no ckpt"):
-        t.add_column(col, justify="left" if col == "model" else "right")
-    for r in cf_rows:
-        t.add_row(r["model"], f"{r['parameters_b']:.2f}B", *(cell(r, key) for key, _, _ in KEYS))
-    Console(width=160).print(t)
-    print(f"largest that fits, algo=grpo (critic-free): full fine-tuning {largest(cf_rows, 'full')} with gradient "
-          f"checkpointing, {largest(cf_rows, 'full_no_ckpt')} without; LoRA r=16 {largest(cf_rows, 'lora16')} with, "
-          f"{largest(cf_rows, 'lora16_no_ckpt')} without (micro-batches train/rollout)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -300,7 +300,8 @@ class PPOAlgoConfig:
     kl_penalty: str = "reward"
     # KL penalty to the frozen reference (see kl_penalty). kl_coef = 0 with adaptive_kl off: no reference is loaded.
     kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1 = logp - logp_ref | k2 = (logp - logp_ref)^2 / 2 | k3 = (r - 1) - log r, r = p_ref / p
+    # k1 = logp - logp_ref | k2 = (logp - logp_ref)^2 / 2 | k3 = (r - 1) - log r, r = p_ref / p
+    kl_estimator: str = "k1"
     # How per-token losses are averaged, over the whole optimizer step (every micro-batch and process):
     # token_mean = over all tokens | seq_mean_token_mean = each response's token mean, then over responses |
     # seq_mean_token_sum_norm = each response's token sum / response_length, then over responses (Dr. GRPO).

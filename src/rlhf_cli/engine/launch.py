@@ -88,8 +88,8 @@ def run_cli(words: list[str], *, cwd: str | Path | None = None, env: dict[str, s
 def forks(env: dict[str, str]) -> bool:
     """Whether a started server may fork a child with environment `env`: it differs from the server's only in
     RUNTIME_ENV."""
-    differs = {k for k in set(env) | set(_server_env or {}) if env.get(k) != (_server_env or {}).get(k)}
-    return not (differs - RUNTIME_ENV)
+    server = _server_env or {}
+    return all(env.get(k) == server.get(k) for k in (set(env) | set(server)) - RUNTIME_ENV)
 
 
 def _fresh(words, cwd, env, stdout, stderr, timeout) -> int:
@@ -122,8 +122,9 @@ def _same(x):
 
 
 def _serve(words: list[str], cwd: str, env: dict[str, str], stdout, stderr) -> None:
-    """In the forked child: `cd cwd`, `env`, its output (a file's path, or the caller's own descriptor), then what `python -m rlhf_cli <words>` does, then exit
-    (atexit handlers included) without returning into multiprocessing's machinery."""
+    """In the forked child: `cd cwd`, `env`, its output (a file's path, or the caller's own descriptor), then what
+    `python -m rlhf_cli <words>` does, then exit (atexit handlers included) without returning into multiprocessing's
+    machinery."""
     code = 1
     try:
         os.chdir(cwd)

@@ -7,8 +7,8 @@ summary). The math lives in rl/ppo.py, one small pure function per formula; this
 Roles: policy (trainable, from the SFT artifact), reference (frozen copy of it), reward model (frozen, from the
 reward artifact) and, for ppo.advantage=gae only, a value model (trainable, initialised from the reward model's
 backbone and head); the critic-free estimators (rl/advantages.py) load none, and ppo.kl_coef=0 (without the
-adaptive controller) loads no reference. Dropout is off in all of them. Each iteration reseeds from (seed, iteration, rank), so a resumed run samples what an uninterrupted
-one would have.
+adaptive controller) loads no reference. Dropout is off in all of them. Each iteration reseeds from (seed,
+iteration, rank), so a resumed run samples what an uninterrupted one would have.
 """
 
 from __future__ import annotations
