@@ -140,6 +140,7 @@ def test_an_experiment_name_the_lexer_rejects_gets_our_rule(stage):
     assert "LexerNoViableAlt" not in err.message and "hydra.cc" not in err.message
 
 
+@pytest.mark.slow  # starts the pipeline in a process
 def test_the_pipeline_words_an_unreadable_experiment_the_same_way(tmp_path):
     from helpers import run_cli
 

@@ -16,7 +16,8 @@ from rlhf_cli.engine import launch
 needs_fork = pytest.mark.skipif(not launch.available(), reason="no forkserver here (not Linux, or turned off)")
 
 
-@pytest.fixture(params=["forked", pytest.param("fresh", marks=pytest.mark.slow)])  # fresh: a new interpreter
+# both start a process (`slow`); fresh: a new interpreter
+@pytest.fixture(params=[pytest.param(how, marks=pytest.mark.slow) for how in ("forked", "fresh")])
 def how(request, monkeypatch):
     if request.param == "forked" and not launch.available():
         pytest.skip("no forkserver here (not Linux, or turned off)")
