@@ -319,7 +319,7 @@ def bench(args, cache: str) -> int:
         t0 = time.perf_counter()
         roll = ppo.collect_rollout(roles, prompts, cfg, device)
         ppo.check_rollout(training.guard, step + 1, roll, "the benchmark's reward model")
-        shaped = ppo.shape_rewards(roll, cfg.ppo.kl_coef, cfg.ppo, roles.reward.score_stats)
+        shaped = ppo.shape_rewards(roll, cfg.ppo.kl_coef, cfg.ppo, roles.rewards)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()

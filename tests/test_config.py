@@ -91,7 +91,9 @@ def test_readme_has_commands_to_check():
 
 
 @pytest.mark.parametrize("stage,overrides", _readme_commands(), ids=lambda x: " ".join(x) if isinstance(x, list) else x)
-def test_every_readme_command_composes(stage, overrides, tmp_path):
+def test_every_readme_command_composes(stage, overrides, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    readme_rewards_file(tmp_path)  # what `reward.functions=[my_rewards.py:...]` names, as the README shows it
     if stage == "pipeline":  # routed to each stage, every stage composed
         from rlhf_cli.stages.pipeline import compose, split_overrides
 
@@ -106,7 +108,30 @@ def test_every_readme_command_composes(stage, overrides, tmp_path):
             obj = cfg
             for part in key.split("."):
                 obj = getattr(obj, part)
-            assert str(obj) == value or obj == type(obj)(value) or str(obj).endswith(Path(value).name)
+            listed = isinstance(obj, list) and value == f"[{','.join(map(str, obj))}]"
+            assert listed or str(obj) == value or obj == type(obj)(value) or str(obj).endswith(Path(value).name)
+
+
+def readme_rewards_file(where: Path) -> Path:
+    """The README's complete reward-function file (the python block that starts `# my_rewards.py`), written to
+    `where`/my_rewards.py."""
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+                if b.startswith("# my_rewards.py")]
+    path = where / "my_rewards.py"
+    path.write_text(block)
+    return path
+
+
+def test_the_readme_reward_file_works_as_it_says(tmp_path):
+    from rlhf_cli.engine import reward_functions as rf
+
+    path = readme_rewards_file(tmp_path)
+    brevity, cites = rf.load_all([f"{path}:brevity", f"{path}:cites_answer"])
+    words = " ".join(["w"] * 10)
+    assert rf.call(brevity, ["p", "p"], ["short", words], [{}, {}]) == [0.0, pytest.approx(-0.2)]
+    assert rf.call(cites, ["p"] * 3, ["it is 12", "it is 13", "x"], [{"answer": "12"}, {"answer": 12},
+                                                                     {"answer": None}]) == [1.0, 0.0, None]
+    assert rf.call(cites, ["p"], ["x"], [{}]) == [None]
 
 
 def test_ci_runs_the_readme_test_command():

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from helpers import FAST_PPO, compose_stage
 from rlhf_cli.config import PPOAlgoConfig
+from rlhf_cli.engine.reward_functions import REWARD_MODEL, Rewards
 from rlhf_cli.engine.rollout import Rollout
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.stages import ppo, reward, sft
@@ -106,18 +107,21 @@ def _rollout(scores: list[float], k: int) -> Rollout:
                    response=torch.zeros(n, t, dtype=torch.long), mask=torch.ones(n, t), ended=torch.ones(n, dtype=bool),
                    input_ids=torch.zeros(n, t + 1, dtype=torch.long), attention_mask=torch.ones(n, t + 1),
                    logprobs=z, ref_logprobs=z, values=None, scores=torch.tensor(scores), prompt_text=[""] * n,
-                   response_text=[""] * n)
+                   response_text=[""] * n, components={REWARD_MODEL: torch.tensor(scores)})
+
+
+RM_ONLY = Rewards(None, [], {REWARD_MODEL: 1.0})  # a reward model's score alone (never normalised here)
 
 
 def test_zero_std_groups_are_counted_and_left_out_when_asked():
     roll = _rollout([1.0, 1.0, 0.0, 2.0], 2)
     p = PPOAlgoConfig(advantage="grpo", samples_per_prompt=2)
-    shaped = ppo.shape_rewards(roll, 0.0, p, {})
+    shaped = ppo.shape_rewards(roll, 0.0, p, RM_ONLY)
     assert shaped.zero_std.tolist() == [True, True, False, False] and shaped.keep is None
     assert shaped.advantages[:2].abs().sum() == 0 and shaped.advantages[2:, 0].tolist() == pytest.approx(
         [-1 / (2 ** .5 + 1e-4), 1 / (2 ** .5 + 1e-4)])
     skipping = ppo.shape_rewards(roll, 0.0, PPOAlgoConfig(advantage="grpo", samples_per_prompt=2,
-                                                          skip_zero_std_groups=True), {})
+                                                          skip_zero_std_groups=True), RM_ONLY)
     assert skipping.keep.tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
@@ -173,11 +177,10 @@ def test_a_groups_responses_stay_on_one_process(tmp_path):
     from rlhf_cli.engine.dist import Dist
 
     cfg = compose_stage("ppo", ["algo=grpo", "ppo.prompts_per_rollout=8", "ppo.num_mini_batches=2"], tmp_path)
-    prompts = [[i] for i in range(100)]
-    shares = [ppo.rollout_prompts(prompts, 3, cfg, Dist(rank=r, world_size=2)) for r in range(2)]
+    shares = [ppo.rollout_prompts(100, 3, cfg, Dist(rank=r, world_size=2)) for r in range(2)]  # prompt indices
     for share in shares:
         assert len(share) == 4 * 4 and all(share[i] == share[i - i % 4 + j] for i in range(16) for j in range(4))
-    firsts = [tuple(share[i]) for share in shares for i in range(0, 16, 4)]
+    firsts = [share[i] for share in shares for i in range(0, 16, 4)]
     assert len(set(firsts)) == 8  # 8 distinct prompts, 4 per process
     # 6 prompts x 4 = 24 rows would split over 4 processes, but the groups would not
     with pytest.raises(ConfigError, match="prompts do not split evenly over world_size=4"):

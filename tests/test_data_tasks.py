@@ -47,10 +47,10 @@ def test_builtin_preference_pairs_are_the_toy_task_s():
 
 
 def test_builtin_prompts_are_the_toy_task_s():
-    prompts, source = tasks.train_prompts(builtin(), tokenizer=None)
+    prompts, _, source = tasks.train_prompts(builtin(), tokenizer=None)
     assert prompts == [r["prompt"] for r in toy.prompt_rows(TOY.num_train, TOY.seed, "train")]
     assert source == "built-in task"
-    prompts, source = tasks.eval_prompts(builtin(), 7, tokenizer=None)
+    prompts, _, source = tasks.eval_prompts(builtin(), 7, tokenizer=None)
     assert prompts == [r["prompt"] for r in toy.prompt_rows(7, TOY.seed, "eval")]
     assert len(prompts) == 7
     assert source == "the built-in task's held-out split"
@@ -141,7 +141,7 @@ def test_file_has_no_gold_score(tmp_path):
 def test_file_train_prompts_are_every_row_s_prompt(tmp_path):
     rows = [*SFT_ROWS[:3], {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     data = DataConfig(path=write_jsonl(tmp_path / "prompts.jsonl", rows))
-    prompts, source = tasks.train_prompts(data, tokenizer=None)  # no chat template: the HH fallback
+    prompts, _, source = tasks.train_prompts(data, tokenizer=None)  # no chat template: the HH fallback
     assert prompts == ["question 0", "question 1", "question 2", "\n\nHuman: hi\n\nAssistant:"]
     assert source.name == str((tmp_path / "prompts.jsonl").resolve())
     capped = DataConfig(path=data.path, max_rows=2)
@@ -150,7 +150,7 @@ def test_file_train_prompts_are_every_row_s_prompt(tmp_path):
 
 def test_file_eval_prompts_are_capped_at_num_prompts(tmp_path):
     data = DataConfig(path=write_jsonl(tmp_path / "prompts.jsonl", SFT_ROWS))
-    prompts, source = tasks.eval_prompts(data, 4, tokenizer=None)
+    prompts, _, source = tasks.eval_prompts(data, 4, tokenizer=None)
     assert prompts == [f"question {i}" for i in range(4)]
     assert source.name == str((tmp_path / "prompts.jsonl").resolve())
     assert len(tasks.eval_prompts(data, 100, tokenizer=None)[0]) == len(SFT_ROWS)
@@ -160,7 +160,7 @@ def test_file_eval_prompts_prefer_eval_path(tmp_path):
     held = [{"prompt": f"held {i}"} for i in range(5)]
     data = DataConfig(path=write_jsonl(tmp_path / "prompts.jsonl", SFT_ROWS),
                       eval_path=write_jsonl(tmp_path / "eval.jsonl", held))
-    prompts, source = tasks.eval_prompts(data, 3, tokenizer=None)
+    prompts, _, source = tasks.eval_prompts(data, 3, tokenizer=None)
     assert prompts == ["held 0", "held 1", "held 2"]
     assert source.name == str((tmp_path / "eval.jsonl").resolve())
 

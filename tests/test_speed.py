@@ -16,6 +16,7 @@ from rlhf_cli.config import PPOAlgoConfig, PPOConfig, PPOTrainConfig, TrainConfi
 from rlhf_cli.data.preference import collate_pairs
 from rlhf_cli.data.sft import collate_sft
 from rlhf_cli.engine import batches, device as dev, dist, flops, train
+from rlhf_cli.engine.reward_functions import make_rewards
 from rlhf_cli.engine.rollout import Scorer, backend_for, policy_logits, sample
 from rlhf_cli.errors import ConfigError
 from rlhf_cli.models import lora
@@ -205,7 +206,7 @@ def test_bf16_autocast_rollout_gives_ratio_one_on_the_first_minibatch(tiny):
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     value = RewardModel.from_backbone(str(path), tok).eval()
     roles = ppo.Roles(policy, lora.frozen_base(policy, lambda: policy), value,
-                      Scorer(value, tok, True, 64), tok, "test")
+                      make_rewards(Scorer(value, tok, True, 64), [], []), tok, "test")
     cfg = PPOConfig(ppo=PPOAlgoConfig(response_length=8, temperature=0.7, prompts_per_rollout=8),
                     train=PPOTrainConfig(micro_batch_size=4, rollout_micro_batch_size=8, precision="bf16"))
     prompts = [[5 + i, 6, 7, 8][: 2 + i % 3] for i in range(8)]

@@ -97,8 +97,10 @@ def stamp_of(png: Path) -> str | None:
 
 def lines_figure(chart: Chart, rows: list[dict], xlabel: str):
     """The chart's series of metrics.jsonl against the step (a series the run did not log left out), or None."""
+    named = dict.fromkeys(k for r in rows for k in r if chart.prefix and k.startswith(chart.prefix))
+    series = [*chart.series, *((key, key.removeprefix(chart.prefix)) for key in named)]
     lines = {label: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-             for key, label in chart.series}
+             for key, label in series}
     lines = {label: points for label, points in lines.items() if points}
     return line_chart(chart.title, lines, xlabel, chart.ylabel) if lines else None
 

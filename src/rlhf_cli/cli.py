@@ -142,14 +142,15 @@ def check_objective(stage: str, args: list[str]):
     named = [a.split("=", 1)[1] for a in args if a.startswith("objective=")]
     objective = named[-1] if named and named[-1] not in ("null", "None", "") else None
     known = SPECS[stage].metrics
-    listed = ", ".join(known) if known else f"none: rlhf {stage} records no final metrics"
+    listed = ", ".join([*known, *(f"{p}<name>" for p in SPECS[stage].metric_prefixes[:1])]) if known else \
+        f"none: rlhf {stage} records no final metrics"
     if objective is None:
         if any(a.startswith("hydra/sweeper=") for a in args):
             return ConfigError(f"a sweeper needs objective=<metric of rlhf {stage}> to optimise",
                                hint=f"e.g. objective={SPECS[stage].rank_by[0] if SPECS[stage].rank_by else '...'}; "
                                     f"the metrics: {listed}")
         return None
-    if objective not in known:
+    if objective not in known and not objective.startswith(SPECS[stage].metric_prefixes):
         return ConfigError(f"objective={objective} is not a metric of rlhf {stage}", hint=f"use one of: {listed}")
     return None
 

@@ -44,6 +44,13 @@ class StorageError(RlhfError):
     kind = "storage error"
 
 
+class RewardFunctionError(RlhfError):
+    """A reward function (`reward.functions`) raised, or returned something that is not one number or None per
+    completion: the user's code to fix, so exit code 2 like bad data."""
+
+    kind = "reward function error"
+
+
 class DivergedError(RlhfError):
     """Training produced a non-finite number; the stage stopped before it could reach the weights or a file."""
 

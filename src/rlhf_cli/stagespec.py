@@ -41,6 +41,7 @@ class Chart:
     series: tuple[tuple[str, str], ...] = ()  # (metrics.jsonl key, legend label)
     ylabel: str = ""
     kind: str = "lines"
+    prefix: str = ""  # also one line per metrics.jsonl key that starts with it, labelled by the rest (reward/<name>)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class StageSpec:
     path_keys: tuple[str, ...] = ()  # config keys that hold local paths, made absolute once at compose time
     metrics: tuple[str, ...] = ()  # every number its results record: what `objective=` may name (a sweeper's target)
     variant_metrics: tuple[str, ...] = ()  # those of `metrics` that only some settings record (a critic-free PPO run's)
+    metric_prefixes: tuple[str, ...] = ()  # families of metrics named at run time (final_reward/<function>)
     headline: tuple[Metric, ...] = ()  # the report's first numbers, in order; the sweep table's columns
     rank_by: tuple[str, ...] = ()  # a sweep's ranking metric: the first of these any job has
     summary: tuple[str, ...] = ()  # the pipeline's one line: str.format pieces, a piece naming an absent key dropped
@@ -129,6 +131,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         metrics=("iterations", "skipped_steps", *(f"final_{k}" for k in PPO_LOGGED),
                  *(f"first_{k}" for k in ("score", "kl", "gold", "response_length", "stop_rate"))),
         variant_metrics=(*(f"final_{k}" for k in PPO_VARIANT), "first_kl"),
+        metric_prefixes=("final_reward/", "final_reward_std/", "final_reward_none/"),
         headline=(Metric("first_score", "score, first iteration"),
                   Metric("final_score", "score, last iteration", "score", "high"),
                   Metric("first_gold", "gold, first iteration"),
@@ -148,13 +151,15 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                                                ("explained_variance", "explained variance"))),
                 Chart("groups", "groups whose k responses all scored alike", (("zero_std_groups", "zero-std groups"),),
                       "fraction"),
-                Chart("kl_loss", "KL term of the loss (ppo.kl_penalty=loss)", (("kl_loss", "KL loss"),), "nats")),
+                Chart("kl_loss", "KL term of the loss (ppo.kl_penalty=loss)", (("kl_loss", "KL loss"),), "nats"),
+                Chart("rewards", "reward components of the training rollouts (reward.functions; mean)", (),
+                      "raw value", prefix="reward/")),
         step_unit="iteration", samples="samples.jsonl", samples_last_step=True, eval_policy=True),
     StageSpec(
         name="eval", module="rlhf_cli.stages.eval",
         help="compare policies on held-out prompts: score, gold, KL, win rate",
         schema="EvalConfig", results="eval.json", pipeline=4,
-        path_keys=("reward", "reference", *LOOP_PATHS),  # policies stay as typed: they name the table's rows
+        path_keys=("reward.model", "reference", *LOOP_PATHS),  # policies stay as typed: they name the table's rows
         headline=(Metric("gold", "gold score", "gold", "high"), Metric("score", "reward-model score", "score", "high"),
                   Metric("kl", "KL to the reference", "KL"), Metric("win_rate", "win rate", "win rate")),
         rank_by=("gold", "score"),
@@ -211,7 +216,7 @@ def check(spec: StageSpec) -> None:
         need(bool(spec.rank_by) and all(k in keys and spec.metric(k).best in ("high", "low") for k in spec.rank_by),
              "rank_by names headline metrics that have a direction (best=high|low)")
     need(all(m.best in ("", "high", "low") for m in spec.headline), "Metric.best is high, low or empty")
-    need(all(c.kind != "lines" or c.series for c in spec.charts), "a line chart has series")
+    need(all(c.kind != "lines" or c.series or c.prefix for c in spec.charts), "a line chart has series")
     need(not spec.samples_last_step or bool(spec.samples), "samples_last_step needs a samples file")
     need(not spec.eval_policy or spec.artifact == "policy", "eval's default policies are policy artifacts")
 

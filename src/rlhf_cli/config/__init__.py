@@ -15,19 +15,19 @@ from rlhf_cli.config.compose import (RUN_KEYS, compose_stage, config_diff, descr
                                      logger_word, register_configs)
 from rlhf_cli.config.hydra_errors import close_keys, compose_error, schema_keys, stage_groups, unknown_key_error
 from rlhf_cli.config.paths import absolute_path, conf_dir
-from rlhf_cli.config.schemas import (BUILTIN_TINY, LOGGERS, SCHEMAS, ComputeConfig, DataConfig, EvalConfig,
-                                     FSDPConfig, LoopConfig, LoraConfig, ModelConfig, OptimConfig, PPOAlgoConfig,
-                                     PPOConfig, PPOModelConfig, PPOTrainConfig, ReportConfig, RewardConfig,
-                                     RewardLossConfig, RewardModelConfig, RewardTrainConfig, SFTConfig,
-                                     SFTTrainConfig, StageConfig, TinyModelConfig, ToyDataConfig, TrainConfig,
-                                     check_loggers)
+from rlhf_cli.config.schemas import (BUILTIN_TINY, LOGGERS, NO_REWARD_MODEL, SCHEMAS, ArithDataConfig, ComputeConfig,
+                                     DataConfig, EvalConfig, EvalRewardConfig, FSDPConfig, LoopConfig, LoraConfig,
+                                     ModelConfig, OptimConfig, PPOAlgoConfig, PPOConfig, PPOModelConfig, PPOTrainConfig,
+                                     ReportConfig, RewardConfig, RewardFunctionsConfig, RewardLossConfig,
+                                     RewardModelConfig, RewardTrainConfig, SFTConfig, SFTTrainConfig, StageConfig,
+                                     TinyModelConfig, ToyDataConfig, TrainConfig, check_loggers)
 
 __all__ = [
-    "BUILTIN_TINY", "LOGGERS", "RUN_KEYS", "SCHEMAS", "ComputeConfig", "DataConfig", "EvalConfig",
-    "FSDPConfig", "LoopConfig", "LoraConfig", "ModelConfig", "OptimConfig", "PPOAlgoConfig", "PPOConfig",
-    "PPOModelConfig", "PPOTrainConfig", "ReportConfig", "RewardConfig", "RewardLossConfig", "RewardModelConfig",
-    "RewardTrainConfig", "SFTConfig", "SFTTrainConfig", "StageConfig", "TinyModelConfig", "ToyDataConfig",
-    "TrainConfig", "absolute_path", "check_loggers", "close_keys", "compose_error", "compose_stage", "conf_dir",
-    "config_diff", "describe_diff", "finalize", "flatten", "logger_word", "register_configs", "schema_keys",
-    "stage_groups", "unknown_key_error",
+    "ArithDataConfig", "BUILTIN_TINY", "ComputeConfig", "DataConfig", "EvalConfig", "EvalRewardConfig",
+    "FSDPConfig", "LOGGERS", "LoopConfig", "LoraConfig", "ModelConfig", "NO_REWARD_MODEL", "OptimConfig",
+    "PPOAlgoConfig", "PPOConfig", "PPOModelConfig", "PPOTrainConfig", "RUN_KEYS", "ReportConfig", "RewardConfig",
+    "RewardFunctionsConfig", "RewardLossConfig", "RewardModelConfig", "RewardTrainConfig", "SCHEMAS", "SFTConfig",
+    "SFTTrainConfig", "StageConfig", "TinyModelConfig", "ToyDataConfig", "TrainConfig", "absolute_path",
+    "check_loggers", "close_keys", "compose_error", "compose_stage", "conf_dir", "config_diff", "describe_diff",
+    "finalize", "flatten", "logger_word", "register_configs", "schema_keys", "stage_groups", "unknown_key_error",
 ]

@@ -23,6 +23,7 @@ from rlhf_cli.errors import ConfigError
 from rlhf_cli.stagespec import SPECS
 
 BUILTIN_TINY = "builtin:tiny"
+NO_REWARD_MODEL = "none"  # model.reward=none (ppo), reward.model=none (eval): reward functions alone
 
 
 @dataclass
@@ -93,12 +94,36 @@ class ToyDataConfig:
 
 
 @dataclass
+class ArithDataConfig:
+    """The built-in arithmetic task (`data=arith`, rlhf_cli.data.arith): sizes, seed, how often a demonstration is
+    right, and annotator noise of its preference pairs."""
+
+    seed: int = 0
+    num_train: int = 4000
+    num_eval: int = 200
+    # The share of SFT demonstrations whose answer is right (the others are off by 1 or 2).
+    demo_accuracy: float = 0.4
+    label_noise: float = 0.2
+
+    def validate(self) -> None:
+        if not 0.0 <= self.demo_accuracy <= 1.0:
+            raise ConfigError(f"data.arith.demo_accuracy={self.demo_accuracy} must be in [0, 1]")
+        if not 0.0 <= self.label_noise < 0.5:
+            raise ConfigError(f"data.arith.label_noise={self.label_noise} must be in [0, 0.5)")
+
+
+@dataclass
 class DataConfig:
-    CHOICES: ClassVar[dict] = {"format": ("auto", "prompt_completion", "messages", "hh", "preference")}
+    CHOICES: ClassVar[dict] = {"format": ("auto", "prompt_completion", "messages", "hh", "preference"),
+                               "task": ("toy", "arith")}
     POSITIVE: ClassVar[tuple] = ("max_seq_len",)
 
-    # null: the built-in task. Otherwise a local json/jsonl(.gz)/parquet/csv file or a hub dataset name.
+    # null: the built-in task named by `task`. Otherwise a local json/jsonl(.gz)/parquet/csv file or a hub dataset
+    # name.
     path: Optional[str] = None
+    # The built-in task when `path` is null (data=toy, data=arith set it): toy = the list task with a hidden gold
+    # score (data.toy.*), arith = sums and differences with an `answer` column (data.arith.*).
+    task: str = "toy"
     # auto | prompt_completion | messages | hh
     format: str = "auto"
     split: str = "train"
@@ -118,6 +143,7 @@ class DataConfig:
     # true: on or refused; false: off. PPO's rollouts share one layout and ignore it.
     packing: Any = "auto"
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)
+    arith: ArithDataConfig = field(default_factory=ArithDataConfig)
 
     def validate(self) -> None:
         if not (isinstance(self.packing, bool) or self.packing == "auto"):
@@ -127,6 +153,7 @@ class DataConfig:
             raise ConfigError(f"data.path is required with data.format={self.format} (the built-in task has no file)",
                               hint="data.path=/path/to/file.jsonl on the command line")
         self.toy.validate()
+        self.arith.validate()
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
 
@@ -266,6 +293,42 @@ class RewardModelConfig(ModelConfig):
 
 
 @dataclass
+class RewardFunctionsConfig:
+    """Rewards written as code (`reward.*` of ppo and eval; engine/reward_functions.py): Python functions beside or
+    instead of the learned reward model. Each is `package.module:function` or `path/to/file.py:function`, called as
+    `fn(prompts, completions, **columns) -> list[float | None]` once per micro-batch of responses (columns: the
+    prompt rows' other fields, e.g. `answer`). They run as code with your rights: only the modules and files named
+    here are imported."""
+
+    CHOICES: ClassVar[dict] = {"aggregation": ("sum", "normalize_then_sum")}
+
+    functions: list[str] = field(default_factory=list)
+    # One weight per component, the learned reward model first when one is used; empty: 1.0 each.
+    weights: list[float] = field(default_factory=list)
+    # How the components become the score: sum = sum of weight x raw value (a None adds nothing; TRL's default);
+    # normalize_then_sum = each component standardised within its prompt's group of k responses first, then
+    # weighted and summed (GDPO, Liu et al. 2026; TRL's multi_objective_aggregation=normalize_then_sum), so that
+    # one component's scale cannot drown another's; needs ppo.samples_per_prompt >= 2.
+    aggregation: str = "sum"
+
+    def validate(self) -> None:
+        from rlhf_cli.engine.reward_functions import check_specs
+
+        check_specs(self.functions)
+        if any(not math.isfinite(w) for w in self.weights):
+            raise ConfigError(f"reward.weights={list(self.weights)} holds a value that is not a finite number")
+
+
+@dataclass
+class EvalRewardConfig(RewardFunctionsConfig):
+    """eval's `reward.*`: the learned reward model (`reward.model`) and the reward functions, as in ppo."""
+
+    # The reward model that scores the responses: null = this experiment's reward artifact (none needed when
+    # reward.functions is set); `none` = no reward model.
+    model: Optional[str] = None
+
+
+@dataclass
 class PPOAlgoConfig:
     """PPO for language models (names as in TRL / InstructGPT; see ../shared/ppo-notes.md and the README)."""
 
@@ -386,7 +449,8 @@ class PPOModelConfig:
     # The policy (and its frozen reference): null = the SFT artifact of this experiment; else a run directory,
     # a causal-LM directory or hub id.
     policy: Optional[str] = None
-    # The reward model (and the value model's initialisation): null = this experiment's reward artifact.
+    # The reward model (and the value model's initialisation): null = this experiment's reward artifact (with
+    # reward.functions: only when the experiment has one); `none` = no reward model (reward.functions alone).
     reward: Optional[str] = None
     # The value model's initialisation when it should not be the reward model (a reward artifact's run directory).
     value: Optional[str] = None
@@ -505,12 +569,21 @@ class PPOConfig(StageConfig):
                                                                    min_lr_ratio=0.0))
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    reward: RewardFunctionsConfig = field(default_factory=RewardFunctionsConfig)
 
     def validate(self) -> None:
         super().validate()
         self.model.validate()
         self.data.validate()
         self.ppo.validate()
+        self.reward.validate()
+        if self.model.reward == NO_REWARD_MODEL and not self.reward.functions:
+            raise ConfigError("model.reward=none leaves nothing to reward the policy",
+                              hint="name reward functions: 'reward.functions=[rlhf_cli.rewards:exact_match]'")
+        if self.reward.aggregation == "normalize_then_sum" and self.ppo.samples_per_prompt < 2:
+            raise ConfigError("reward.aggregation=normalize_then_sum standardises each component within a prompt's "
+                              f"group of responses, but ppo.samples_per_prompt={self.ppo.samples_per_prompt}",
+                              hint="set ppo.samples_per_prompt=2 or more (algo=grpo does), or reward.aggregation=sum")
 
 
 @dataclass
@@ -523,16 +596,20 @@ class EvalConfig(ComputeConfig, StageConfig):
     micro_batch_size is the number of sequences per forward pass."""
 
     CHOICES: ClassVar[dict] = {"dtype": ("auto", "float32", "bfloat16")}
-    POSITIVE: ClassVar[tuple] = ("num_prompts", "response_length", "temperature")
+    POSITIVE: ClassVar[tuple] = ("num_prompts", "response_length", "temperature", "samples_per_prompt")
 
     stage: str = "eval"
     # Run directories of finished sft/ppo runs, Hugging Face causal-LM directories or hub ids, or builtin:tiny;
     # the first is the baseline of the win rate. Empty: this experiment's SFT policy, then its PPO policy.
     policies: list[str] = field(default_factory=list)
-    # The reward model that scores the responses: null = this experiment's reward artifact.
-    reward: Optional[str] = None
+    # The reward model (reward.model) and the reward functions that score the responses (reward.*, as in ppo).
+    reward: EvalRewardConfig = field(default_factory=EvalRewardConfig)
     # The policy the KL is measured against: null = this experiment's SFT artifact.
     reference: Optional[str] = None
+    # Responses sampled per prompt (n): every number is the mean over a prompt's n responses, and pass@k is
+    # reported for k = 1, 2, 4, ... up to n for every 0/1 component (a checker such as exact_match, the arith
+    # task's gold), with the unbiased estimator of Chen et al. (2021).
+    samples_per_prompt: int = 1
     # Held-out prompts: the built-in task's eval split (cycled when more are asked for), else data.eval_path or
     # data.path (the first num_prompts).
     num_prompts: int = 256
@@ -550,6 +627,14 @@ class EvalConfig(ComputeConfig, StageConfig):
     def validate(self) -> None:
         StageConfig.validate(self)
         self.data.validate()
+        self.reward.validate()
+        if self.reward.aggregation == "normalize_then_sum" and self.samples_per_prompt < 2:
+            raise ConfigError("reward.aggregation=normalize_then_sum standardises each component within a prompt's "
+                              f"samples, but samples_per_prompt={self.samples_per_prompt}",
+                              hint="set samples_per_prompt=2 or more, or reward.aggregation=sum")
+        if self.reward.model == NO_REWARD_MODEL and not self.reward.functions:
+            raise ConfigError("reward.model=none leaves nothing to score the responses",
+                              hint="name reward functions: 'reward.functions=[rlhf_cli.rewards:exact_match]'")
         if self.response_length >= self.data.max_seq_len:
             raise ConfigError(f"response_length={self.response_length} leaves no room for the prompt in "
                               f"data.max_seq_len={self.data.max_seq_len}", hint="raise data.max_seq_len")

@@ -10,7 +10,7 @@ Types: `sample` returns `Samples` (the tokens and their masks); PPO adds what ea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -48,9 +48,11 @@ class Rollout:
     logprobs: torch.Tensor        # [B, R] float: log π_old(response token), at the sampling temperature; 0 on padding
     ref_logprobs: torch.Tensor    # [B, R] float: the same under the frozen reference
     values: torch.Tensor | None   # [B, R] float: V(state before each response token), 0 on padding; None: no value model
-    scores: torch.Tensor          # [B] float: the reward model's raw score of prompt + response
+    scores: torch.Tensor          # [B] float: the raw score, Σ weight x component (the reward model's score alone
+                                  # by default; rl.reward.weighted_sum)
     prompt_text: list[str]        # B decoded prompts (special tokens skipped)
     response_text: list[str]      # B decoded responses
+    components: dict = field(default_factory=dict)  # name -> [B] raw value of each reward component (NaN: None)
 
 
 def constants(roll: Rollout) -> Rollout:

@@ -44,3 +44,49 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
     raise ValueError(f"unknown pooling {how!r}")
+
+
+# ---- rewards of several components (a reward model and reward functions) --------------------------------------
+
+def weighted_sum(components: dict[str, torch.Tensor], weights: dict[str, float], k: int = 1) -> torch.Tensor:
+    """The score of each response from its components ([B] each, NaN where a function returned None):
+
+        score_i = Σ_c w_c · r_c,i      over the components c that apply to row i (a None adds nothing)
+
+    (TRL's sum_then_normalize; an estimator then centres or scales the sum). `k` is unused (the table's
+    signature)."""
+    total = None
+    for name, values in components.items():
+        term = weights[name] * torch.nan_to_num(values, nan=0.0)
+        total = term if total is None else total + term
+    return total
+
+
+def normalize_then_sum(components: dict[str, torch.Tensor], weights: dict[str, float], k: int,
+                       eps: float = 1e-4) -> torch.Tensor:
+    """Each component standardised within the row's group of k responses first, then weighted and summed (GDPO,
+    Liu et al. 2026; TRL's multi_objective_aggregation=normalize_then_sum):
+
+        score_i = Σ_c w_c · (r_c,i − mean_g(r_c)) / (std_g(r_c) + eps)
+
+    mean and std (Bessel's correction) over the rows of the group where c applies; a None adds nothing. A group
+    where a component is constant gets 0 from it."""
+    total = None
+    for name, values in components.items():
+        g = values.reshape(-1, k)
+        present = ~torch.isnan(g)
+        n = present.sum(-1, keepdim=True).clamp(min=1)
+        mean = torch.nan_to_num(g, nan=0.0).sum(-1, keepdim=True) / n
+        centred = torch.where(present, g - mean, torch.zeros_like(g))
+        std = (centred.pow(2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        term = weights[name] * (centred / (std + eps)).reshape(-1)
+        total = term if total is None else total + term
+    return total
+
+
+COMBINE = {"sum": weighted_sum, "normalize_then_sum": normalize_then_sum}
+
+
+def unscored(components: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] bool: the rows that no component applies to (every one returned None): no reward signal at all."""
+    return torch.stack([torch.isnan(v) for v in components.values()]).all(0)

@@ -4,7 +4,8 @@
 
 An override with a stage's prefix goes to that stage: `sft.optim.lr=3e-4` reaches `rlhf sft` as `optim.lr=3e-4`;
 one whose remainder is not a top-level key of the stage keeps its prefix, so `ppo.kl_coef=0.1` reaches `rlhf ppo`
-as `ppo.kl_coef=0.1`. An override without a prefix goes to every stage that has its first part: `experiment=`,
+as `ppo.kl_coef=0.1`, and goes to the stages whose schema has the whole key when that stage's has not:
+`reward.functions=[...]` reaches ppo and eval (the reward stage has no `reward.functions`). An override without a prefix goes to every stage that has its first part: `experiment=`,
 `root=`, `seed=`, `data.path=`, `logger=` to all four, `model.lora.r=16` or `optim.lr=` to sft, reward and ppo
 (eval has no model or optimizer of its own). `stages=sft,reward` runs a subset.
 
@@ -56,13 +57,32 @@ def split_overrides(args: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         stage, _, rest = key.partition(".")
         if stage in ORDER and rest:
             top = {f.name for f in fields(SCHEMAS[stage])} | set(GROUPS)
-            per_stage[stage].append(f"{rest}={value}" if rest.split(".")[0] in top else word)
+            having = [s for s in ORDER if has_key(SCHEMAS[s], key)]
+            if rest.split(".")[0] in top or has_key(SCHEMAS[stage], key) or not having:
+                per_stage[stage].append(f"{rest}={value}" if rest.split(".")[0] in top else word)
+            else:  # reward.functions: a key of ppo's and eval's own, not the reward stage's
+                for s in having:
+                    per_stage[s].append(word)
         else:  # to every stage that has the key's first part (model.lora.r: not eval); none has it: all say so
             first = key.lstrip("+~").split(".")[0]
             having = [s for s in ORDER if first in {f.name for f in fields(SCHEMAS[s])}]
             for s in having or ORDER:
                 per_stage[s].append(word)
     return [s for s in ORDER if s in stages], per_stage
+
+
+def has_key(schema: type, dotted: str) -> bool:
+    """Whether `dotted` (reward.functions) names a field of the dataclass `schema`, through its nested ones."""
+    from dataclasses import is_dataclass
+
+    node = schema
+    for part in dotted.lstrip("+~").split("."):
+        found = {f.name: f for f in fields(node)}.get(part) if node is not None else None
+        if found is None:
+            return False
+        value = found.default_factory() if callable(found.default_factory) else found.default
+        node = type(value) if is_dataclass(value) else None
+    return True
 
 
 def compose(stage: str, overrides: list[str]):

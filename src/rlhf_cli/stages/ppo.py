@@ -5,9 +5,11 @@ iteration = `collect_rollout`, `shape_rewards`, `ppo_update`, `iteration_metrics
 summary). The math lives in rl/ppo.py, one small pure function per formula; this file only wires it.
 
 Roles: policy (trainable, from the SFT artifact), reference (frozen copy of it), reward model (frozen, from the
-reward artifact) and, for ppo.advantage=gae only, a value model (trainable, initialised from the reward model's
-backbone and head); the critic-free estimators (rl/advantages.py) load none, and ppo.kl_coef=0 (without the
-adaptive controller) loads no reference. Dropout is off in all of them. Each iteration reseeds from (seed,
+reward artifact; none with reward functions alone) and, for ppo.advantage=gae only, a value model (trainable,
+initialised from the reward model's backbone and head, else from the policy with a fresh head); the critic-free
+estimators (rl/advantages.py) load none, and ppo.kl_coef=0 (without the adaptive controller) loads no reference.
+A response's score is the weighted sum of its reward components (`reward.*`: the reward model and the reward
+functions, engine/reward_functions.py). Dropout is off in all of them. Each iteration reseeds from (seed,
 iteration, rank), so a resumed run samples what an uninterrupted one would have.
 """
 
@@ -26,17 +28,18 @@ from rlhf_cli import artifacts
 from rlhf_cli.config import ModelConfig, PPOAlgoConfig, PPOConfig
 from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
-from rlhf_cli.engine import batches, device as dev, dist, rundir, train
+from rlhf_cli.engine import batches, checkpoint, device as dev, dist, reward_functions as rf, rundir, train
 from rlhf_cli.engine.guard import Guard
 from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
 from rlhf_cli.engine.recording import MetricsLog, append_jsonl, truncate_jsonl
 from rlhf_cli.engine.rollout import (Rollout, Scorer, constants, decode, policy_logits, response_logprobs,
-                                    response_values, rollout, score_responses, value_slice)
+                                    response_values, rollout, value_slice)
 from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
-from rlhf_cli.models.loading import check_source, load_causal_lm, load_frozen_lm, load_tokenizer, same_tokenizer
+from rlhf_cli.models.loading import (check_source, load_causal_lm, load_frozen_lm, load_tokenizer, resolve,
+                                    same_tokenizer)
 from rlhf_cli.models.reward import RewardModel, load_frozen_reward_model
-from rlhf_cli.rl import advantages as adv, ppo as rl
+from rlhf_cli.rl import advantages as adv, ppo as rl, reward as rl_reward
 
 
 def run(cfg: PPOConfig) -> dict:
@@ -44,11 +47,12 @@ def run(cfg: PPOConfig) -> dict:
         con, p, t = console(d.is_main), cfg.ppo, cfg.train
         # ---- set up: upstream artifacts (checked before anything loads), run directory, roles, prompts -------
         paths = find_upstream(cfg)
+        functions = rf.load_all(cfg.reward.functions)  # the user's code imports before any model loads
         plan = rundir.prepare(cfg, d)
         shape = batch_shape(cfg, d.world_size)
-        roles = load_roles(cfg, paths, device)
+        roles = load_roles(cfg, paths, device, functions)
         wrapped = hold_roles(roles, d, device, t)
-        prompts, source = tasks.train_prompts(cfg.data, roles.tokenizer)
+        prompts, columns, source = tasks.train_prompts(cfg.data, roles.tokenizer)
         data_sha256 = rundir.check_data(plan, cfg, d, prompts)
         prompt_ids, cut = encode_prompts(prompts, roles.tokenizer, cfg.data.max_seq_len - p.response_length)
         show_plan(con, cfg, paths, roles, f"prompts {source}: {len(prompts)} ({cut} cut to "
@@ -66,9 +70,11 @@ def run(cfg: PPOConfig) -> dict:
             while loop.step < t.max_steps:
                 seed_everything(cfg.seed, loop.step, d.rank)
                 t0 = time.perf_counter()
-                roll = collect_rollout(roles, rollout_prompts(prompt_ids, loop.step, cfg, d), cfg, device)
+                rows = rollout_prompts(len(prompt_ids), loop.step, cfg, d)
+                roll = collect_rollout(roles, [prompt_ids[i] for i in rows], cfg, device, [columns[i] for i in rows],
+                                       stopped_at(loop.step + 1, plan.checkpoints))
                 check_rollout(training.guard, loop.step + 1, roll, paths.reward)
-                shaped = shape_rewards(roll, loop.kl_coef, p, roles.reward.score_stats)
+                shaped = shape_rewards(roll, loop.kl_coef, p, roles.rewards)
                 t1 = time.perf_counter()
                 stats = ppo_update(wrapped, roll, shaped, training, loop.step, cfg, shape, d, device)
                 seconds = {"rollout": t1 - t0, "update": time.perf_counter() - t1}
@@ -103,20 +109,23 @@ def run(cfg: PPOConfig) -> dict:
 class Upstream:
     """Where each role comes from (checked artifacts or models) and the parent artifacts the manifest records."""
     policy: str
-    reward: str
-    value: str
+    reward: str | None               # None: no reward model (reward functions alone)
+    value: str | None                # None: the value model starts from the policy with a fresh head
     parents: list
 
 
 def find_upstream(cfg: PPOConfig) -> Upstream:
-    """The SFT policy and the reward model (and a separate value model, if given), checked before anything loads."""
+    """The SFT policy and the reward model (unless reward functions alone score: model.reward=none, or no reward
+    artifact in the experiment), and a separate value model if given, checked before anything loads."""
     check = cfg.artifact_check
     policy, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy", check,
                                             key="model.policy")
     check_source(policy, "model.policy")   # a model directory or hub id given instead must be there
-    reward, reward_parent = artifacts.upstream(cfg.model.reward, cfg.root, cfg.experiment, "reward", "reward_model",
-                                               check, key="model.reward")
-    check_source(reward, "model.reward")
+    reward, reward_parent = None, None
+    if rf.wants_reward_model(cfg.model.reward, cfg.reward.functions, cfg.root, cfg.experiment):
+        reward, reward_parent = artifacts.upstream(cfg.model.reward, cfg.root, cfg.experiment, "reward",
+                                                   "reward_model", check, key="model.reward")
+        check_source(reward, "model.reward")
     value = reward
     if cfg.model.value is not None:
         value, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check,
@@ -164,22 +173,24 @@ class Roles:
     reference: object                # the frozen SFT policy, the KL baseline: a copy, or the policy's base
                                      # with its adapters off (models.lora.BaseView); None when no KL is asked
     value: RewardModel | None        # trained; per-token values (ppo.advantage=gae only)
-    scorer: Scorer                   # the frozen reward model and how it reads the policy's samples
+    rewards: rf.Rewards              # what scores a response: the frozen reward model (or none) and the functions
     tokenizer: object                # the policy's (and reference's)
     value_init: str                  # what the value model started from, as shown
 
     @property
-    def reward(self) -> RewardModel:
-        return self.scorer.model
+    def reward(self) -> RewardModel | None:
+        return self.rewards.scorer.model if self.rewards.scorer is not None else None
 
     def trained(self) -> dict:
         """The trained models by checkpoint name."""
         return {"policy": self.policy, **({"value": self.value} if self.value is not None else {})}
 
 
-def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
-    """Policy and reference from the SFT artifact, the reward model, and the value model: the reward model when it
-    is a causal LM on the policy's tokens, else the policy with a fresh head. Dropout off in all four. With
+def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device,
+               functions: list[rf.RewardFunction] | None = None) -> Roles:
+    """Policy and reference from the SFT artifact, the reward model (if any) beside the reward functions, and the
+    value model: the reward model when it is a causal LM on the policy's tokens, else the policy with a fresh head.
+    Dropout off in all four. With
     model.lora.r > 0 the policy and the value model train adapters on frozen bases held in model.dtype, and the
     reference is the policy with its adapters off. Loaded where engine.train.load_device says (the host under
     fsdp: `hold_roles` then shards them onto `device`)."""
@@ -191,16 +202,29 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device) -> Roles:
     if needs_reference(cfg.ppo):
         reference = lora.frozen_base(policy, lambda: load_frozen_lm(paths.policy, at, frozen,
                                                                     cfg.model.trust_remote_code, "model.policy")[0])
-    reward, reward_tokenizer = load_frozen_reward_model(paths.reward, at, frozen, cfg.model.trust_remote_code)
-    scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
+    scorer = None
+    if paths.reward is not None:
+        reward, reward_tokenizer = load_frozen_reward_model(paths.reward, at, frozen, cfg.model.trust_remote_code)
+        scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
+    rewards = rf.make_rewards(scorer, cfg.reward.functions, cfg.reward.weights, cfg.reward.aggregation, functions)
     value, value_init = None, "none (critic-free)"
     if adv.ESTIMATORS[cfg.ppo.advantage].needs_value:
         value, value_init = load_value_model(cfg, paths, policy_cfg, tokenizer, at, frozen)
     policy.train()
-    if cfg.ppo.normalize_scores and not reward.score_stats.get("std"):
+    check_normalisation(cfg.ppo, paths, scorer)
+    return Roles(policy, reference, value, rewards, tokenizer, value_init)
+
+
+def check_normalisation(p: PPOAlgoConfig, paths: Upstream, scorer: Scorer | None) -> None:
+    """ppo.normalize_scores scales the reward model's score by its held-out statistics: it needs both."""
+    if not p.normalize_scores:
+        return
+    if scorer is None:
+        raise ConfigError("ppo.normalize_scores=true normalises the reward model's score, but no reward model is "
+                          "used (reward functions alone)", hint="set ppo.normalize_scores=false")
+    if not scorer.model.score_stats.get("std"):
         raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward} records no score statistics",
                             hint="re-run `rlhf reward`, or set ppo.normalize_scores=false")
-    return Roles(policy, reference, value, scorer, tokenizer, value_init)
 
 
 def needs_reference(p: PPOAlgoConfig) -> bool:
@@ -211,12 +235,18 @@ def needs_reference(p: PPOAlgoConfig) -> bool:
 def load_value_model(cfg: PPOConfig, paths: Upstream, policy_cfg: ModelConfig, tokenizer, at, frozen):
     """(the value model, what it started from): the reward model when it is a causal LM on the policy's tokens,
     else the policy with a fresh head; trained (LoRA on the backbone with model.lora.r > 0, the head in full)."""
-    value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code, "model.value")
-    value_init = "the reward model"
-    if not value.gives_values or not same_tokenizer(tokenizer, load_tokenizer(policy_cfg, paths.value)):
+    value = value_init = None
+    policy_path = resolve(policy_cfg, "model.policy")  # builtin:tiny -> its directory
+    if paths.value is not None:
+        value = RewardModel.from_pretrained(paths.value, cfg.model.trust_remote_code, "model.value")
+        value_init = "the reward model"
+    if value is None:
+        value_init = "the policy with a fresh head (no reward model)"
+        value = RewardModel.from_backbone(policy_path, tokenizer, pooling="last", key="model.policy")
+    elif not value.gives_values or not same_tokenizer(tokenizer, load_tokenizer(policy_cfg, paths.value)):
         # a bidirectional value model would see the very tokens whose return it predicts
         value_init = "the policy with a fresh head (the reward model is not a causal LM on the policy's tokens)"
-        value = RewardModel.from_backbone(paths.policy, tokenizer, pooling="last", key="model.policy")
+        value = RewardModel.from_backbone(policy_path, tokenizer, pooling="last", key="model.policy")
     value.add_head_bias().to(at).train()
     lora.add_adapters(value, cfg.model.lora, cfg.seed + 1, base_dtype=frozen)  # on the backbone; the head trains in full
     return value, value_init
@@ -226,9 +256,9 @@ def hold_roles(roles: Roles, d: dist.Dist, device: torch.device, t) -> list:
     """The trained roles as the update runs them (engine.train.wrap_for_training) and the frozen ones held alike
     (sharded under train.strategy=fsdp): [policy, value model (gae only)] to train through."""
     wrapped = [train.wrap_for_training(m, d, device, t) for m in roles.trained().values()]
-    if roles.reference is not None:
-        train.hold_frozen(roles.reference, d, device, t)
-    train.hold_frozen(roles.reward, d, device, t)
+    for frozen in (roles.reference, roles.reward):
+        if frozen is not None:
+            train.hold_frozen(frozen, d, device, t)
     return wrapped
 
 
@@ -238,12 +268,16 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
                  "the policy with its adapters off" if isinstance(roles.reference, lora.BaseView) else
                  f"a frozen copy ({lora.counts(roles.reference)[1] / 1e6:.2f}M parameters)")
     con.print(f"[bold]rlhf ppo[/bold] -> {cfg.run_dir}")
-    con.print(f"policy {paths.policy} ({lora.describe(roles.policy)}); reference: {reference}; reward {paths.reward} "
-              f"({lora.counts(roles.reward)[1] / 1e6:.2f}M parameters, frozen, "
-              f"{'same tokens' if roles.scorer.same_tokens else 're-tokenised text'}); value model: "
-              f"{roles.value_init}{f' ({lora.describe(roles.value)})' if roles.value is not None else ''}; "
+    scorer = roles.rewards.scorer
+    reward = ("none (reward functions alone)" if scorer is None else
+              f"{paths.reward} ({lora.counts(scorer.model)[1] / 1e6:.2f}M parameters, frozen, "
+              f"{'same tokens' if scorer.same_tokens else 're-tokenised text'})")
+    con.print(f"policy {paths.policy} ({lora.describe(roles.policy)}); reference: {reference}; reward model {reward}; "
+              f"value model: {roles.value_init}{f' ({lora.describe(roles.value)})' if roles.value is not None else ''}; "
               f"advantage {p.advantage}; {device}, {dev.precision(device)}, frozen weights "
-              f"in {str(next(roles.reward.parameters()).dtype).removeprefix('torch.')}; {prompts}")
+              f"in {str(dev.frozen_dtype(cfg.model.dtype, device)).removeprefix('torch.')}; {prompts}")
+    con.print(f"score = {roles.rewards.describe()}" + "".join(
+        f"; {f.name} = {f.spec}" for f in roles.rewards.functions))
     con.print(f"batch: prompts_per_rollout {p.prompts_per_rollout} x samples_per_prompt {p.samples_per_prompt} = "
               f"num_mini_batches {p.num_mini_batches} x "
               f"({batches.describe_micro(shape.micro, t.micro_batch_size)} x grad_accum_steps {shape.grad_accum} x "
@@ -277,17 +311,28 @@ def seed_everything(seed: int, step: int, rank: int) -> None:
     random.seed(s)
 
 
-def rollout_prompts(prompt_ids: list[list[int]], step: int, cfg: PPOConfig, d: dist.Dist) -> list[list[int]]:
-    """This rank's prompts of iteration `step`: a seeded permutation per epoch over the prompts, as in training,
-    each repeated ppo.samples_per_prompt times in a row (a group stays on one process)."""
-    prompts = batches.step_examples(prompt_ids, step, cfg.ppo.prompts_per_rollout, cfg.seed)
-    return [ids for ids in batches.rank_slice(prompts, d.rank, d.world_size) for _ in range(cfg.ppo.samples_per_prompt)]
+def rollout_prompts(num_prompts: int, step: int, cfg: PPOConfig, d: dist.Dist) -> list[int]:
+    """The indices of this rank's prompts of iteration `step`: a seeded permutation per epoch over the prompts, as
+    in training, each repeated ppo.samples_per_prompt times in a row (a group stays on one process)."""
+    prompts = batches.step_examples(range(num_prompts), step, cfg.ppo.prompts_per_rollout, cfg.seed)
+    return [i for i in batches.rank_slice(prompts, d.rank, d.world_size) for _ in range(cfg.ppo.samples_per_prompt)]
 
 
-def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, device: torch.device) -> Rollout:
+def stopped_at(iteration: int, checkpoints: Path) -> str:
+    """How a reward function's error ends: where the run stopped and what is safe (nothing of this iteration was
+    written)."""
+    last = checkpoint.latest(checkpoints)
+    return (f", at iteration {iteration}; stopped before the update, nothing of this iteration written (" +
+            (f"the last good checkpoint is {last}: fix the function and continue with resume=true)" if last else
+             "no checkpoint yet: fix the function and run again)"))
+
+
+def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, device: torch.device,
+                    columns: list[dict] | None = None, where: str = "") -> Rollout:
     """Sample one response per prompt, then one forward pass per role (none computed twice), under the training
-    forward's precision. The policy's log-probs are computed in the update's micro-batch shape: under bf16 they are
-    then the very numbers the first minibatch recomputes (ratio 1, approx-KL 0)."""
+    forward's precision, and each reward component (the reward functions get the prompt rows' other fields,
+    `columns`). The policy's log-probs are computed in the update's micro-batch shape: under bf16 they are then the
+    very numbers the first minibatch recomputes (ratio 1, approx-KL 0)."""
     p, t, tok = cfg.ppo, cfg.train, roles.tokenizer
     micro = t.rollout_micro_batch_size
     roles.policy.eval()
@@ -296,22 +341,26 @@ def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, devi
                           tok.eos_token_id, device, p.rollout_backend)
         prompt_text, response_text = decode(samples, tok)
         with torch.no_grad():  # not inference mode: sharded (FSDP) weights gathered in it could not train after
+            components = roles.rewards.components(samples, prompt_text, response_text,
+                                                  columns or [{} for _ in prompts], micro, where)
             roll = Rollout(**vars(samples),
                            logprobs=response_logprobs(roles.policy, samples, p.temperature, t.micro_batch_size),
                            ref_logprobs=(response_logprobs(roles.reference, samples, p.temperature, micro)
                                          if roles.reference is not None else None),
                            values=response_values(roles.value, samples, micro) if roles.value is not None else None,
-                           scores=score_responses(roles.scorer, samples, prompt_text, response_text, micro),
-                           prompt_text=prompt_text, response_text=response_text)
+                           scores=rl_reward.weighted_sum(components, roles.rewards.weights),
+                           prompt_text=prompt_text, response_text=response_text, components=components)
     roles.policy.train()
     return constants(roll)
 
 
-def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_path: str) -> None:
-    """Stop before a non-finite score, log-prob or value turns into rewards, advantages and an update."""
-    guard.require_finite(iteration, "reward model's score", roll.scores,
-                         hint=f"the reward model ({reward_path}) gives NaN/inf scores for these responses: check it, or "
-                              f"re-train it (`rlhf reward ... overwrite=true`)")
+def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_path: str | None) -> None:
+    """Stop before a non-finite score, log-prob or value turns into rewards, advantages and an update (the reward
+    functions' values were checked as they returned)."""
+    if rf.REWARD_MODEL in roll.components:
+        guard.require_finite(iteration, "reward model's score", roll.components[rf.REWARD_MODEL],
+                             hint=f"the reward model ({reward_path}) gives NaN/inf scores for these responses: check "
+                                  f"it, or re-train it (`rlhf reward ... overwrite=true`)")
     if roll.ref_logprobs is not None:
         guard.require_finite(iteration, "reference log-prob", roll.ref_logprobs,
                              hint="the reference (the SFT policy) gives non-finite log-probs: check the SFT artifact")
@@ -328,16 +377,22 @@ class Shaped:
     advantages: torch.Tensor         # [B, R] from ppo.advantage's estimator (GAE: whitened over the rollout)
     returns: torch.Tensor | None     # [B, R] the value targets (GAE only: advantages + values, before whitening)
     zero_std: torch.Tensor | None    # [B] bool: the row's group of k scored all alike (None: k = 1)
-    keep: torch.Tensor | None        # [B] float: 1 on the rows the update uses (None: all of them)
+    keep: torch.Tensor | None        # [B] float: 1 on the rows the update uses (None: all of them): not the
+                                     # left-out zero-std groups, not the rows no reward component applied to
     kl_loss_coef: float              # β of the KL loss term (ppo.kl_penalty=loss), else 0
 
 
-def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, score_stats: dict) -> Shaped:
-    """Scores -> the advantages of ppo.advantage's estimator (rl/advantages.py), with the KL penalty in the reward
-    (−β·KL per token) or kept for the loss (ppo.kl_penalty); zero-std groups counted, and left out when asked."""
-    scores = roll.scores
+def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, rewards: rf.Rewards) -> Shaped:
+    """Reward components -> the score (the reward model's normalised with its held-out statistics when
+    ppo.normalize_scores, then reward.aggregation: a weighted sum by default), clipped, the missing-EOS penalty ->
+    the advantages of ppo.advantage's estimator (rl/advantages.py), with the KL penalty in the reward (−β·KL per
+    token) or kept for the loss (ppo.kl_penalty); zero-std groups counted, and left out when asked; rows no
+    component applies to left out."""
+    components = dict(roll.components)
     if p.normalize_scores:
-        scores = rl.normalize_scores(scores, score_stats["mean"], score_stats["std"])
+        stats = rewards.scorer.model.score_stats
+        components[rf.REWARD_MODEL] = rl.normalize_scores(components[rf.REWARD_MODEL], stats["mean"], stats["std"])
+    scores = rl_reward.COMBINE[rewards.aggregation](components, rewards.weights, p.samples_per_prompt)
     if p.score_clip is not None:
         scores = scores.clamp(-p.score_clip, p.score_clip)
     scores = rl.apply_missing_eos_penalty(scores, roll.ended, p.missing_eos_penalty)
@@ -348,8 +403,12 @@ def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, score_stats: 
         scores, kl if kl is not None else torch.zeros_like(roll.mask), roll.mask, kl_coef if in_reward else 0.0,
         p.samples_per_prompt, roll.values, p.gamma, p.lam, p.whiten_rewards, p.scale_rewards))
     zero_std = adv.zero_std_groups(scores, p.samples_per_prompt) if p.samples_per_prompt > 1 else None
-    keep = (~zero_std).to(roll.mask.dtype) if p.skip_zero_std_groups else None
-    return Shaped(scores, kl, advantages, returns, zero_std, keep, 0.0 if in_reward else kl_coef)
+    keep = ~zero_std if p.skip_zero_std_groups else None
+    unscored = rl_reward.unscored(components)
+    if unscored.any():
+        keep = ~unscored if keep is None else keep & ~unscored
+    return Shaped(scores, kl, advantages, returns, zero_std, None if keep is None else keep.to(roll.mask.dtype),
+                  0.0 if in_reward else kl_coef)
 
 
 def ppo_update(wrapped: list, roll: Rollout, shaped: Shaped, training: train.Training, step: int, cfg: PPOConfig,
@@ -416,8 +475,11 @@ def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef:
     """The iteration's numbers over all ranks, reduced by name: per-response means of the rollout (score, KL,
     length, ...), the mean of every micro-batch statistic of the update, the approx-KL of the first minibatch (0
     when the rollout's and the update's log-probs share their numerics), the value model's explained variance, and
-    response tokens per second of the rollout and of the update (tokens x epochs)."""
+    response tokens per second of the rollout and of the update (tokens x epochs); with reward functions, each
+    reward component's mean, std and share of None (engine.reward_functions.component_metrics)."""
     seq_kl = None if shaped.kl is None else (shaped.kl * roll.mask).sum(1)
+    functions = set(roll.components) - {rf.REWARD_MODEL}
+    parts = dist.all_sum_named(d, rf.component_stats(roll.components), device) if functions else {}
     golds = [gold(pr, rs) for pr, rs in zip(roll.prompt_text, roll.response_text)] if gold else None
     sums = dist.all_sum_named(d, {
         "n": float(len(roll.scores)), "score": float(roll.scores.sum()), "score_penalised": float(shaped.scores.sum()),
@@ -439,7 +501,7 @@ def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef:
             "update_tokens_per_s": tokens * p.num_ppo_epochs / seconds["update"]}
     if golds:
         out["gold"] = sums["gold"] / n
-    return out
+    return out | rf.component_metrics(parts, n)
 
 
 def record(loop: Counters, roll: Rollout, gold, log: MetricsLog, cfg: PPOConfig, work_dir: Path, d) -> None:
@@ -448,11 +510,19 @@ def record(loop: Counters, roll: Rollout, gold, log: MetricsLog, cfg: PPOConfig,
     if train.due(loop.step, t.log_every, t.max_steps):
         log.log(loop.step, loop.last)
     if d.is_main and (train.due(loop.step, t.sample_every, t.max_steps) or loop.step == 1):
+        functions = [name for name in roll.components if name != rf.REWARD_MODEL]
         rows = [{"step": loop.step, "prompt": roll.prompt_text[i], "response": roll.response_text[i],
                  "score": float(roll.scores[i]), **({"gold": gold(roll.prompt_text[i], roll.response_text[i])}
-                                                    if gold else {})}
+                                                    if gold else {}),
+                 **({"rewards": {k: none_or_float(roll.components[k][i]) for k in roll.components}}
+                    if functions else {})}
                 for i in range(min(4, len(roll.response_text)))]
         append_jsonl(work_dir / "samples.jsonl", rows)
+
+
+def none_or_float(value: torch.Tensor) -> float | None:
+    """A reward component's value as samples.jsonl keeps it: None where the function returned None."""
+    return None if torch.isnan(value) else float(value)
 
 
 def progress_text(last: dict) -> str:
@@ -474,8 +544,12 @@ def publish(cfg: PPOConfig, paths: Upstream, roles: Roles, policy, metrics: dict
     manifest = artifacts.build_manifest(
         stage="ppo", kind="policy", config=asdict(cfg), base_model=paths.policy, tokenizer=roles.tokenizer,
         metrics=metrics, parents=paths.parents,
-        extra={"ppo": {"reward_model": paths.reward, "same_tokenizer_as_reward": roles.scorer.same_tokens,
-                       "final_kl_coef": kl_coef}, "data": data})
+        extra={"ppo": {"reward_model": paths.reward, "same_tokenizer_as_reward":
+                       roles.rewards.scorer.same_tokens if roles.rewards.scorer is not None else None,
+                       "final_kl_coef": kl_coef},
+               "rewards": {"components": roles.rewards.names, "weights": roles.rewards.weights,
+                           "functions": {f.name: f.spec for f in roles.rewards.functions},
+                           "aggregation": roles.rewards.aggregation}, "data": data})
 
     def save(tmp: Path) -> None:  # with LoRA: the adapters merged into the SFT weights (loaded again in fp32)
         policy_cfg = ModelConfig(name_or_path=paths.policy, trust_remote_code=cfg.model.trust_remote_code)
@@ -490,8 +564,9 @@ def show_summary(con, first: dict, last: dict, run_dir: Path, pngs: list[Path]) 
     table = Table(title="ppo summary (training rollouts)", title_justify="left")
     for col in ("metric", "first iteration", "last iteration"):
         table.add_column(col, justify="right" if col != "metric" else "left")
-    for key in ("score", "gold", "kl", "rlhf_reward", "response_length", "stop_rate", "entropy", "approx_kl",
-                "first_minibatch_approx_kl", "clipfrac", "value_loss", "explained_variance", "kl_loss",
+    components = [k for k in last if k.startswith("reward/")]
+    for key in ("score", *components, "gold", "kl", "rlhf_reward", "response_length", "stop_rate", "entropy",
+                "approx_kl", "first_minibatch_approx_kl", "clipfrac", "value_loss", "explained_variance", "kl_loss",
                 "zero_std_groups", "rollout_tokens_per_s", "update_tokens_per_s"):
         if key in last:
             table.add_row(key, f"{first.get(key, float('nan')):.4g}", f"{last[key]:.4g}")

@@ -1,0 +1,283 @@
+"""Rewards written as code: loading the functions `reward.functions` names, calling them, checking what they return.
+
+A spec is `package.module:function` (imported as Python imports it) or `path/to/file.py:function` (that file,
+loaded as a module of its own; relative to the working directory). Only what the user names is imported, and it
+runs with the user's rights, as any Python the user runs would.
+
+Call convention (TRL's): `fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]`, once per
+micro-batch of responses. `columns` holds every other field of the prompt rows, one list per field aligned with
+the rows (e.g. `answer`). A number per completion; None means "not applicable to this row".
+
+A function that raises, returns the wrong number of values, or a value that is not a finite number stops the stage
+with a RewardFunctionError (exit code 2) naming the function, the row (its prompt, cut short) and the error. A spec
+that does not load is refused the same way at start-up, before any model loads (`load_all`); `check_specs` checks
+the form and that a named file exists, at compose time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import numbers
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_cli.errors import ConfigError, RewardFunctionError
+
+KEY = "reward.functions"
+REWARD_MODEL = "reward_model"  # the learned reward model's component name
+EXAMPLE = "'reward.functions=[rlhf_cli.rewards:exact_match]' or 'reward.functions=[my_rewards.py:brevity]'"
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    name: str                        # the component's name in metrics (reward/<name>): the function's own
+    spec: str                        # as the user wrote it
+    fn: Callable
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """(module or file, function name) of a spec, or a ConfigError naming the form."""
+    target, sep, name = str(spec).rpartition(":")
+    if not sep or not target.strip() or not name.isidentifier():
+        raise ConfigError(f"{KEY}: {spec!r} is not <module>:<function> or <file.py>:<function>", hint=f"e.g. {EXAMPLE}")
+    return target.strip(), name
+
+
+def is_file(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def check_specs(specs: list[str]) -> None:
+    """The cheap checks, at compose time: the form of each spec, a named file that exists, no name twice."""
+    names = []
+    for spec in specs:
+        target, name = split_spec(spec)
+        if is_file(target) and not Path(target).expanduser().is_file():
+            raise ConfigError(f"{KEY}: {spec!r} names the file {target}, which does not exist "
+                              f"(relative paths start at {Path.cwd()})", hint="give the path of a .py file that exists")
+        names.append(name)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{KEY}: two functions are named {twice[0]} (each component's metrics carry its name)",
+                          hint="rename one of them")
+    if REWARD_MODEL in names:
+        raise ConfigError(f"{KEY}: a function named {REWARD_MODEL} would share the learned reward model's metrics",
+                          hint="rename it")
+
+
+def load(spec: str) -> RewardFunction:
+    """Import the module or file of `spec` and return its function, or a ConfigError saying why not."""
+    target, name = split_spec(spec)
+    try:
+        module = _load_file(target) if is_file(target) else importlib.import_module(target)
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as exc:
+        if is_file(target) or not target.startswith(str(exc.name)):  # the module itself imports something missing
+            raise ConfigError(f"{KEY}: importing {target!r} for {spec!r} failed: ModuleNotFoundError: {exc}",
+                              hint="install what it imports, or fix the import") from exc
+        raise ConfigError(f"{KEY}: cannot import {target!r} for {spec!r} ({exc})",
+                          hint="a module must be importable (installed, or on PYTHONPATH); a file is named by its "
+                               "path ending in .py") from exc
+    except Exception as exc:  # noqa: BLE001 -- the user's module failed while it was imported: say so, once
+        raise ConfigError(f"{KEY}: importing {target!r} for {spec!r} failed: {type(exc).__name__}: {exc}",
+                          hint="fix the module; it is imported as `python -c 'import ...'` would") from exc
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise ConfigError(f"{KEY}: {target} has no function {name!r}" + (" (it is not callable)" if fn else ""),
+                          hint=f"its functions: {', '.join(found) or 'none'}")
+    return RewardFunction(name, spec, fn)
+
+
+def _load_file(target: str):
+    path = Path(target).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{KEY}: the file {target} does not exist", hint="give the path of a .py file")
+    module_name = f"rlhf_reward_{path.stem}_{abs(hash(str(path))) % 10**8}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{KEY}: {target} cannot be loaded as a Python module", hint="name a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look a module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def load_all(specs: list[str]) -> list[RewardFunction]:
+    check_specs(specs)
+    return [load(spec) for spec in specs]
+
+
+def _cut(text: str, width: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def call(rf: RewardFunction, prompts: list[str], completions: list[str], columns: list[dict],
+         where: str = "") -> list[float | None]:
+    """One call of `rf` on these rows, its values checked: floats or None, one per completion. `where` ends every
+    error message (the iteration, the last checkpoint)."""
+    kwargs = {key: [row.get(key) for row in columns] for key in dict.fromkeys(k for row in columns for k in row)}
+
+    def fail(what: str, row: int | None) -> RewardFunctionError:
+        at = f" on row {row} (prompt {_cut(prompts[row])!r})" if row is not None else ""
+        return RewardFunctionError(f"reward function {rf.name} ({rf.spec}) {what}{at}{where}",
+                                   hint="fix the function: it must return one number (or None) per completion")
+
+    try:
+        values = rf.fn(prompts, completions, **kwargs)
+    except Exception as exc:  # noqa: BLE001 -- the user's code: name it, the row and the error
+        row = _failing_row(rf, prompts, completions, kwargs)
+        raise fail(f"raised {type(exc).__name__}: {_cut(exc, 200)}", row) from exc
+    try:
+        values = list(values.tolist() if hasattr(values, "tolist") else values)
+    except TypeError:
+        raise fail(f"returned {type(values).__name__}, not a list", None) from None
+    if len(values) != len(completions):
+        raise fail(f"returned {len(values)} values for {len(completions)} completions", None)
+    out: list[float | None] = []
+    for i, value in enumerate(values):
+        if value is None:
+            out.append(None)
+            continue
+        if hasattr(value, "item") and not isinstance(value, numbers.Real):
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise fail(f"returned {value!r} ({type(value).__name__}), not a number or None", i)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise fail(f"returned {value}, not a finite number", i)
+        out.append(float(value))
+    return out
+
+
+def _failing_row(rf: RewardFunction, prompts, completions, kwargs) -> int | None:
+    """The first row on which `rf` raises when called on that row alone (None: it raises on none alone)."""
+    for i in range(len(completions)):
+        try:
+            rf.fn(prompts[i:i + 1], completions[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
+        except Exception:  # noqa: BLE001
+            return i
+    return None
+
+
+def score(functions: list[RewardFunction], prompts: list[str], completions: list[str], columns: list[dict],
+          micro: int, where: str = "") -> dict[str, torch.Tensor]:
+    """name -> [B] float64 values of each function (NaN where it returned None), calling each once per
+    micro-batch of `micro` rows."""
+    out = {}
+    for rf in functions:
+        values: list[float | None] = []
+        for start in range(0, len(completions), micro):
+            rows = slice(start, start + micro)
+            values += call(rf, prompts[rows], completions[rows], columns[rows], where)
+        out[rf.name] = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float64)
+    return out
+
+
+def weights_for(names: list[str], weights: list[float], key: str = "reward.weights") -> dict[str, float]:
+    """name -> weight, `weights` given in `names`' order (empty: 1.0 each), or a ConfigError naming the
+    components."""
+    if not weights:
+        return dict.fromkeys(names, 1.0)
+    if len(weights) != len(names):
+        raise ConfigError(f"{key}={list(weights)} gives {len(weights)} weights for {len(names)} components "
+                          f"({', '.join(names)})",
+                          hint=f"one weight per component, in that order (the learned reward model first when one "
+                               f"is used), e.g. {key}=[{','.join('1.0' for _ in names)}]")
+    return dict(zip(names, map(float, weights)))
+
+
+@dataclass(frozen=True)
+class Rewards:
+    """Everything that scores a response: the learned reward model (an engine.rollout.Scorer, or None for reward
+    functions alone) and the reward functions, each component with its weight."""
+    scorer: object | None            # engine.rollout.Scorer of the frozen reward model, or None
+    functions: list[RewardFunction]
+    weights: dict[str, float]        # component name -> weight (the reward model's is REWARD_MODEL)
+    aggregation: str = "sum"         # rl.reward.COMBINE's key (reward.aggregation)
+
+    @property
+    def names(self) -> list[str]:
+        return [*([REWARD_MODEL] if self.scorer is not None else []), *(rf.name for rf in self.functions)]
+
+    def describe(self) -> str:
+        """One line of what scores a response, as the stages print it."""
+        parts = [f"{self.weights[n]:g} x {n}" for n in self.names]
+        return " + ".join(parts) + ("" if self.aggregation == "sum" else f" ({self.aggregation})")
+
+    def components(self, samples, prompt_text: list[str], response_text: list[str], columns: list[dict],
+                   micro: int, where: str = "") -> dict[str, torch.Tensor]:
+        """name -> [B] raw values on the samples' device (float32; NaN where a function returned None): the reward
+        model's score first, then each function's."""
+        from rlhf_cli.engine.rollout import score_responses
+
+        out = {}
+        if self.scorer is not None:
+            out[REWARD_MODEL] = score_responses(self.scorer, samples, prompt_text, response_text, micro)
+        device = samples.input_ids.device
+        for name, values in score(self.functions, prompt_text, response_text, columns, micro, where).items():
+            out[name] = values.to(device=device, dtype=torch.float32)
+        return out
+
+
+def make_rewards(scorer, specs: list[str], weights: list[float], aggregation: str = "sum",
+                 functions: list[RewardFunction] | None = None) -> Rewards:
+    """Rewards from the loaded reward model (or None) and the functions of `specs` (loaded here unless given),
+    the weights checked against the components."""
+    functions = load_all(specs) if functions is None else functions
+    names = [*([REWARD_MODEL] if scorer is not None else []), *(rf.name for rf in functions)]
+    return Rewards(scorer, functions, weights_for(names, weights), aggregation)
+
+
+def component_stats(components: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sums to reduce over processes, per component: n (rows it applies to), sum, sum of squares, none (rows it
+    returned None for); `component_metrics` turns them into metrics."""
+    out = {}
+    for name, values in components.items():
+        present = ~torch.isnan(values)
+        v = values[present].double()
+        out |= {f"{name}:n": float(present.sum()), f"{name}:sum": float(v.sum()),
+                f"{name}:sumsq": float((v * v).sum()), f"{name}:none": float((~present).sum())}
+    return out
+
+
+def component_metrics(sums: dict[str, float], rows: float) -> dict[str, float]:
+    """reward/<name> (mean over the rows it applies to), reward_std/<name> (population std over them) and
+    reward_none/<name> (the share of rows it returned None for; only when it did) from `component_stats`' sums
+    over every process."""
+    out = {}
+    for name in dict.fromkeys(k.rsplit(":", 1)[0] for k in sums):
+        n = sums[f"{name}:n"]
+        if n:  # a function that returned None on every row has no mean
+            mean = sums[f"{name}:sum"] / n
+            out |= {f"reward/{name}": mean, f"reward_std/{name}": max(sums[f"{name}:sumsq"] / n - mean * mean, 0.0) ** .5}
+        if sums[f"{name}:none"]:
+            out[f"reward_none/{name}"] = sums[f"{name}:none"] / rows
+    return out
+
+
+def wants_reward_model(configured: str | None, specs: list[str], root: str, experiment: str) -> bool:
+    """Whether a stage scores with a learned reward model (ppo's model.reward, eval's reward.model): `none`: no;
+    a path: yes; null: yes without reward functions, else only when the experiment has a finished reward
+    artifact."""
+    from rlhf_cli import artifacts
+    from rlhf_cli.config.schemas import NO_REWARD_MODEL
+
+    if configured == NO_REWARD_MODEL:
+        return False
+    if configured is not None or not specs:
+        return True
+    run_dir = artifacts.stage_dir(root, experiment, "reward")
+    artifacts.settle_if_possible(run_dir)
+    return artifacts.is_finished(run_dir)
