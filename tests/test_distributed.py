@@ -140,7 +140,7 @@ def test_ppo_with_lora_under_fsdp_matches_ddp_on_two_processes(tmp_path, trained
 
     # eval on 2 processes: the same numbers with every model sharded, the curve read from sharded and plain
     # checkpoints alike
-    judge = ["reference=builtin:tiny", f"reward={reward}", "num_prompts=30",
+    judge = ["reference=builtin:tiny", f"reward.model={reward}", "num_prompts=30",
              "micro_batch_size=8", f"policies=[{a_dir},{b_dir}]"]
     for strategy in ("fsdp", "ddp"):
         (run,) = _torchrun(["eval", f"experiment=e{strategy}", f"strategy={strategy}", *judge], tmp_path)

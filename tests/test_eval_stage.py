@@ -45,9 +45,12 @@ def test_report_has_both_policies_with_every_metric_and_its_standard_error(repor
     assert [p["name"] for p in report["policies"]] == ["demo/sft", "demo/ppo"] and report["baseline"] == "demo/sft"
     assert [p["stage"] for p in report["policies"]] == ["sft", "ppo"]
     assert report["prompts"]["count"] == 48 and report["reward_model"] == str(root / "demo" / "reward" / "model")
+    assert report["rewards"] == {"functions": [], "weights": {"reward_model": 1.0}, "aggregation": "sum"}
     for policy in report["policies"]:
         for key in METRICS:
             assert isinstance(policy[key], float) and policy[f"{key}_se"] >= 0.0
+        # the reward model alone, weight 1: the score is its score; the toy task's gold is no 0/1 check
+        assert policy["reward/reward_model"] == policy["score"] and not any(k.startswith("pass@") for k in policy)
         assert 0 < policy["response_length"] <= 8 and 0 <= policy["stop_rate"] <= 1
         assert len(policy["samples"]) == 4 and {"prompt", "response", "score", "gold"} <= set(policy["samples"][0])
     ppo_policy = _policy(report, "demo/ppo")

@@ -101,7 +101,7 @@ CLI_CASES = {
                  "model.name_or_path: the path /does/not/exist does not exist"),
     "ppo-reward": (["ppo", "model.policy=builtin:tiny", "model.reward=/nope"],
                    "model.reward: the path /nope does not exist"),
-    "eval-policy": (["eval", "reference=builtin:tiny", "reward=builtin:tiny", "policies=[/nope]"],
+    "eval-policy": (["eval", "reference=builtin:tiny", "reward.model=builtin:tiny", "policies=[/nope]"],
                     "policies: the path /nope does not exist"),
     "sft-hub-offline": (["sft", "model.name_or_path=nobody/no-such-model"],
                         "model.name_or_path: nobody/no-such-model is neither a local directory nor in the local "

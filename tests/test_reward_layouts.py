@@ -292,7 +292,7 @@ def test_ppo_and_eval_take_an_off_the_shelf_reward_model(rm, root, request, tmp_
         with torch.no_grad():
             expected = net(input_ids=torch.tensor([ids])).logits[0, 0].item()
         assert row["score"] == pytest.approx(expected, abs=2e-3), row
-    report = eval_stage.run(compose_stage("eval", ["experiment=demo", f"root={root}", f"reward={rm_dir}",
+    report = eval_stage.run(compose_stage("eval", ["experiment=demo", f"root={root}", f"reward.model={rm_dir}",
                                                    f"policies=[{root / 'demo' / 'sft'},{run_dir}]", "num_prompts=8",
                                                    "response_length=8", "checkpoints=false"],
                                           tmp_path / f"eval_{rm}"))

@@ -1,5 +1,5 @@
 """A missing upstream artifact is reported with the key of the stage at hand: PPO's policy is `model.policy`, eval's
-inputs are `policies=`, `reward=` and `reference=`, the reward model's backbone is `model.name_or_path`."""
+inputs are `policies=`, `reward.model=` and `reference=`, the reward model's backbone is `model.name_or_path`."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def test_eval_names_its_own_keys(tmp_path):
         "run `rlhf sft experiment=x` first, or set policies=[<run directory>,...]"
     assert _hint(lambda: eval_stage.find_upstream(None, cfg, "sft", "policy", "reference")) == \
         "run `rlhf sft experiment=x` first, or set reference=<model or run directory>"
-    assert _hint(lambda: eval_stage.find_upstream(None, cfg, "reward", "reward_model", "reward")) == \
-        "run `rlhf reward experiment=x` first, or set reward=<model or run directory>"
+    assert _hint(lambda: eval_stage.find_reward_model(cfg, [])) == \
+        "run `rlhf reward experiment=x` first, or set reward.model=<model or run directory>"
 
 
 def test_reward_names_model_name_or_path(tmp_path):

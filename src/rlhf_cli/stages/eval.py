@@ -1,21 +1,31 @@
 """`rlhf eval`: compare policies on held-out prompts (the measurement after stage 3 of InstructGPT).
 
-Reads top to bottom: set up (resolve every model before anything loads, check that the policies share the
-reference's tokenizer, load the reference and the reward model, encode the held-out prompts), loop over policies
-(one seeded rollout each, then per-prompt numbers; for a PPO run directory also its kept checkpoints), save
-(eval.json, the tables).
+Reads top to bottom: set up (load the reward functions and resolve every model before anything loads, check
+that the policies share the reference's tokenizer, load the reference and the reward model, encode the held-out
+prompts), loop over policies (one seeded rollout each, then per-prompt numbers; for a PPO run directory also its
+kept checkpoints), save (eval.json, the tables).
 
-Every policy answers the same prompts, one response each, sampled with the same seed (`torch.manual_seed(seed)`
-before each rollout) as PPO samples: plain temperature sampling with the KV cache, at most response_length
-tokens, everything after EOS dropped. Per prompt:
-- score: the reward model's score of prompt + response (the proxy PPO optimised; re-tokenised text when the
-  reward model's tokenizer is not the policy's);
+Every policy answers the same prompts, n = samples_per_prompt responses each (each prompt repeated n times in a
+row), sampled with the same seed (`torch.manual_seed(seed)` before each rollout) as PPO samples: plain
+temperature sampling with the KV cache, at most response_length tokens, everything after EOS dropped. Per
+response:
+- reward/<name>: each component of the reward (engine.reward_functions.Rewards): `reward_model`, the learned
+  reward model's score of prompt + response (the proxy PPO optimised; re-tokenised text when the reward model's
+  tokenizer is not the policy's), and each function of reward.functions (NaN where it returned None);
+- score: the components combined as PPO combines them, rl.reward.COMBINE[reward.aggregation] with
+  reward.weights (sum: score = sum_c w_c * r_c over the components that apply);
 - gold: the built-in task's hidden gold score (data.path=null only), what the proxy stands in for;
 - kl: sum over response tokens of logp_policy - logp_ref (k1), both at the sampling temperature, on the policy's
   own samples: an unbiased estimate of the sequence-level KL(policy || reference);
-- response_length: response tokens (EOS included); stop_rate: 1 if the response ended with EOS;
-- win_rate: 1 if score > the first policy's score on that prompt, 0.5 on a tie, else 0.
-Each metric is reported as the mean over prompts with its standard error std / sqrt(n) (sample std, n prompts).
+- response_length: response tokens (EOS included); stop_rate: 1 if the response ended with EOS.
+Per prompt, each is the mean over the prompt's n responses (a function's over those it applied to; a prompt where
+it applied to none is left out of that mean), and win_rate is 1 if the prompt's mean score > the first policy's,
+0.5 on a tie, else 0. Each metric is reported as the mean over prompts with its standard error std / sqrt(m)
+(sample std, m prompts).
+
+pass@k: for a per-response quantity that is 0/1 wherever it applies (a checker such as exact_match, the arith
+task's gold), pass@k/<name> for k = 1, 2, 4, ... and n: per prompt the unbiased estimator of Chen et al. (2021)
+from its c correct of n responses (`pass_at_k`), then mean and standard error over prompts.
 
 Over-optimisation curve (Gao et al. 2022): a PPO run directory keeps `train.keep_checkpoints` checkpoints
 (checkpoints/step-N/policy.safetensors); once the policy itself is measured, each is loaded into its module
@@ -33,7 +43,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -48,12 +58,15 @@ from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
 from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir, train
 from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
+from rlhf_cli.engine.reward_functions import (REWARD_MODEL, RewardFunction, Rewards, load_all, make_rewards,
+                                              wants_reward_model, weights_for)
 from rlhf_cli.engine.trackers import Trackers
-from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample, score_responses
-from rlhf_cli.errors import ArtifactError
+from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample
+from rlhf_cli.errors import ArtifactError, RewardFunctionError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import check_source, load_causal_lm, load_frozen_lm, load_tokenizer, same_tokenizer
 from rlhf_cli.models.reward import load_frozen_reward_model
+from rlhf_cli.rl.reward import COMBINE
 from rlhf_cli.stagespec import SPECS, pipeline_order
 
 NUM_SAMPLES = 4  # responses per policy kept in eval.json, to read what the numbers mean
@@ -70,26 +83,27 @@ def run(cfg: EvalConfig) -> dict:
 
 def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
     con = console(d.is_main)
-    # ---- set up: every model resolved before anything loads (a missing one names the command to run, in the
-    # pipeline's order: sft, reward, ppo), then tokenizers checked, then the judge (reference, reward model) ------
+    # ---- set up: the reward functions loaded and every model resolved before anything loads (a missing one names
+    # the command to run, in the pipeline's order: sft, reward, ppo), then tokenizers checked, then the judge
+    # (reference, reward model, reward functions) ----------------------------------------------------------------
+    functions = load_all(cfg.reward.functions)  # the user's code: a spec that does not load stops us here
     reference_path, _ = find_upstream(cfg.reference, cfg, "sft", "policy", "reference")
-    reward_path, _ = find_upstream(cfg.reward, cfg, "reward", "reward_model", "reward")
+    reward_path = find_reward_model(cfg, functions)
     policies = resolve_policies(cfg)
     check_tokenizers(policies, reference_path)
-    judge = load_judge(cfg, reference_path, reward_path, device, d)
-    prompts, source = tasks.eval_prompts(cfg.data, cfg.num_prompts, judge.tokenizer)
+    judge = load_judge(cfg, reference_path, reward_path, functions, device, d)
+    prompts, columns, source = tasks.eval_prompts(cfg.data, cfg.num_prompts, judge.tokenizer)
     prompt_ids, cut = encode_prompts(prompts, judge.tokenizer, cfg.data.max_seq_len - cfg.response_length)
     if d.is_main:
         open_run_dir(Path(cfg.run_dir), cfg)
     curve_points = {pol["name"]: ppo_checkpoints(pol) if cfg.checkpoints else [] for pol in policies}
     con.print(f"[bold]rlhf eval[/bold] -> {cfg.run_dir}")
     con.print(f"{len(policies)} policies (baseline {policies[0]['name']}) on {len(prompts)} held-out prompts from "
-              f"{source} ({cut} cut to {cfg.data.max_seq_len - cfg.response_length} tokens): one "
-              f"response each, seed {cfg.seed}, temperature {cfg.temperature}, at most {cfg.response_length} "
-              f"tokens; {device}, {str(judge.reference.dtype).removeprefix('torch.')}" +
+              f"{source} ({cut} cut to {cfg.data.max_seq_len - cfg.response_length} tokens): "
+              f"{responses_each(cfg.samples_per_prompt)}, seed {cfg.seed}, temperature {cfg.temperature}, at most "
+              f"{cfg.response_length} tokens; {device}, {str(judge.reference.dtype).removeprefix('torch.')}" +
               (f", {d.world_size} processes ({cfg.strategy})" if d.enabled else ""))
-    con.print(f"reward {reward_path} ({'same tokens' if judge.scorer.same_tokens else 're-tokenised text'}), KL to "
-              f"the reference {reference_path}")
+    con.print(f"{describe_rewards(judge.rewards, reward_path)}; KL to the reference {reference_path}")
 
     # ---- loop over policies (and a PPO run's checkpoints) --------------------------------------------------
     distinct = {pol["model"] for pol in policies} | {str(path) for pts in curve_points.values() for _, path in pts}
@@ -101,14 +115,18 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
             means = {k: float(v.mean()) for k, v in per_prompt.items() if k in ("score", "gold", "kl")}
             bar.update(task, advance=1, metrics=f"{label}: {metrics_text(means)}")
 
-        results, curves = measure_policies(policies, curve_points, judge, prompt_ids, reference_path, cfg, device,
-                                           d, shown)
+        results, curves = measure_policies(policies, curve_points, judge, (prompt_ids, columns), reference_path,
+                                           cfg, device, d, shown)
 
     # ---- save: eval.json (replaced on every run), the tables ----------------------------------------------
+    scorer = judge.rewards.scorer
     report = {"stage": "eval", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "experiment": cfg.experiment,
               "baseline": policies[0]["name"], "reference": reference_path, "reward_model": reward_path,
-              "reward_same_tokenizer": judge.scorer.same_tokens,
-              "prompts": {"source": str(source), "count": len(prompts), "cut": cut},
+              "reward_same_tokenizer": scorer.same_tokens if scorer is not None else None,
+              "rewards": {"functions": [rf.spec for rf in judge.rewards.functions], "weights": judge.rewards.weights,
+                          "aggregation": judge.rewards.aggregation},
+              "prompts": {"source": str(source), "count": len(prompts), "cut": cut,
+                          "samples_per_prompt": cfg.samples_per_prompt},
               "policies": results, "curves": curves, "config": asdict(cfg), "versions": artifacts.package_versions()}
     if d.is_main:
         save_report(con, cfg, report, judge.gold is not None)
@@ -124,6 +142,16 @@ def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key:
                                        key, value)
     check_source(model, key)   # a model directory or hub id given instead must be there
     return model, parent
+
+
+def find_reward_model(cfg: EvalConfig, functions: list[RewardFunction]) -> str | None:
+    """The reward model's path (as find_upstream resolves reward.model), or None when none scores (reward.model=none,
+    or reward functions alone and no reward artifact in the experiment); reward.weights checked against the
+    components, all before anything loads."""
+    wanted = wants_reward_model(cfg.reward.model, cfg.reward.functions, cfg.root, cfg.experiment)
+    path = find_upstream(cfg.reward.model, cfg, "reward", "reward_model", "reward.model")[0] if wanted else None
+    weights_for([*([REWARD_MODEL] if wanted else []), *(rf.name for rf in functions)], cfg.reward.weights)
+    return path
 
 
 def resolve_policies(cfg: EvalConfig) -> list[dict]:
@@ -180,23 +208,48 @@ def check_tokenizers(policies: list[dict], reference_path: str) -> None:
 
 @dataclass(frozen=True)
 class Judge:
-    """What measures a policy's responses: the reward model's score, the KL to the reference, and on the built-in
-    task the hidden gold score."""
+    """What measures a policy's responses: the rewards (reward model and reward functions), the KL to the
+    reference, and on the built-in task the hidden gold score."""
     reference: torch.nn.Module       # the frozen SFT policy
     tokenizer: object                # the reference's (and so every policy's) tokenizer
-    scorer: Scorer                   # the frozen reward model and how it reads the policy's samples
+    rewards: Rewards                 # the frozen reward model (or None), the reward functions, their weights
     gold: Callable[[str, str], float] | None
 
+    @property
+    def checkable(self) -> list[str]:
+        """The per-response keys that may be 0/1 checks, for pass@k: every function's component, the gold score."""
+        return [*(f"reward/{rf.name}" for rf in self.rewards.functions), *(["gold"] if self.gold else [])]
 
-def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str, device, d: dist.Dist) -> Judge:
-    """The reference and the reward model, frozen, held as `strategy` says (sharded under fsdp)."""
+
+def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str | None, functions: list[RewardFunction],
+               device, d: dist.Dist) -> Judge:
+    """The reference and the reward model (none without `reward_path`), frozen, held as `strategy` says (sharded
+    under fsdp), with the loaded reward functions."""
     frozen, at = dev.frozen_dtype(cfg.dtype, device), train.load_device(device, cfg)
     reference, tokenizer = load_frozen_lm(reference_path, at, frozen, key="reference")
     train.hold_frozen(reference, d, device, cfg)
-    reward_model, reward_tokenizer = load_frozen_reward_model(reward_path, at, frozen, key="reward")
-    train.hold_frozen(reward_model, d, device, cfg)
-    scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
-    return Judge(reference, tokenizer, scorer, tasks.gold_scorer(cfg.data))
+    scorer = None
+    if reward_path is not None:
+        reward_model, reward_tokenizer = load_frozen_reward_model(reward_path, at, frozen, key="reward.model")
+        train.hold_frozen(reward_model, d, device, cfg)
+        scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer),
+                        cfg.data.max_seq_len)
+    rewards = make_rewards(scorer, cfg.reward.functions, cfg.reward.weights, cfg.reward.aggregation, functions)
+    return Judge(reference, tokenizer, rewards, tasks.gold_scorer(cfg.data))
+
+
+def describe_rewards(rewards: Rewards, reward_path: str | None) -> str:
+    """What makes the score, as printed: `score = 1 x reward_model + 0.5 x exact_match; reward model <path> (same
+    tokens); functions rlhf_cli.rewards:exact_match`."""
+    scorer = rewards.scorer
+    how = "same tokens" if scorer is not None and scorer.same_tokens else "re-tokenised text"
+    return "; ".join([f"score = {rewards.describe()}",
+                      *([f"reward model {reward_path} ({how})"] if scorer is not None else []),
+                      *([f"functions {', '.join(rf.spec for rf in rewards.functions)}"] if rewards.functions else [])])
+
+
+def responses_each(n: int) -> str:
+    return "one response each" if n == 1 else f"{n} responses each"
 
 
 def open_run_dir(run_dir: Path, cfg: EvalConfig) -> None:
@@ -212,36 +265,45 @@ def open_run_dir(run_dir: Path, cfg: EvalConfig) -> None:
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
-def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, prompt_ids: list[list[int]],
+class Measured(NamedTuple):
+    """One model's numbers: per response ([m * n], a prompt's n responses in a row), per prompt (their means,
+    [m]), and the first few samples."""
+    per_response: dict[str, torch.Tensor]
+    per_prompt: dict[str, torch.Tensor]
+    samples: list[dict]
+
+
+def measure_policies(policies: list[dict], curve_points: dict, judge: Judge, prompts: tuple[list, list],
                      reference_path: str, cfg: EvalConfig, device, d: dist.Dist,
                      shown: Callable[[str, dict], None]) -> tuple:
     """(one result per policy, the over-optimisation curve per PPO run). Each model is measured once (`measured`
     holds them by path; `shown(label, per_prompt)` after each). For a curve, the policy's module (the same
-    architecture) takes each checkpoint's weights in turn; the reference is step 0."""
-    measured: dict[str, tuple[dict, list]] = {}
+    architecture) takes each checkpoint's weights in turn; the reference is step 0. `prompts`: (token ids, the
+    rows' other fields)."""
+    measured: dict[str, Measured] = {}
 
-    def measure(key: str, model, label: str) -> tuple[dict, list]:
+    def measure(key: str, model, label: str) -> Measured:
         if key not in measured:
-            measured[key] = evaluate(model, judge, prompt_ids, cfg, device, d)
-            shown(label, measured[key][0])
+            measured[key] = evaluate(model, judge, prompts, cfg, device, d, label)
+            shown(label, measured[key].per_prompt)
         return measured[key]
 
     results, curves, baseline = [], {}, None
     for pol in policies:
         model = None if pol["model"] in measured else load_policy(pol["model"], cfg, device, d)
-        per_prompt, samples = measure(pol["model"], model, pol["name"])
-        baseline = per_prompt["score"] if baseline is None else baseline
-        results.append({k: pol[k] for k in ("name", "path", "model", "stage")}
-                       | summarise(per_prompt, baseline) | {"samples": samples})
+        m = measure(pol["model"], model, pol["name"])
+        baseline = m.per_prompt["score"] if baseline is None else baseline
+        results.append({k: pol[k] for k in ("name", "path", "model", "stage")} | summarise(m.per_prompt, baseline)
+                       | pass_rates(m.per_response, cfg.samples_per_prompt, judge.checkable) | {"samples": m.samples})
         if not curve_points[pol["name"]]:
             continue
         curve = [{"step": 0, "model": reference_path} | summarise(
-            measure(reference_path, judge.reference, "reference")[0], baseline)]
+            measure(reference_path, judge.reference, "reference").per_prompt, baseline)]
         model = curve_model(pol, model, cfg, device, d)
         for step, path in curve_points[pol["name"]]:
             checkpoint.load(path, {"policy": model}, restore_rng=False, check=cfg.artifact_check)
             curve.append({"step": step, "model": str(path)} | summarise(
-                measure(str(path), model, f"{pol['name']} step {step}")[0], baseline))
+                measure(str(path), model, f"{pol['name']} step {step}").per_prompt, baseline))
         curves[pol["name"]] = curve
         del model
     return results, curves
@@ -269,16 +331,18 @@ def load_policy(path: str, cfg: EvalConfig, device, d: dist.Dist, lora_cfg: Lora
     return train.hold_frozen(model, d, device, cfg)
 
 
-def evaluate(model, judge: Judge, prompt_ids: list[list[int]], cfg: EvalConfig, device, d: dist.Dist
-             ) -> tuple[dict, list]:
-    """Per-prompt numbers of one policy (1-D CPU tensors: score, gold, kl, response_length, stop_rate) and the
-    first few samples. The seed is reset first (to seed + rank), so every policy draws the same random numbers.
-    Each process measures a contiguous share of the prompts, padded to the same length on every rank (sharded
-    models run their passes together); the numbers come back over all prompts, in order."""
+def evaluate(model, judge: Judge, prompts: tuple[list, list], cfg: EvalConfig, device, d: dist.Dist,
+             label: str) -> Measured:
+    """The numbers of one policy (`label` in a reward function's error): per response (1-D CPU tensors: score,
+    reward/<component>, gold, kl, response_length, stop_rate), per prompt, and the first few samples. The seed is
+    reset first (to seed + rank), so every policy draws the same random numbers. Each process measures a contiguous
+    share of the prompts, padded to the same length on every rank (sharded models run their passes together), each
+    prompt repeated n = samples_per_prompt times in a row; the numbers come back over all prompts, in order."""
     model.eval()
     torch.manual_seed(cfg.seed + d.rank)
-    micro, tok = cfg.micro_batch_size, judge.tokenizer
-    prompt_ids, real = batches.padded_share(prompt_ids, d.rank, d.world_size)
+    micro, tok, n = cfg.micro_batch_size, judge.tokenizer, cfg.samples_per_prompt
+    share, real = batches.padded_share(list(zip(*prompts)), d.rank, d.world_size)
+    prompt_ids, columns = [ids for ids, _ in share for _ in range(n)], [row for _, row in share for _ in range(n)]
     with train.generating(model):
         samples = sample(model, prompt_ids, cfg.response_length, cfg.temperature, micro, tok.pad_token_id,
                          tok.eos_token_id, device)
@@ -286,29 +350,106 @@ def evaluate(model, judge: Judge, prompt_ids: list[list[int]], cfg: EvalConfig, 
     with torch.no_grad():
         logp = response_logprobs(model, samples, cfg.temperature, micro)
         ref_logp = response_logprobs(judge.reference, samples, cfg.temperature, micro)
-        scores = score_responses(judge.scorer, samples, prompt_text, response_text, micro)
+        components = scored(judge.rewards, samples, (prompt_text, response_text, columns), micro,
+                            f" (policy {label})", d)
+    score = COMBINE[judge.rewards.aggregation](components, judge.rewards.weights, n)
     mask = samples.mask
     gold = ({"gold": torch.tensor([judge.gold(p, r) for p, r in zip(prompt_text, response_text)],
                                   dtype=torch.float64)} if judge.gold else {})
-    per_prompt = {"score": scores.float().cpu(), **gold, "kl": ((logp - ref_logp) * mask).sum(1).cpu(),
-                  "response_length": mask.sum(1).cpu(), "stop_rate": samples.ended.float().cpu()}
-    per_prompt = dist.concat_over_ranks(d, {k: v[:real] for k, v in per_prompt.items()})
-    shown = [{"prompt": prompt_text[i], "response": response_text[i], "score": float(per_prompt["score"][i]),
-              **({"gold": float(per_prompt["gold"][i])} if judge.gold else {})}
-             for i in range(min(NUM_SAMPLES, real))]
-    return per_prompt, shown
+    per_response = {"score": score.cpu(), **{f"reward/{k}": v.cpu() for k, v in components.items()}, **gold,
+                    "kl": ((logp - ref_logp) * mask).sum(1).cpu(), "response_length": mask.sum(1).cpu(),
+                    "stop_rate": samples.ended.float().cpu()}
+    per_response = dist.concat_over_ranks(d, {k: v[:real * n] for k, v in per_response.items()})
+    kept = ["score", *(f"reward/{k}" for k in components), *gold]
+    shown = [{"prompt": prompt_text[i], "response": response_text[i], **{k: _number(per_response[k][i]) for k in kept}}
+             for i in range(min(NUM_SAMPLES, real * n))]
+    return Measured(per_response, by_prompt(per_response, n), shown)
+
+
+def scored(rewards: Rewards, samples, texts: tuple[list, list, list], micro: int, where: str,
+           d: dist.Dist) -> dict[str, torch.Tensor]:
+    """rewards.components (float32; texts: prompts, responses, the rows' other fields), every process stopping
+    when a reward function failed on any of them (one that raised alone would leave the others waiting)."""
+    failure, components = None, {}
+    try:
+        components = rewards.components(samples, *texts, micro, where)
+    except RewardFunctionError as exc:
+        failure = exc
+    if not dist.all_ok(d, failure is None):
+        raise failure or RewardFunctionError(f"a reward function failed on another process{where}",
+                                             hint="that process's log names the function and the row")
+    return {k: v.float() for k, v in components.items()}
+
+
+def _number(value: torch.Tensor) -> float | None:
+    """A sample's value for eval.json: None where a reward function returned None (NaN)."""
+    v = float(value)
+    return None if math.isnan(v) else v
+
+
+def by_prompt(per_response: dict, n: int) -> dict:
+    """Per-prompt means of the per-response numbers ([m * n], a prompt's n responses in a row), in float64:
+
+        x_p = (1 / n_p) * sum_j x_pj      over the n_p responses j of prompt p where x applies (not NaN)
+
+    NaN where it applied to none. With n = 1 every number is its response's own."""
+    return {k: v.double().reshape(-1, n).nanmean(1) for k, v in per_response.items()}
+
+
+def mean_se(key: str, values: torch.Tensor) -> dict:
+    """{key: mean, key_se: sample std / sqrt(m)} over the m values that are not NaN (NaN when none, 0 error when
+    fewer than two)."""
+    v = values.double()
+    v = v[~torch.isnan(v)]
+    return {key: float(v.mean()) if len(v) else math.nan,
+            f"{key}_se": float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0}
 
 
 def summarise(per_prompt: dict, baseline: torch.Tensor) -> dict:
-    """Mean and standard error (sample std / sqrt(n)) of every per-prompt number, plus the win rate against the
-    baseline's scores on the same prompts (ties count half)."""
+    """Mean and standard error (sample std / sqrt(m)) over prompts of every per-prompt number (over the prompts it
+    applies to), plus the win rate against the baseline's per-prompt scores on the same prompts (ties count
+    half)."""
     score = per_prompt["score"]
     wins = (score > baseline).double() + 0.5 * (score == baseline).double()
     out = {}
     for key, values in {**per_prompt, "win_rate": wins}.items():
-        v = values.double()
-        out[key] = float(v.mean())
-        out[f"{key}_se"] = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
+        out |= mean_se(key, values)
+    return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"):
+    the chance that at least one of k responses drawn without replacement from n, c of them correct, is correct:
+
+        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i)
+
+    the product form stays finite and accurate where the binomials, as floats, would overflow. 1 when n - c < k
+    (every draw holds a correct one); needs 1 <= k <= n."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k of pass@k reported for n responses per prompt: 1, 2, 4, ... up to n, and n itself."""
+    return sorted({2 ** j for j in range(n.bit_length())} | {n})
+
+
+def pass_rates(per_response: dict, n: int, keys: list[str]) -> dict:
+    """pass@k/<name> and pass@k/<name>_se (mean and standard error over prompts of `pass_at_k`, k in pass_ks(n))
+    for each per-response quantity of `keys` (reward/<name> or gold) that is 0/1 on every response it applies to:
+    per prompt, c correct of the n_p responses where it applies; a prompt with n_p < k is left out of pass@k."""
+    out = {}
+    for key in keys:
+        g = per_response[key].double().reshape(-1, n)
+        applies = ~torch.isnan(g)
+        values = g[applies]
+        if not len(values) or not ((values == 0) | (values == 1)).all():
+            continue
+        counts, correct = applies.sum(1).tolist(), torch.nan_to_num(g).sum(1).round().long().tolist()
+        for k in pass_ks(n):
+            per = [pass_at_k(m, c, k) for m, c in zip(counts, correct) if m >= k]
+            out |= mean_se(f"pass@{k}/{key.removeprefix('reward/')}", torch.tensor(per, dtype=torch.float64))
     return out
 
 
@@ -329,19 +470,23 @@ def save_report(con, cfg: EvalConfig, report: dict, with_gold: bool) -> None:
 
 def track(cfg: EvalConfig, report: dict, run_dir: Path, pngs: list[Path]) -> None:
     """The trackers of `logger`: each over-optimisation curve point at its PPO iteration (<policy>/kl, /score,
-    /gold), and every policy's means as the summary (<policy>/<metric>)."""
+    /gold), and every policy's means as the summary (<policy>/<metric>; pass@k as pass_at_k, since MLflow refuses
+    an @ in a metric's name)."""
     trackers = Trackers(cfg, run_dir, enabled=True)
     if not trackers.open:
         return
     for name, curve in report["curves"].items():
         for point in curve:
             trackers.log(point["step"], {f"{name}/{k}": point[k] for k in ("kl", "score", "gold") if k in point})
-    summary = {f"{row['name']}/{k}": v for row in report["policies"] for k, v in row.items()}
+    summary = {f"{row['name']}/{k.replace('@', '_at_')}": v for row in report["policies"] for k, v in row.items()}
     trackers.finish(summary, {"eval": run_dir / "eval.json", "charts": pngs})
 
 
 def _pm(row: dict, key: str) -> str:
-    """mean±standard error: the mean to 3 significant digits, the error to 2 (3.63±0.094)."""
+    """mean±standard error: the mean to 3 significant digits, the error to 2 (3.63±0.094); "-" where the row has
+    no such number (a function that applied to none of the policy's responses, a quantity that is not 0/1)."""
+    if not isinstance(row.get(key), (int, float)) or math.isnan(row[key]):
+        return "-"
     return f"{row[key]:#.3g}±{row[key + '_se']:.2g}"
 
 
@@ -353,37 +498,80 @@ def rendered_width(table: Table) -> int:
 
 
 def show_tables(con, report: dict, with_gold: bool, run_dir: Path, pngs: list[Path]) -> None:
-    """The comparison and each over-optimisation curve, within the console's width (80 columns in a log): the
-    numbers are never cut; the policy names get the room left, a long one losing its middle, never its ends
-    (exp_a/ppo and exp_b/ppo stay apart)."""
+    """The comparison, the rewards (components and pass@k) and each over-optimisation curve, within the console's
+    width (80 columns in a log): the numbers are never cut; the policy names get the room left, a long one losing
+    its middle, never its ends (exp_a/ppo and exp_b/ppo stay apart)."""
     columns = ["score", *(["gold"] if with_gold else []), "KL", "length", "stop", "win rate"]
     cells = [[_pm(row, "score"), *([_pm(row, "gold")] if with_gold else []), _pm(row, "kl"),
               f"{row['response_length']:.3g}", f"{row['stop_rate']:.3g}", _pm(row, "win_rate")]
              for row in report["policies"]]
-
-    def comparison(width: int, title: bool = True) -> Table:  # the table with names of at most `width` characters
-        names = {row["name"]: abbreviate(row["name"], width) for row in report["policies"]}
-        table = Table(title=f"eval: {report['prompts']['count']} held-out prompts, one response each "
-                            f"(mean±standard error); win rate vs {names[report['baseline']]}" if title else None,
-                      title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
-        table.add_column("policy", no_wrap=True)
-        for col in columns:
-            table.add_column(col, justify="right", no_wrap=True)
-        for row, numbers in zip(report["policies"], cells):
-            table.add_row(names[row["name"]], *numbers)
-        return table
-
-    width = max(len(row["name"]) for row in report["policies"])
-    while width > 12 and rendered_width(comparison(width, title=False)) > con.width:
-        width -= 1
-    con.print(comparison(width))
+    n = report["prompts"].get("samples_per_prompt", 1)
+    con.print(fitted(con, report, lambda names: policy_table(
+        f"eval: {report['prompts']['count']} held-out prompts, {responses_each(n)} (mean±standard error); win rate "
+        f"vs {names[report['baseline']]}", ["policy", *columns],
+        [[names[row["name"]], *numbers] for row, numbers in zip(report["policies"], cells)])))
+    rewards = rewards_table(con, report, n)
+    proxy = "score" if (report.get("rewards") or {}).get("functions") else "reward model"
+    if rewards is not None:
+        con.print(rewards)
     for name, curve in report["curves"].items():
         table = Table(title=f"over-optimisation curve of {abbreviate(name, 48)} (step 0: the reference)",
                       title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
-        for col in ("step", "KL", "proxy (reward model)", *(["gold"] if with_gold else [])):
+        for col in ("step", "KL", f"proxy ({proxy})", *(["gold"] if with_gold else [])):
             table.add_column(col, justify="right")
         for point in curve:
             table.add_row(str(point["step"]), _pm(point, "kl"), _pm(point, "score"),
                           *([_pm(point, "gold")] if with_gold else []))
         con.print(table)
     con.print(summary_table("report", {"eval.json": str(run_dir / "eval.json"), **charts_row(pngs, run_dir)}))
+
+
+def policy_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A table whose first column names the policy, the others right-aligned numbers that never wrap."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column(columns[0], no_wrap=True)
+    for col in columns[1:]:
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def fitted(con, report: dict, build: Callable[[dict], Table]) -> Table:
+    """build(policy name -> name as shown) with the longest names that keep the table (without its title) within
+    the console's width, each at least 12 characters."""
+    longest = max(len(row["name"]) for row in report["policies"])
+
+    def names(width: int) -> dict:
+        return {row["name"]: abbreviate(row["name"], width) for row in report["policies"]}
+
+    width = longest
+    while width > 12 and rendered_width(_untitled(build(names(width)))) > con.width:
+        width -= 1
+    return build(names(width))
+
+
+def _untitled(table: Table) -> Table:
+    table.title = None
+    return table
+
+
+def rewards_table(con, report: dict, n: int) -> Table | None:
+    """Per policy, each reward component's mean over prompts (every component, when there are reward functions)
+    and, for n > 1, pass@1 and pass@n of each 0/1 quantity (a function's checks, the gold score). None when there
+    is nothing to show."""
+    rewards = report.get("rewards") or {}
+    components = {name: f"reward/{name}" for name in rewards.get("weights", {})} if rewards.get("functions") else {}
+    passing = [name for name in [*components, "gold"]
+               if n > 1 and any(f"pass@1/{name}" in row for row in report["policies"])]
+    quantities = components | {name: name for name in passing if name not in components}  # name -> its mean's key
+    if not quantities:
+        return None
+    ks = [1, n] if passing else []  # (eval.json has every k of pass_ks)
+    rows = [(row, name, key) for row in report["policies"] for name, key in quantities.items()]
+    return fitted(con, report, lambda names: policy_table(
+        f"rewards: each component's mean over the prompts it applies to"
+        + (f"; pass@k (Chen et al. 2021) of the 0/1 ones, {n} responses per prompt" if ks else ""),
+        ["policy", "of", "mean", *(f"pass@{k}" for k in ks)],
+        [[names[row["name"]], name, _pm(row, key), *(_pm(row, f"pass@{k}/{name}") for k in ks)]
+         for row, name, key in rows]))
