@@ -145,7 +145,7 @@ def line_chart(title: str, lines: dict[str, list[tuple[float, float]]], xlabel: 
 
 
 def comparison_chart(policies: list[dict], baseline: str, title: str):
-    keys = [(k, label) for k, label in (("score", "reward-model score"), ("gold", "gold score"),
+    keys = [(k, label) for k, label in (("score", "score (proxy)"), ("gold", "gold score"),
                                         ("kl", "KL to the reference"), ("win_rate", f"win rate vs {baseline}"))
             if all(isinstance(p.get(k), (int, float)) for p in policies)]
     fig = figure(3.2 * len(keys), 3.4)

@@ -90,10 +90,17 @@ def eval_section(report: dict, run_dir: Path, pngs: list[Path], cfg: ReportConfi
     keys = ["score", *(["gold"] if gold else []), "kl", "win_rate"]
     for p in report["policies"]:
         rows.append([p["name"], *[pm(p, k) for k in keys], fmt(p.get("response_length")), fmt(p.get("stop_rate"))])
+    n = report["prompts"].get("samples_per_prompt", 1)
+    scored = rewards_line(report)
     body = [f"<p class=where>{esc(run_dir)} · {report['prompts']['count']} held-out prompts from "
-            f"{esc(report['prompts']['source'])}, one response each; reward model {esc(report['reward_model'])}; "
+            f"{esc(report['prompts']['source'])}, {n} response{'s' if n != 1 else ''} each; {esc(scored)}; "
             f"win rate against {esc(report['baseline'])} (mean ± standard error)</p>",
             table(["policy", *[LABELS[k] for k in keys], "length", "stop rate"], rows)]
+    extra = sorted({k for p in report["policies"] for k in p
+                    if k.startswith(("reward/", "pass@")) and not k.endswith("_se") and k != "reward/reward_model"},
+                   key=lambda k: (k.split("/", 1)[-1], k))
+    if extra:  # each reward function's mean and every pass@k (reward.functions, samples_per_prompt)
+        body.append(table(["policy", *extra], [[p["name"], *[pm(p, k) for k in extra]] for p in report["policies"]]))
     for name, curve in report.get("curves", {}).items():
         body.append(f"<h3>over-optimisation curve of {esc(name)} (step 0: the reference)</h3>")
         body.append(table(["step", "KL", "proxy score", *(["gold"] if gold else [])],
@@ -106,6 +113,14 @@ def eval_section(report: dict, run_dir: Path, pngs: list[Path], cfg: ReportConfi
 
 
 LABELS = {"score": "reward-model score", "gold": "gold score", "kl": "KL to the reference", "win_rate": "win rate"}
+
+
+def rewards_line(report: dict) -> str:
+    """What scored the responses: the reward model (or none) and the reward functions with their weights."""
+    rewards = report.get("rewards") or {}
+    model = f"reward model {report['reward_model']}" if report.get("reward_model") else "no reward model"
+    functions = rewards.get("functions") or []
+    return model + (f"; reward functions {', '.join(functions)}, weights {rewards.get('weights')}" if functions else "")
 
 
 def sweep_section(stage: str, run_dir: Path) -> str:
