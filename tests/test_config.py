@@ -75,7 +75,7 @@ def _readme_commands() -> list[tuple[str, list[str]]]:
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a command continued with a trailing backslash
             line = line.split("#")[0].strip()
             m = re.search(r"(?:^|/|\s)(?:rlhf|-m rlhf_cli)\s+(\S+)(.*)$", line)
             if not m or m.group(1) not in STAGES:
