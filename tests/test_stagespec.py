@@ -29,10 +29,11 @@ def test_every_spec_names_a_recipe_a_schema_and_a_yaml(name):
 
 
 def test_the_pipeline_runs_the_stages_with_results_in_order():
-    assert stagespec.pipeline_order() == ("sft", "reward", "ppo", "eval")
+    assert stagespec.pipeline_order() == ("sft", "reward", "ppo", "dpo", "eval")
     from rlhf_cli.stages import pipeline
 
     assert pipeline.ORDER == stagespec.pipeline_order()
+    assert [n for n in pipeline.ORDER if SPECS[n].pipeline_default] == ["sft", "reward", "ppo", "eval"]
 
 
 @pytest.mark.parametrize("broken, says", [
@@ -123,7 +124,7 @@ def test_eval_defaults_to_the_policy_stages_of_the_spec(tmp_path):
     cfg = compose_stage("eval", [f"root={tmp_path}", "experiment=e"], tmp_path / "e" / "eval")
     with pytest.raises(ArtifactError, match="sft"):  # the first default policy is the (absent) sft artifact
         eval_stage.resolve_policies(cfg)
-    assert [n for n in stagespec.pipeline_order() if SPECS[n].eval_policy] == ["sft", "ppo"]
+    assert [n for n in stagespec.pipeline_order() if SPECS[n].eval_policy] == ["sft", "ppo", "dpo"]
 
 
 def test_sweep_ranks_by_the_direction_the_spec_gives(tmp_path):

@@ -53,6 +53,7 @@ class StageSpec:
     artifact: Optional[str] = None  # the artifact kind in its manifest (policy, reward_model); None: no artifact
     results: str = ""  # "manifest" (manifest.json's metrics) | "eval.json" (one row per policy) | "" (nothing)
     pipeline: Optional[int] = None  # place in `rlhf pipeline` (and in the report); None: not a pipeline stage
+    pipeline_default: bool = True  # run by a plain `rlhf pipeline`; False: only when `stages=` names it (dpo)
     path_keys: tuple[str, ...] = ()  # config keys that hold local paths, made absolute once at compose time
     metrics: tuple[str, ...] = ()  # every number its results record: what `objective=` may name (a sweeper's target)
     variant_metrics: tuple[str, ...] = ()  # those of `metrics` that only some settings record (a critic-free PPO run's)
@@ -156,9 +157,39 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                       "raw value", prefix="reward/")),
         step_unit="iteration", samples="samples.jsonl", samples_last_step=True, eval_policy=True),
     StageSpec(
+        name="dpo", module="rlhf_cli.stages.dpo",
+        help="optimise the SFT policy on ranked pairs with DPO (no reward model, no sampling)",
+        schema="DPOConfig", artifact="policy", results="manifest", pipeline=4, pipeline_default=False,
+        path_keys=("model.name_or_path", "model.reference", *LOOP_PATHS),
+        metrics=("steps", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "eval_margin",
+                 "eval_logp_chosen", "eval_logp_rejected", "eval_logp_chosen_start", "kl", "gold", "gold_start",
+                 "tokens_per_s", "train_pairs", "eval_pairs", "truncated_pairs", "skipped_steps",
+                 "reference_precomputed"),
+        variant_metrics=("gold", "gold_start"),
+        headline=(Metric("eval_accuracy", "held-out implicit-reward accuracy", "eval acc", "high"),
+                  Metric("eval_margin", "held-out implicit-reward margin", "margin", "high"),
+                  Metric("kl", "KL to the reference (sampled, held-out prompts)", "KL"),
+                  Metric("gold", "gold score of samples", "gold", "high"),
+                  Metric("eval_logp_chosen", "held-out log-prob of chosen responses"),
+                  Metric("eval_loss", "held-out loss", "eval loss", "low")),
+        rank_by=("gold", "eval_accuracy"),
+        summary=("held-out accuracy {eval_accuracy:.3g}", ", kl {kl:.3g}", ", gold {gold_start:.3g} -> {gold:.3g}"),
+        charts=(Chart("loss", "DPO loss", (("loss", "train"), ("eval_loss", "held-out")), "loss"),
+                Chart("accuracy", "implicit-reward accuracy (r_chosen > r_rejected)",
+                      (("accuracy", "train"), ("eval_accuracy", "held-out")), "accuracy"),
+                Chart("logps", "log-probabilities of the responses (summed over tokens)",
+                      (("logp_chosen", "chosen, train"), ("logp_rejected", "rejected, train"),
+                       ("eval_logp_chosen", "chosen, held-out"), ("eval_logp_rejected", "rejected, held-out")),
+                      "nats"),
+                Chart("margin", "implicit-reward margin r_chosen − r_rejected",
+                      (("margin", "train"), ("eval_margin", "held-out")), "β·nats"),
+                Chart("kl", "KL to the reference on held-out prompts (sampled)", (("kl", "KL"),), "nats"),
+                Chart("gold", "gold score of held-out samples (built-in task)", (("gold", "gold"),), "gold score")),
+        samples="samples.jsonl", samples_last_step=True, eval_policy=True),
+    StageSpec(
         name="eval", module="rlhf_cli.stages.eval",
         help="compare policies on held-out prompts: score, gold, KL, win rate",
-        schema="EvalConfig", results="eval.json", pipeline=4,
+        schema="EvalConfig", results="eval.json", pipeline=5,
         path_keys=("reward.model", "reference", *LOOP_PATHS),  # policies stay as typed: they name the table's rows
         headline=(Metric("gold", "gold score", "gold", "high"), Metric("score", "reward-model score", "score", "high"),
                   Metric("kl", "KL to the reference", "KL"), Metric("win_rate", "win rate", "win rate")),

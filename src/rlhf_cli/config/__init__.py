@@ -16,14 +16,14 @@ from rlhf_cli.config.compose import (RUN_KEYS, compose_stage, config_diff, descr
 from rlhf_cli.config.hydra_errors import close_keys, compose_error, schema_keys, stage_groups, unknown_key_error
 from rlhf_cli.config.paths import absolute_path, conf_dir
 from rlhf_cli.config.schemas import (BUILTIN_TINY, LOGGERS, NO_REWARD_MODEL, SCHEMAS, ArithDataConfig, ComputeConfig,
-                                     DataConfig, EvalConfig, EvalRewardConfig, FSDPConfig, LoopConfig, LoraConfig,
+                                     DPOConfig, DataConfig, EvalConfig, EvalRewardConfig, FSDPConfig, LoopConfig, LoraConfig,
                                      ModelConfig, OptimConfig, PPOAlgoConfig, PPOConfig, PPOModelConfig, PPOTrainConfig,
                                      ReportConfig, RewardConfig, RewardFunctionsConfig, RewardLossConfig,
                                      RewardModelConfig, RewardTrainConfig, SFTConfig, SFTTrainConfig, StageConfig,
                                      TinyModelConfig, ToyDataConfig, TrainConfig, check_loggers)
 
 __all__ = [
-    "ArithDataConfig", "BUILTIN_TINY", "ComputeConfig", "DataConfig", "EvalConfig", "EvalRewardConfig",
+    "ArithDataConfig", "BUILTIN_TINY", "ComputeConfig", "DPOConfig", "DataConfig", "EvalConfig", "EvalRewardConfig",
     "FSDPConfig", "LOGGERS", "LoopConfig", "LoraConfig", "ModelConfig", "NO_REWARD_MODEL", "OptimConfig",
     "PPOAlgoConfig", "PPOConfig", "PPOModelConfig", "PPOTrainConfig", "RUN_KEYS", "ReportConfig", "RewardConfig",
     "RewardFunctionsConfig", "RewardLossConfig", "RewardModelConfig", "RewardTrainConfig", "SCHEMAS", "SFTConfig",

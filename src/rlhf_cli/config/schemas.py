@@ -472,6 +472,63 @@ class PPOModelConfig:
                               f"without dropout)", hint="set model.lora.dropout=0 for ppo")
 
 
+@dataclass
+class DPOModelConfig(ModelConfig):
+    """The policy DPO trains and the frozen reference it is measured against."""
+
+    # null: the SFT artifact of this experiment (runs/<experiment>/sft); else a run directory, a causal-LM directory
+    # or hub id, or builtin:tiny.
+    name_or_path: Optional[str] = None
+    # The frozen reference: null = the policy's starting point (with LoRA: the policy with its adapters off, no
+    # second copy); else a run directory or model.
+    reference: Optional[str] = None
+
+
+@dataclass
+class DPOAlgoConfig:
+    """Direct Preference Optimisation and its relatives (rl/dpo.py, LOSSES): β, the loss, label smoothing, an SFT
+    term, and the held-out diagnostics."""
+
+    CHOICES: ClassVar[dict] = {"loss": ("sigmoid", "ipo", "hinge", "robust")}
+    POSITIVE: ClassVar[tuple] = ("beta", "kl_prompts", "response_length")
+    NON_NEGATIVE: ClassVar[tuple] = ("label_smoothing", "nll_coef", "warn_chosen_drop")
+
+    # The KL strength: implicit reward r = β (log π(y|x) − log π_ref(y|x)); smaller moves further from the reference.
+    beta: float = 0.1
+    # sigmoid = DPO (Rafailov et al. 2023) | ipo (Azar et al. 2023) | hinge (SLiC, Zhao et al. 2023) | robust
+    # (rDPO, Chowdhury et al. 2024); each a function in rl/dpo.py with its formula.
+    loss: str = "sigmoid"
+    # ε, the assumed rate of flipped labels: cDPO smoothing for sigmoid, the noise rate of robust (< 0.5).
+    label_smoothing: float = 0.0
+    # + nll_coef x the chosen response's mean NLL per token (RPO, Pang et al. 2024; Llama 3.1's DPO): 0 = off.
+    nll_coef: float = 0.0
+    # The reference's log-probs of every pair computed once, before training, in one pass; the reference model is
+    # then not held during training (only loaded again for the held-out KL). false: held, scored per micro-batch.
+    precompute_reference: bool = True
+    # Every train.eval_every steps: this many held-out prompts sampled (temperature 1, at most response_length
+    # tokens) for the KL to the reference, as rlhf eval measures it, and the gold score on the built-in task.
+    kl_prompts: int = 64
+    response_length: int = 16
+    # The summary warns when the chosen responses' mean log-prob fell by more than this (nats) from the start.
+    warn_chosen_drop: float = 1.0
+
+    def validate(self) -> None:
+        if self.loss == "robust" and not self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.loss=robust needs dpo.label_smoothing < 0.5 (got {self.label_smoothing})",
+                              hint="ε is the assumed rate of flipped labels; the built-in task's is 0.2")
+
+
+@dataclass
+class DPOTrainConfig(TrainConfig):
+    """The loop knobs of rlhf dpo; an example is one preference pair."""
+
+    max_steps: int = 200
+    eval_every: int = 40
+    checkpoint_every: int = 40
+    # DPO keeps as many checkpoints as PPO: `rlhf eval` draws its over-optimisation curve from them.
+    keep_checkpoints: int = 6
+
+
 # logger=[...] names -> (the module each needs, the extra that installs it)
 LOGGERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 
@@ -584,6 +641,25 @@ class PPOConfig(StageConfig):
             raise ConfigError("reward.aggregation=normalize_then_sum standardises each component within a prompt's "
                               f"group of responses, but ppo.samples_per_prompt={self.ppo.samples_per_prompt}",
                               hint="set ppo.samples_per_prompt=2 or more (algo=grpo does), or reward.aggregation=sum")
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    stage: str = "dpo"
+    model: DPOModelConfig = field(default_factory=DPOModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    dpo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        self.model.validate()
+        self.data.validate()
+        self.dpo.validate()
+        if self.dpo.response_length >= self.data.max_seq_len:
+            raise ConfigError(f"dpo.response_length={self.dpo.response_length} leaves no room for the prompt in "
+                              f"data.max_seq_len={self.data.max_seq_len}", hint="raise data.max_seq_len")
 
 
 @dataclass

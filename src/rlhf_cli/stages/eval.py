@@ -86,7 +86,7 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
     # ---- set up: the reward functions loaded and every model resolved before anything loads (a missing one names
     # the command to run, in the pipeline's order: sft, reward, ppo), then tokenizers checked, then the judge
     # (reference, reward model, reward functions) ----------------------------------------------------------------
-    functions = load_all(cfg.reward.functions)  # the user's code: a spec that does not load stops us here
+    functions = load_all(cfg.reward.functions) or gold_instead(cfg)  # the user's code: a bad spec stops us here
     reference_path, _ = find_upstream(cfg.reference, cfg, "sft", "policy", "reference")
     reward_path = find_reward_model(cfg, functions)
     policies = resolve_policies(cfg)
@@ -96,7 +96,7 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
     prompt_ids, cut = encode_prompts(prompts, judge.tokenizer, cfg.data.max_seq_len - cfg.response_length)
     if d.is_main:
         open_run_dir(Path(cfg.run_dir), cfg)
-    curve_points = {pol["name"]: ppo_checkpoints(pol) if cfg.checkpoints else [] for pol in policies}
+    curve_points = {pol["name"]: kept_checkpoints(pol) if cfg.checkpoints else [] for pol in policies}
     con.print(f"[bold]rlhf eval[/bold] -> {cfg.run_dir}")
     con.print(f"{len(policies)} policies (baseline {policies[0]['name']}) on {len(prompts)} held-out prompts from "
               f"{source} ({cut} cut to {cfg.data.max_seq_len - cfg.response_length} tokens): "
@@ -144,11 +144,22 @@ def find_upstream(name: str | None, cfg: EvalConfig, stage: str, kind: str, key:
     return model, parent
 
 
+def gold_instead(cfg: EvalConfig) -> list[RewardFunction]:
+    """The built-in task's gold function as the score when nothing else can score: no reward functions, no
+    reward.model, and no reward artifact in the experiment (`rlhf pipeline stages=sft,dpo,eval`); else []."""
+    if not tasks.is_builtin(cfg.data) or cfg.reward.model is not None or \
+            wants_reward_model(None, ["gold"], cfg.root, cfg.experiment):
+        return []
+    from rlhf_cli import rewards
+
+    return [RewardFunction("gold", "rlhf_cli.rewards:gold (no reward model in the experiment)", rewards.gold)]
+
+
 def find_reward_model(cfg: EvalConfig, functions: list[RewardFunction]) -> str | None:
     """The reward model's path (as find_upstream resolves reward.model), or None when none scores (reward.model=none,
     or reward functions alone and no reward artifact in the experiment); reward.weights checked against the
     components, all before anything loads."""
-    wanted = wants_reward_model(cfg.reward.model, cfg.reward.functions, cfg.root, cfg.experiment)
+    wanted = wants_reward_model(cfg.reward.model, [f.spec for f in functions], cfg.root, cfg.experiment)
     path = find_upstream(cfg.reward.model, cfg, "reward", "reward_model", "reward.model")[0] if wanted else None
     weights_for([*([REWARD_MODEL] if wanted else []), *(rf.name for rf in functions)], cfg.reward.weights)
     return path
@@ -157,12 +168,14 @@ def find_reward_model(cfg: EvalConfig, functions: list[RewardFunction]) -> str |
 def resolve_policies(cfg: EvalConfig) -> list[dict]:
     """Each policy: name (as shown), path (as given, made absolute), model (what from_pretrained loads), stage
     and run_dir when it is a finished run directory. Default: this experiment's policy stages
-    that stagespec marks eval_policy (sft, ppo), in pipeline order."""
+    that stagespec marks eval_policy (sft, then ppo and dpo), in pipeline order: the first always, the others
+    that the experiment has finished (ppo when it has none: the missing artifact names the command to run)."""
     if cfg.policies:  # (name, path, the stage a wrong-kind hint points at)
         specs = [(spec, spec, "ppo") for spec in cfg.policies]
     else:
-        defaults = [stage for stage in pipeline_order() if SPECS[stage].eval_policy]  # sft, ppo
-        specs = [(f"{cfg.experiment}/{stage}", None, stage) for stage in defaults]
+        first, *later = [stage for stage in pipeline_order() if SPECS[stage].eval_policy]  # sft; ppo, dpo
+        done = [s for s in later if artifacts.is_finished(artifacts.stage_dir(cfg.root, cfg.experiment, s))]
+        specs = [(f"{cfg.experiment}/{stage}", None, stage) for stage in [first, *(done or later[:1])]]
     policies, names = [], set()
     for name, spec, stage in specs:
         path = absolute_path(spec)
@@ -181,10 +194,13 @@ def resolve_policies(cfg: EvalConfig) -> list[dict]:
     return policies
 
 
-def ppo_checkpoints(pol: dict) -> list[tuple[int, Path]]:
-    """(step, directory) of the kept checkpoints of a PPO run directory that hold the policy's weights, oldest
-    first (none for other policies)."""
-    if pol["stage"] != "ppo":
+CURVE_STAGES = ("ppo", "dpo")  # the stages whose kept checkpoints hold a `policy`: an over-optimisation curve each
+
+
+def kept_checkpoints(pol: dict) -> list[tuple[int, Path]]:
+    """(step, directory) of the kept checkpoints of a PPO or DPO run directory that hold the policy's weights,
+    oldest first (none for other policies)."""
+    if pol["stage"] not in CURVE_STAGES:
         return []
     root = Path(pol["run_dir"]) / "checkpoints"
     steps = [(s, root / f"step-{s}") for s in checkpoint.list_steps(root)]
@@ -234,7 +250,7 @@ def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str | None, fu
         train.hold_frozen(reward_model, d, device, cfg)
         scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer),
                         cfg.data.max_seq_len)
-    rewards = make_rewards(scorer, cfg.reward.functions, cfg.reward.weights, cfg.reward.aggregation, functions)
+    rewards = make_rewards(scorer, [f.spec for f in functions], cfg.reward.weights, cfg.reward.aggregation, functions)
     return Judge(reference, tokenizer, rewards, tasks.gold_scorer(cfg.data))
 
 

@@ -7,7 +7,8 @@ one whose remainder is not a top-level key of the stage keeps its prefix, so `pp
 as `ppo.kl_coef=0.1`, and goes to the stages whose schema has the whole key when that stage's has not:
 `reward.functions=[...]` reaches ppo and eval (the reward stage has no `reward.functions`). An override without a prefix goes to every stage that has its first part: `experiment=`,
 `root=`, `seed=`, `data.path=`, `logger=` to all four, `model.lora.r=16` or `optim.lr=` to sft, reward and ppo
-(eval has no model or optimizer of its own). `stages=sft,reward` runs a subset.
+(eval has no model or optimizer of its own). `stages=sft,reward` runs a subset; `stages=sft,dpo,eval` runs DPO
+instead of the reward model and PPO (dpo is not among the default stages).
 
 Every stage's config is composed and checked before the first one starts. A stage whose artifact is finished
 with the same config is reused; one finished with a different config stops the pipeline with the keys that
@@ -39,7 +40,7 @@ HELP = __doc__
 
 def split_overrides(args: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """(stages to run, overrides per stage) from the pipeline's words, by the prefix rule above."""
-    stages = list(ORDER)
+    stages = [s for s in ORDER if SPECS[s].pipeline_default]  # dpo runs when stages= names it
     per_stage: dict[str, list[str]] = {s: [] for s in ORDER}
     for word in args:
         if word.startswith("-"):
