@@ -2,8 +2,8 @@
 
 Reads top to bottom: set up (load the reward functions and resolve every model before anything loads, check
 that the policies share the reference's tokenizer, load the reference and the reward model, encode the held-out
-prompts), loop over policies (one seeded rollout each, then per-prompt numbers; for a PPO run directory also its
-kept checkpoints), save (eval.json, the tables).
+prompts), loop over policies (one seeded rollout each, then per-prompt numbers; for a PPO or DPO run directory also
+its kept checkpoints), save (eval.json, the tables).
 
 Every policy answers the same prompts, n = samples_per_prompt responses each (each prompt repeated n times in a
 row), sampled with the same seed (`torch.manual_seed(seed)` before each rollout) as PPO samples: plain
@@ -27,7 +27,7 @@ pass@k: for a per-response quantity that is 0/1 wherever it applies (a checker s
 task's gold), pass@k/<name> for k = 1, 2, 4, ... and n: per prompt the unbiased estimator of Chen et al. (2021)
 from its c correct of n responses (`pass_at_k`), then mean and standard error over prompts.
 
-Over-optimisation curve (Gao et al. 2022): a PPO run directory keeps `train.keep_checkpoints` checkpoints
+Over-optimisation curve (Gao et al. 2022): a PPO or DPO run directory keeps `train.keep_checkpoints` checkpoints
 (checkpoints/step-N/policy.safetensors); once the policy itself is measured, each is loaded into its module
 (safetensors, through engine.checkpoint) and evaluated like a policy, giving (KL, proxy score, gold score) per
 step, with the reference (the SFT policy) as step 0 at KL 0. As the KL grows the proxy keeps rising while gold
