@@ -55,7 +55,8 @@ def test_arith_task_splits_prompts_and_answers_them():
     assert 0.35 < sum(right) / len(rows) < 0.45 and {r["prompt"] for r in rows} <= set(train)
     wrong = [abs(int(r["completion"]) - int(r["answer"])) for r, ok in zip(rows, right) if not ok]
     assert set(wrong) == {1, 2} and all(int(r["completion"]) >= 0 for r in rows)
-    assert arith.prompt_rows(3, 0, "eval")[0]["answer"] == str(arith.answer(arith.prompt_rows(3, 0, "eval")[0]["prompt"]))
+    row = arith.prompt_rows(3, 0, "eval")[0]
+    assert row["answer"] == str(arith.answer(row["prompt"]))
     assert arith.gold_score("7+5=", "12") == 1.0 and arith.gold_score("7+5=", "13") == 0.0
     pairs = arith.preference_rows(400, 0, "train", label_noise=0.2)
     flipped = sum(p["chosen"] != str(arith.answer(p["prompt"])) for p in pairs) / len(pairs)

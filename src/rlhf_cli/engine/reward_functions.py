@@ -261,7 +261,8 @@ def component_metrics(sums: dict[str, float], rows: float) -> dict[str, float]:
         n = sums[f"{name}:n"]
         if n:  # a function that returned None on every row has no mean
             mean = sums[f"{name}:sum"] / n
-            out |= {f"reward/{name}": mean, f"reward_std/{name}": max(sums[f"{name}:sumsq"] / n - mean * mean, 0.0) ** .5}
+            var = max(sums[f"{name}:sumsq"] / n - mean * mean, 0.0)
+            out |= {f"reward/{name}": mean, f"reward_std/{name}": var ** 0.5}
         if sums[f"{name}:none"]:
             out[f"reward_none/{name}"] = sums[f"{name}:none"] / rows
     return out

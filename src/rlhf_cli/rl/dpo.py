@@ -38,7 +38,8 @@ def robust_loss(logits: torch.Tensor, beta: float, label_smoothing: float = 0.0)
 
         L = [ −(1 − ε) · log σ(β h) + ε · log σ(−β h) ] / (1 − 2ε)
 
-    so that (1 − ε)·L(h) + ε·L(−h) = −log σ(β h). Needs 0 ≤ ε < 0.5 (ValueError otherwise); ε = 0 is plain DPO.
+    so that (1 − ε)·L(h) + ε·L(−h) = −log σ(β h). Needs 0 ≤ ε < 0.5 (ValueError otherwise); ε = 0 is plain
+    DPO.
     """
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"the robust DPO loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")

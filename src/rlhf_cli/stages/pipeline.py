@@ -5,9 +5,10 @@
 An override with a stage's prefix goes to that stage: `sft.optim.lr=3e-4` reaches `rlhf sft` as `optim.lr=3e-4`;
 one whose remainder is not a top-level key of the stage keeps its prefix, so `ppo.kl_coef=0.1` reaches `rlhf ppo`
 as `ppo.kl_coef=0.1`, and goes to the stages whose schema has the whole key when that stage's has not:
-`reward.functions=[...]` reaches ppo and eval (the reward stage has no `reward.functions`). An override without a prefix goes to every stage that has its first part: `experiment=`,
-`root=`, `seed=`, `data.path=`, `logger=` to all four, `model.lora.r=16` or `optim.lr=` to sft, reward and ppo
-(eval has no model or optimizer of its own). `stages=sft,reward` runs a subset; `stages=sft,dpo,eval` runs DPO
+`reward.functions=[...]` reaches ppo and eval (the reward stage has no `reward.functions`). An override without a
+prefix goes to every stage that has its first part: `experiment=`, `root=`, `seed=`, `data.path=`, `logger=` to
+all of them, `model.lora.r=16` or `optim.lr=` to sft, reward, ppo and dpo (eval has no model or optimizer of its
+own). `stages=sft,reward` runs a subset; `stages=sft,dpo,eval` runs DPO
 instead of the reward model and PPO (dpo is not among the default stages).
 
 Every stage's config is composed and checked before the first one starts. A stage whose artifact is finished

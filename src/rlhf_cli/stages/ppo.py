@@ -273,7 +273,8 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
               f"{paths.reward} ({lora.counts(scorer.model)[1] / 1e6:.2f}M parameters, frozen, "
               f"{'same tokens' if scorer.same_tokens else 're-tokenised text'})")
     con.print(f"policy {paths.policy} ({lora.describe(roles.policy)}); reference: {reference}; reward model {reward}; "
-              f"value model: {roles.value_init}{f' ({lora.describe(roles.value)})' if roles.value is not None else ''}; "
+              f"value model: {roles.value_init}"
+              f"{f' ({lora.describe(roles.value)})' if roles.value is not None else ''}; "
               f"advantage {p.advantage}; {device}, {dev.precision(device)}, frozen weights "
               f"in {str(dev.frozen_dtype(cfg.model.dtype, device)).removeprefix('torch.')}; {prompts}")
     con.print(f"score = {roles.rewards.describe()}" + "".join(
