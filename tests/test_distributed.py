@@ -114,6 +114,24 @@ def test_reward_fsdp_on_two_processes_matches_one(tmp_path):
     assert a["reward"]["score_stats"]["std"] == pytest.approx(b["reward"]["score_stats"]["std"], rel=1e-4)
 
 
+def test_dpo_fsdp_on_two_processes_matches_one(tmp_path, trained_experiment):
+    """DPO sharded over 2 processes (policy and the reference's precomputed pass) takes the steps 1 process takes;
+    its held-out sampling is seeded per rank, so only the training numbers and weights compare."""
+    from rlhf_cli.stages import dpo
+
+    args = [*FAST_REWARD, "train.max_steps=6", "train.eval_every=6", "train.checkpoint_every=6", "optim.lr=1e-3",
+            "optim.warmup_steps=0", "dpo.kl_prompts=16", "dpo.response_length=8",
+            f"model.name_or_path={trained_experiment / 'demo' / 'sft'}"]
+    (run,) = _torchrun(["dpo", "experiment=fsdp", "train.strategy=fsdp", *args], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = tmp_path / "runs" / "single" / "dpo"
+    dpo.run(compose_stage("dpo", [*args, "experiment=single", f"root={tmp_path / 'runs'}"], single))
+    sharded = tmp_path / "runs" / "fsdp" / "dpo"
+    _assert_close(_weights(sharded), _weights(single), atol=1e-5)
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (sharded, single)]
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-4)
+
+
 def test_ppo_with_lora_under_fsdp_matches_ddp_on_two_processes(tmp_path, trained_experiment):
     reward = trained_experiment / "demo" / "reward"  # the shared experiment's reward model (read only)
     args = [*FAST_PPO, "train.micro_batch_size=4", "model.lora.r=4", "model.policy=builtin:tiny",
