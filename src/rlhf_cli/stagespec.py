@@ -196,7 +196,8 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         rank_by=("gold", "score"),
         summary=("{label}: score {score:.3g}", " gold {gold:.3g}±{gold_se:.2g}", " kl {kl:.3g}"),
         charts=(Chart("comparison", "policies on held-out prompts (mean ± standard error)", kind="comparison"),
-                Chart("overoptimisation", "over-optimisation: score against KL over PPO iterations (points: iteration)",
+                Chart("overoptimisation",
+                      "over-optimisation: score against KL over PPO iterations and DPO steps (points: step)",
                       kind="curve"))),
     StageSpec(
         name="report", module="rlhf_cli.stages.report",
