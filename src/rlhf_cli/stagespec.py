@@ -158,7 +158,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         step_unit="iteration", samples="samples.jsonl", samples_last_step=True, eval_policy=True),
     StageSpec(
         name="dpo", module="rlhf_cli.stages.dpo",
-        help="optimise the SFT policy on ranked pairs with DPO (no reward model, no sampling)",
+        help="optimise the SFT policy on ranked pairs with DPO (no reward model)",
         schema="DPOConfig", artifact="policy", results="manifest", pipeline=4, pipeline_default=False,
         path_keys=("model.name_or_path", "model.reference", *LOOP_PATHS),
         metrics=("steps", "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "eval_margin",
