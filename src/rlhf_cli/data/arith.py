@@ -32,6 +32,8 @@ import hashlib
 import random
 import re
 
+from rlhf_cli.data.splits import cycled
+
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 20
 MAX_OPERAND = 9
@@ -119,14 +121,8 @@ def preference_rows(num: int, seed: int, split: str = "train", label_noise: floa
 def prompt_rows(num: int, seed: int, split: str = "eval") -> list[dict]:
     """`num` rows `{"prompt", "answer"}`: `split`'s prompts in a seeded shuffled order, cycling only once all were
     used."""
-    rng = _rng(seed, split, "prompts")
-    prompts = split_prompts(split)
-    rows: list[dict] = []
-    while len(rows) < num:
-        order = list(prompts)
-        rng.shuffle(order)
-        rows.extend({"prompt": p, "answer": str(answer(p))} for p in order[: num - len(rows)])
-    return rows
+    return [{"prompt": p, "answer": str(answer(p))} for p in cycled(split_prompts(split), num,
+                                                                   _rng(seed, split, "prompts"))]
 
 
 def gold_score(prompt: str, response: str) -> float:

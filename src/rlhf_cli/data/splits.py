@@ -19,3 +19,14 @@ def holdout(rows: list, fraction: float, max_rows: int, seed: int) -> tuple[list
     train = [r for i, r in enumerate(rows) if i not in picked]
     held = [r for i, r in enumerate(rows) if i in picked]
     return train, held
+
+
+def cycled(items: tuple | list, num: int, rng: random.Random) -> list:
+    """`num` of `items` in `rng`'s shuffled order, a fresh shuffle each time all were used (a built-in task's
+    prompt rows)."""
+    out: list = []
+    while len(out) < num:
+        order = list(items)
+        rng.shuffle(order)
+        out.extend(order[: num - len(out)])
+    return out

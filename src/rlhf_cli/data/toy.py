@@ -60,6 +60,8 @@ import hashlib
 import random
 import re
 
+from rlhf_cli.data.splits import cycled
+
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 20  # share of prompts (by stable hash) held out for evaluation
 
@@ -297,14 +299,7 @@ def preference_rows(num: int, seed: int, split: str = "train", label_noise: floa
 
 def prompt_rows(num: int, seed: int, split: str = "eval") -> list[dict]:
     """`num` rows `{"prompt"}`: `split`'s prompts in a seeded shuffled order, cycling only once all were used."""
-    rng = _rng(seed, split, "prompts")
-    prompts = split_prompts(split)
-    rows: list[dict] = []
-    while len(rows) < num:
-        order = list(prompts)
-        rng.shuffle(order)
-        rows.extend({"prompt": p} for p in order[: num - len(rows)])
-    return rows
+    return [{"prompt": p} for p in cycled(split_prompts(split), num, _rng(seed, split, "prompts"))]
 
 
 def label_noise_ceiling(label_noise: float) -> float:

@@ -125,14 +125,15 @@ def _cut(text: str, width: int = 60) -> str:
 
 
 def call(rf: RewardFunction, prompts: list[str], completions: list[str], columns: list[dict],
-         where: str = "") -> list[float | None]:
+         where: str | Callable[[], str] = "") -> list[float | None]:
     """One call of `rf` on these rows, its values checked: floats or None, one per completion. `where` ends every
-    error message (the iteration, the last checkpoint)."""
+    error message (the iteration, the last checkpoint); a callable is asked only when there is an error."""
     kwargs = {key: [row.get(key) for row in columns] for key in dict.fromkeys(k for row in columns for k in row)}
 
     def fail(what: str, row: int | None) -> RewardFunctionError:
         at = f" on row {row} (prompt {_cut(prompts[row])!r})" if row is not None else ""
-        return RewardFunctionError(f"reward function {rf.name} ({rf.spec}) {what}{at}{where}",
+        said = where() if callable(where) else where
+        return RewardFunctionError(f"reward function {rf.name} ({rf.spec}) {what}{at}{said}",
                                    hint="fix the function: it must return one number (or None) per completion")
 
     try:
@@ -172,7 +173,7 @@ def _failing_row(rf: RewardFunction, prompts, completions, kwargs) -> int | None
 
 
 def score(functions: list[RewardFunction], prompts: list[str], completions: list[str], columns: list[dict],
-          micro: int, where: str = "") -> dict[str, torch.Tensor]:
+          micro: int, where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
     """name -> [B] float64 values of each function (NaN where it returned None), calling each once per
     micro-batch of `micro` rows."""
     out = {}
@@ -217,7 +218,7 @@ class Rewards:
         return " + ".join(parts) + ("" if self.aggregation == "sum" else f" ({self.aggregation})")
 
     def components(self, samples, prompt_text: list[str], response_text: list[str], columns: list[dict],
-                   micro: int, where: str = "") -> dict[str, torch.Tensor]:
+                   micro: int, where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
         """name -> [B] raw values on the samples' device (float32; NaN where a function returned None): the reward
         model's score first, then each function's."""
         from rlhf_cli.engine.rollout import score_responses

@@ -50,9 +50,8 @@ def run(cfg: DPOConfig) -> dict:
         policy, tokenizer, packing = load_policy(cfg, paths, d, device)
         train_set, eval_set, truncated = tokenize(cfg, train_rows, eval_rows, tokenizer, source)
         prompts = held_out_prompts(cfg, eval_rows, tokenizer)
-        reference = Reference(cfg, paths.reference, policy, device, d)
-        if p.precompute_reference:  # one pass over every pair, then the reference model is let go
-            reference.precompute(train_set + eval_set, tokenizer.pad_token_id)
+        reference = Reference(cfg, paths.reference, policy, device, d).prepared(train_set + eval_set,
+                                                                                 tokenizer.pad_token_id)
         steps = batches.step_plan(t, len(train_set), d.world_size)
         show_plan(con, cfg, paths, policy, reference, device, f"data {source}: {len(train_set)} train / "
                   f"{len(eval_set)} held-out pairs, {truncated} truncated to {cfg.data.max_seq_len} tokens",
@@ -180,6 +179,13 @@ class Reference:
         if self.view is not None:
             return "the policy with its adapters off"
         return f"{self.path} ({'log-probs precomputed, not held' if self.precomputed else 'held'})"
+
+    def prepared(self, examples: list[dict], pad_id: int) -> "Reference":
+        """Itself, with every pair's log-probs precomputed when dpo.precompute_reference (one pass over every
+        pair, after which the reference model is let go)."""
+        if self.cfg.dpo.precompute_reference:
+            self.precompute(examples, pad_id)
+        return self
 
     def precompute(self, examples: list[dict], pad_id: int) -> None:
         """Each example's `ref_chosen` / `ref_rejected`: the reference's summed log-probs, one pass in micro-batches

@@ -15,11 +15,13 @@ iteration, rank), so a resumed run samples what an uninterrupted one would have.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.table import Table
@@ -72,7 +74,7 @@ def run(cfg: PPOConfig) -> dict:
                 t0 = time.perf_counter()
                 rows = rollout_prompts(len(prompt_ids), loop.step, cfg, d)
                 roll = collect_rollout(roles, [prompt_ids[i] for i in rows], cfg, device, [columns[i] for i in rows],
-                                       stopped_at(loop.step + 1, plan.checkpoints))
+                                       functools.partial(stopped_at, loop.step + 1, plan.checkpoints))
                 check_rollout(training.guard, loop.step + 1, roll, paths.reward)
                 shaped = shape_rewards(roll, loop.kl_coef, p, roles.rewards)
                 t1 = time.perf_counter()
@@ -329,7 +331,7 @@ def stopped_at(iteration: int, checkpoints: Path) -> str:
 
 
 def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, device: torch.device,
-                    columns: list[dict] | None = None, where: str = "") -> Rollout:
+                    columns: list[dict] | None = None, where: str | Callable[[], str] = "") -> Rollout:
     """Sample one response per prompt, then one forward pass per role (none computed twice), under the training
     forward's precision, and each reward component (the reward functions get the prompt rows' other fields,
     `columns`). The policy's log-probs are computed in the update's micro-batch shape: under bf16 they are then the
