@@ -186,6 +186,12 @@ def score(functions: list[RewardFunction], prompts: list[str], completions: list
     return out
 
 
+def value_or_none(value: torch.Tensor) -> float | None:
+    """One component's value as samples files keep it: None where the function returned None (NaN here)."""
+    v = float(value)
+    return None if v != v else v
+
+
 def weights_for(names: list[str], weights: list[float], key: str = "reward.weights") -> dict[str, float]:
     """name -> weight, `weights` given in `names`' order (empty: 1.0 each), or a ConfigError naming the
     components."""

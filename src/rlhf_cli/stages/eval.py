@@ -59,7 +59,7 @@ from rlhf_cli.data.prompts import encode_prompts
 from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir, train
 from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
 from rlhf_cli.engine.reward_functions import (REWARD_MODEL, RewardFunction, Rewards, load_all, make_rewards,
-                                              wants_reward_model, weights_for)
+                                              value_or_none, wants_reward_model, weights_for)
 from rlhf_cli.engine.trackers import Trackers
 from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample
 from rlhf_cli.errors import ArtifactError, RewardFunctionError
@@ -377,7 +377,8 @@ def evaluate(model, judge: Judge, prompts: tuple[list, list], cfg: EvalConfig, d
                     "stop_rate": samples.ended.float().cpu()}
     per_response = dist.concat_over_ranks(d, {k: v[:real * n] for k, v in per_response.items()})
     kept = ["score", *(f"reward/{k}" for k in components), *gold]
-    shown = [{"prompt": prompt_text[i], "response": response_text[i], **{k: _number(per_response[k][i]) for k in kept}}
+    shown = [{"prompt": prompt_text[i], "response": response_text[i],
+              **{k: value_or_none(per_response[k][i]) for k in kept}}
              for i in range(min(NUM_SAMPLES, real * n))]
     return Measured(per_response, by_prompt(per_response, n), shown)
 
@@ -395,12 +396,6 @@ def scored(rewards: Rewards, samples, texts: tuple[list, list, list], micro: int
         raise failure or RewardFunctionError(f"a reward function failed on another process{where}",
                                              hint="that process's log names the function and the row")
     return {k: v.float() for k, v in components.items()}
-
-
-def _number(value: torch.Tensor) -> float | None:
-    """A sample's value for eval.json: None where a reward function returned None (NaN)."""
-    v = float(value)
-    return None if math.isnan(v) else v
 
 
 def by_prompt(per_response: dict, n: int) -> dict:

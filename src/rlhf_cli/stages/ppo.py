@@ -407,8 +407,8 @@ def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, rewards: rf.R
         p.samples_per_prompt, roll.values, p.gamma, p.lam, p.whiten_rewards, p.scale_rewards))
     zero_std = adv.zero_std_groups(scores, p.samples_per_prompt) if p.samples_per_prompt > 1 else None
     keep = ~zero_std if p.skip_zero_std_groups else None
-    unscored = rl_reward.unscored(components)
-    if unscored.any():
+    if rewards.functions:  # only a function can leave a row unscored (None); the reward model scores every row
+        unscored = rl_reward.unscored(components)
         keep = ~unscored if keep is None else keep & ~unscored
     return Shaped(scores, kl, advantages, returns, zero_std, None if keep is None else keep.to(roll.mask.dtype),
                   0.0 if in_reward else kl_coef)
@@ -517,15 +517,10 @@ def record(loop: Counters, roll: Rollout, gold, log: MetricsLog, cfg: PPOConfig,
         rows = [{"step": loop.step, "prompt": roll.prompt_text[i], "response": roll.response_text[i],
                  "score": float(roll.scores[i]), **({"gold": gold(roll.prompt_text[i], roll.response_text[i])}
                                                     if gold else {}),
-                 **({"rewards": {k: none_or_float(roll.components[k][i]) for k in roll.components}}
+                 **({"rewards": {k: rf.value_or_none(roll.components[k][i]) for k in roll.components}}
                     if functions else {})}
                 for i in range(min(4, len(roll.response_text)))]
         append_jsonl(work_dir / "samples.jsonl", rows)
-
-
-def none_or_float(value: torch.Tensor) -> float | None:
-    """A reward component's value as samples.jsonl keeps it: None where the function returned None."""
-    return None if torch.isnan(value) else float(value)
 
 
 def progress_text(last: dict) -> str:
