@@ -111,20 +111,20 @@ class RewardModel(torch.nn.Module):
             if not self.packable:
                 raise ValueError("only a causal reward model read at its last token scores packed sequences")
             hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-            return self.head(hidden[0, ends].to(self.head.weight.dtype)).squeeze(-1)
+            return scores_of(self.head(hidden[0, ends].to(self.head.weight.dtype)))
         if "classifier" in self._modules:
             if per_token:
                 raise ValueError("an encoder's classifier gives one score per text, not per-token values")
-            return self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+            return scores_of(self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits[:, :1])
         kwargs = {}
         if not self.is_encoder:  # padded and unpadded sequences get the same positions
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if per_token:
             hidden = hidden if positions is None else hidden[:, positions]
-            return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+            return scores_of(self.head(hidden.to(self.head.weight.dtype)))
         pooled = pool(hidden, readable(input_ids, attention_mask, self.skip_token_id, self.pooling), self.pooling)
-        return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1)
+        return scores_of(self.head(pooled.to(self.head.weight.dtype)))
 
     @property
     def packable(self) -> bool:
@@ -381,3 +381,10 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device: torc
         input_ids, attention_mask = pad_right(sequences[i:i + micro], pad_id)
         scores.append(model(input_ids.to(device), attention_mask.to(device)).float())
     return torch.cat(scores)
+
+
+def scores_of(head_output: torch.Tensor) -> torch.Tensor:
+    """[..., 1] -> [...]: the head's one output per position, as a tensor of its own rather than a view (the same
+    numbers). FSDP2 warns on every forward of a sharded module that returns a view, since an in-place op on it
+    would skip the all-gather; a reward or value model under FSDP would print that warning every step."""
+    return head_output.squeeze(-1).clone()
