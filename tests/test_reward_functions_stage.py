@@ -119,15 +119,15 @@ def test_a_short_grpo_run_on_the_arith_task_raises_accuracy(tmp_path):
     from rlhf_cli.stages import sft
 
     root = tmp_path / "runs"
-    sft.run(compose_stage("sft", ["data=arith", "experiment=a", f"root={root}", "train.max_steps=600",
-                                  "train.eval_every=600", "train.checkpoint_every=600"],
+    sft.run(compose_stage("sft", ["data=arith", "experiment=a", f"root={root}", "train.max_steps=300",
+                                  "train.eval_every=300", "train.checkpoint_every=300"],
                           root / "a" / "sft"))
     run_dir = root / "a" / "ppo"
     ppo.run(compose_stage("ppo", ["data=arith", "experiment=a", f"root={root}", "algo=grpo",
                                   "reward.functions=[rlhf_cli.rewards:exact_match]", "ppo.prompts_per_rollout=64",
-                                  "ppo.num_mini_batches=4", "train.max_steps=20", "train.checkpoint_every=20"],
+                                  "ppo.num_mini_batches=4", "train.max_steps=12", "train.checkpoint_every=12"],
                           run_dir))
     gold = [r["gold"] for r in _rows(run_dir)]
     assert gold == [r["reward/exact_match"] for r in _rows(run_dir)]  # on this task gold is exact match
-    first, last = sum(gold[:5]) / 5, sum(gold[-5:]) / 5  # 5 x 256 responses each: standard error about 0.014
-    assert last > first + 0.06, (first, last)  # measured here: 0.33 -> 0.43
+    first, last = sum(gold[:4]) / 4, sum(gold[-4:]) / 4  # 4 x 256 responses each: standard error about 0.014
+    assert last > first + 0.04, (first, last)  # measured here: 0.215 -> 0.29 (seed 0), 0.225 -> 0.31 (seed 1)
