@@ -40,7 +40,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(MAX_WORKERS, CORES))
 
 
-def pytest_collection_modifyitems(session, items):
+def pytest_collection_modifyitems(items):
     """A test that needs the shared experiment costs its training when it runs alone: it is `slow`. The files in
     LONGEST_FIRST come first (an order, not a filter: a run of some files keeps them)."""
     for item in items:
