@@ -39,4 +39,8 @@ def make_absolute(obj: Any) -> None:
         node = obj
         for part in parents:
             node = getattr(node, part)
-        setattr(node, name, absolute_path(getattr(node, name)))
+        value = getattr(node, name)
+        if isinstance(value, str) or value is None:
+            setattr(node, name, absolute_path(value))
+        else:  # a list of paths (model.reward=[a,b]: an ensemble)
+            setattr(node, name, [absolute_path(v) for v in value])

@@ -272,12 +272,33 @@ class RewardTrainConfig(TrainConfig):
 
 @dataclass
 class RewardLossConfig:
-    """loss = -log σ(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)²"""
+    """loss = -log σ(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)², and the ensemble of
+    reward models one run trains (`reward.*` of the reward stage)."""
+
+    CHOICES: ClassVar[dict] = {"ensemble_merge": ("none", "weight_average")}
+    POSITIVE: ClassVar[tuple] = ("ensemble",)
 
     # Use a row's `margin` field when the data has one.
     use_margin: bool = True
     # Reward centering (Eisenstein et al. 2023): pulls the mean reward towards 0. 0 turns it off.
     center_coef: float = 0.0
+    # An ensemble of this many reward models in one run and one artifact (1: a single reward model). Member k
+    # trains with seed + k (its head, adapters and data order), one member after another (LoRA members: fresh
+    # adapters and a fresh head on the same frozen base); `rlhf ppo` and `rlhf eval` score with every member and
+    # combine them (ppo.reward_aggregation: mean, min, uwo).
+    ensemble: int = 1
+    # Each member trains on its own bootstrap resample of the training pairs (drawn with replacement, as many as
+    # there are): members then differ in more than their seed, which is where ensembles help (Eisenstein et al.
+    # 2023). Only with ensemble >= 2.
+    ensemble_bootstrap: bool = True
+    # none: the artifact holds the K members. weight_average: the members' weights averaged into one reward model
+    # (WARM, Ramé et al. 2024); every member then starts from the same head, and the artifact is that one model.
+    ensemble_merge: str = "none"
+
+    def validate(self) -> None:
+        if self.ensemble_merge != "none" and self.ensemble < 2:
+            raise ConfigError(f"reward.ensemble_merge={self.ensemble_merge} averages the members of an ensemble, but "
+                              f"reward.ensemble={self.ensemble}", hint="set reward.ensemble=2 or more (e.g. 4)")
 
 
 @dataclass
@@ -323,9 +344,35 @@ class RewardFunctionsConfig:
 class EvalRewardConfig(RewardFunctionsConfig):
     """eval's `reward.*`: the learned reward model (`reward.model`) and the reward functions, as in ppo."""
 
+    CHOICES: ClassVar[dict] = {**RewardFunctionsConfig.CHOICES, "ensemble_aggregation": ("mean", "min", "uwo")}
+    NON_NEGATIVE: ClassVar[tuple] = ("uwo_coef",)
+
     # The reward model that scores the responses: null = this experiment's reward artifact (none needed when
-    # reward.functions is set); `none` = no reward model.
-    model: Optional[str] = None
+    # reward.functions is set); `none` = no reward model; a list [a,b,c]: an ensemble of those reward models.
+    model: Any = None
+    # How an ensemble's standardised member scores make the reward model's score, as ppo.reward_aggregation and
+    # ppo.uwo_coef: mean | min | uwo. The members' mean and disagreement (std) are reported either way.
+    ensemble_aggregation: str = "mean"
+    uwo_coef: float = 0.5
+
+    def validate(self) -> None:
+        super().validate()
+        check_reward_models(self.model, "reward.model")
+
+
+def check_reward_models(value: Any, key: str) -> None:
+    """A reward-model setting is null, one path or name, or a non-empty list of them (an ensemble)."""
+    from omegaconf import ListConfig
+
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple, ListConfig)) and value and all(isinstance(v, str) and v for v in value):
+        if NO_REWARD_MODEL in value:
+            raise ConfigError(f"{key}={list(value)}: `{NO_REWARD_MODEL}` cannot be a member of an ensemble",
+                              hint=f"{key}={NO_REWARD_MODEL} alone, or a list of reward models")
+        return
+    raise ConfigError(f"{key}={value!r} is not a reward model or a list of them",
+                      hint=f"e.g. {key}=runs/a/reward or {key}=[runs/a/reward,runs/b/reward]")
 
 
 @dataclass
@@ -336,13 +383,14 @@ class PPOAlgoConfig:
         "kl_estimator": ("k1", "k2", "k3"), "rollout_backend": ("auto", "eager", "compiled"),
         "advantage": ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"),
         "scale_rewards": ("group", "batch", "none"), "kl_penalty": ("reward", "loss"),
-        "loss_aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")}
+        "loss_aggregation": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+        "reward_aggregation": ("mean", "min", "uwo")}
     # The estimators that compare a prompt's k responses (rl.advantages.ESTIMATORS[...].grouped; tested equal).
     GROUPED: ClassVar[tuple] = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
     POSITIVE: ClassVar[tuple] = ("prompts_per_rollout", "num_ppo_epochs", "num_mini_batches", "response_length",
                                  "temperature", "cliprange", "cliprange_value", "kl_horizon", "kl_target",
                                  "samples_per_prompt")
-    NON_NEGATIVE: ClassVar[tuple] = ("kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty")
+    NON_NEGATIVE: ClassVar[tuple] = ("kl_coef", "vf_coef", "entropy_coef", "missing_eos_penalty", "uwo_coef")
 
     # How scores become advantages (rl/advantages.py, ESTIMATORS): gae = GAE with a value model (PPO as in
     # InstructGPT); the critic-free ones load no value model: grpo = (r - group mean) / std (scale_rewards),
@@ -384,8 +432,14 @@ class PPOAlgoConfig:
     whiten_rewards: bool = False
     # A response that hit response_length without a stop token gets its score lowered by this much (0: off).
     missing_eos_penalty: float = 1.0
-    # Scale scores to mean 0 / std 1 with the reward artifact's held-out statistics.
+    # Scale scores to mean 0 / std 1 with the reward artifact's held-out statistics. (An ensemble's members are
+    # always scaled so, each with its own statistics, before they are combined.)
     normalize_scores: bool = False
+    # How an ensemble of reward models (a `reward.ensemble=K` artifact, or model.reward=[a,b,...]) scores a
+    # response, from its members' standardised scores z_k: mean = their mean; min = the lowest (worst case);
+    # uwo = mean - uwo_coef x their variance across members (Coste et al. 2023). A single reward model: unused.
+    reward_aggregation: str = "mean"
+    uwo_coef: float = 0.5
     # Clip scores to [-score_clip, score_clip] after normalisation (null: no clipping).
     score_clip: Optional[float] = None
     # Rollout: plain temperature sampling (no top-k/top-p or other logits processors), at most response_length
@@ -450,8 +504,11 @@ class PPOModelConfig:
     # a causal-LM directory or hub id.
     policy: Optional[str] = None
     # The reward model (and the value model's initialisation): null = this experiment's reward artifact (with
-    # reward.functions: only when the experiment has one); `none` = no reward model (reward.functions alone).
-    reward: Optional[str] = None
+    # reward.functions: only when the experiment has one); `none` = no reward model (reward.functions alone); or
+    # a list, model.reward=[a,b,c]: an ensemble of those reward models (run directories or sequence classifiers),
+    # combined as ppo.reward_aggregation says. A `reward.ensemble=K` artifact is an ensemble by itself. The value
+    # model starts from the first member.
+    reward: Any = None
     # The value model's initialisation when it should not be the reward model (a reward artifact's run directory).
     value: Optional[str] = None
     trust_remote_code: bool = False
@@ -466,6 +523,7 @@ class PPOModelConfig:
 
     def validate(self) -> None:
         self.lora.validate()
+        check_reward_models(self.reward, "model.reward")
         if self.lora.r and self.lora.dropout:
             raise ConfigError(f"model.lora.dropout={self.lora.dropout}: PPO's policy and value model must be "
                               f"deterministic (the ratio of new to old log-probs is 1 before the first update only "
@@ -612,6 +670,7 @@ class RewardConfig(StageConfig):
         super().validate()
         self.model.validate()
         self.data.validate()
+        self.reward.validate()
 
 
 @dataclass

@@ -90,3 +90,36 @@ COMBINE = {"sum": weighted_sum, "normalize_then_sum": normalize_then_sum}
 def unscored(components: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B] bool: the rows that no component applies to (every one returned None): no reward signal at all."""
     return torch.stack([torch.isnan(v) for v in components.values()]).all(0)
+
+
+# ---- reward-model ensembles (Coste et al. 2023) ----------------------------------------------------------------
+
+def standardize_members(scores: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> torch.Tensor:
+    """Each member's scores on its own scale: [K, B] raw scores, [K] held-out means and standard deviations ->
+
+        z_k,i = (r_k,i − μ_k) / σ_k
+
+    so that members trained apart (different seeds, data, scales) can be compared and combined."""
+    return (scores - means.unsqueeze(-1)) / stds.unsqueeze(-1)
+
+
+def ensemble_mean(z: torch.Tensor, coef: float = 0.0) -> torch.Tensor:
+    """mean: R_i = (1/K) Σ_k z_k,i over the K members ([K, B] -> [B]); `coef` unused (the table's signature)."""
+    return z.mean(0)
+
+
+def ensemble_min(z: torch.Tensor, coef: float = 0.0) -> torch.Tensor:
+    """min (worst-case optimisation, WCO): R_i = min_k z_k,i ([K, B] -> [B]); `coef` unused."""
+    return z.min(0).values
+
+
+def ensemble_uwo(z: torch.Tensor, coef: float) -> torch.Tensor:
+    """uwo (uncertainty-weighted optimisation): the mean less λ = `coef` times the members' disagreement,
+
+        R_i = (1/K) Σ_k z_k,i − λ · (1/K) Σ_k (z_k,i − z̄_i)²
+
+    the population variance across members, as Coste et al. (2023) write it ([K, B] -> [B])."""
+    return z.mean(0) - coef * z.var(0, unbiased=False)
+
+
+ENSEMBLE = {"mean": ensemble_mean, "min": ensemble_min, "uwo": ensemble_uwo}
