@@ -174,10 +174,11 @@ class Training:
 
 
 def start(plan: RunPlan, cfg, models: dict, total_steps: int, d: dist.Dist, restore_rng: bool,
-          unit: str = "step") -> Training:
+          unit: str = "step", log: MetricsLog | None = None) -> Training:
     """AdamW over the trained `models`' parameters and its schedule over `total_steps` optimizer steps, resumed
     from the plan's checkpoint if there is one (`resume`, announced on the console), the divergence guard (with the
-    skipped-step count a resumed run carries), and the metrics log (cut back to the checkpoint's step on resume)."""
+    skipped-step count a resumed run carries), and the metrics log (cut back to the checkpoint's step on resume;
+    `log`: go on writing that one, as the next model of a run that trains several, one after another)."""
     params = [p for model in models.values() for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
@@ -188,7 +189,8 @@ def start(plan: RunPlan, cfg, models: dict, total_steps: int, d: dist.Dist, rest
             "steps" if state.get("final") else ""))
     guard = Guard(cfg.stage, plan.checkpoints, cfg.optim.lr, cfg.train.max_skipped_steps,
                   state.get("skipped_steps", 0), unit=unit)
-    log = MetricsLog(plan.work_dir, d.is_main, cfg, resume_step=state["step"] if state else None)
+    if log is None:
+        log = MetricsLog(plan.work_dir, d.is_main, cfg, resume_step=state["step"] if state else None)
     return Training(params, optimizer, scheduler, cfg.optim.max_grad_norm, guard, log, state)
 
 

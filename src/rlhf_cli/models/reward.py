@@ -38,6 +38,7 @@ HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
 SEQ_CLS = "sequence_classification"   # reward_config.json "layout": an HF <Arch>ForSequenceClassification directory
 BACKBONE_AND_HEAD = "backbone_and_head"
+ENSEMBLE_FILE = "ensemble.json"      # in the model/ of a `reward.ensemble=K` artifact: its members, in order
 # Model types that are bidirectional encoders: they see the whole text at every position.
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert",
                  "camembert", "mpnet", "modernbert", "mobilebert", "ernie", "longformer", "big_bird"}
@@ -315,6 +316,26 @@ def from_seq_cls(path: str, config, meta: dict | None, trust_remote_code: bool) 
     if meta is None:  # read where transformers reads it (ours are read by the mask: our pad never is a real token)
         model.skip_token_id = config.pad_token_id
     return model
+
+
+def ensemble_members(path: str) -> list[str] | None:
+    """The member directories of an ensemble artifact (the model/ of a `reward.ensemble=K` run: ensemble.json and
+    one complete reward-model directory per member, each loadable on its own), in order; None for anything else."""
+    listing = Path(path) / ENSEMBLE_FILE
+    if not listing.is_file():
+        return None
+    members = json.loads(listing.read_text())["members"]
+    missing = [m for m in members if not (Path(path) / m).is_dir()]
+    if missing:
+        raise ArtifactError(f"the reward ensemble at {path} lists members that are not there: {', '.join(missing)}",
+                            hint="re-run `rlhf reward ... overwrite=true`")
+    return [str(Path(path) / m) for m in members]
+
+
+def write_ensemble(directory: Path, members: list[str], info: dict) -> None:
+    """ensemble.json of an ensemble artifact's model/: the member directories (relative to it) and what the
+    reward stage measured of them."""
+    (Path(directory) / ENSEMBLE_FILE).write_text(json.dumps({"members": members, **info}, indent=2) + "\n")
 
 
 def load_reward_model(path: str, trust_remote_code: bool = False,
