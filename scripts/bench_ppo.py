@@ -282,7 +282,7 @@ def bench(args, cache: str) -> int:
     cfg.ppo.validate()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, reward_dir, reward_dir, []), device)
+    roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, [reward_dir], reward_dir, []), device)
     d = dist.Dist()
     shape = ppo.batch_shape(cfg, d.world_size)
     params = [p for m in roles.trained().values() for p in m.parameters() if p.requires_grad]
@@ -318,7 +318,7 @@ def bench(args, cache: str) -> int:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         roll = ppo.collect_rollout(roles, prompts, cfg, device)
-        ppo.check_rollout(training.guard, step + 1, roll, "the benchmark's reward model")
+        ppo.check_rollout(training.guard, step + 1, roll, ["the benchmark's reward model"])
         shaped = ppo.shape_rewards(roll, cfg.ppo.kl_coef, cfg.ppo, roles.rewards)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -350,11 +350,11 @@ def bench(args, cache: str) -> int:
            "loss_aggregation": cfg.ppo.loss_aggregation,
            "parameters_m": lora.counts(roles.policy)[1] / 1e6,
            "trained_policy_m": lora.counts(roles.policy)[0] / 1e6, "reference_copy_m": reference / 1e6,
-           "reward_m": lora.counts(roles.reward)[1] / 1e6, "value_m": value[1] / 1e6,
+           "reward_m": sum(lora.counts(m)[1] for m in roles.reward_models) / 1e6, "value_m": value[1] / 1e6,
            "trained_value_m": value[0] / 1e6,
            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
            "precision": dev.precision(device), "rollout_backend": args.rollout_backend,
-           "frozen_dtype": str(next(roles.reward.parameters()).dtype),
+           "frozen_dtype": str(next(roles.reward_models[0].parameters()).dtype),
            "gradient_checkpointing": args.gradient_checkpointing, "vocab_size": args.vocab_size,
            "prompts_per_rollout": args.prompts, "rows_per_rollout": rows, "prompt_length": args.prompt_length,
            "response_length": args.response_length, "epochs": args.epochs, "iterations": args.iterations,

@@ -418,7 +418,7 @@ def check_static(m: Llama, lora_r: int, critic_free: bool = False) -> dict[str, 
         cfg = PPOConfig(model=PPOModelConfig(dtype="bfloat16", lora=LoraConfig(r=lora_r, alpha=2.0 * lora_r)),
                         ppo=algo)
         cfg.ppo.validate()
-        roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, reward_dir, reward_dir, []), torch.device("cpu"))
+        roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, [reward_dir], reward_dir, []), torch.device("cpu"))
 
     def nbytes(tensors) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -431,7 +431,7 @@ def check_static(m: Llama, lora_r: int, critic_free: bool = False) -> dict[str, 
     reference = 0 if isinstance(roles.reference, lora.BaseView) else nbytes(roles.reference.parameters())
     value = 0 if roles.value is None else nbytes(roles.value.parameters())
     measured = {"weights_policy": nbytes(roles.policy.parameters()), "weights_reference": reference,
-                "weights_reward": nbytes(roles.reward.parameters()), "weights_value": value,
+                "weights_reward": sum(nbytes(m.parameters()) for m in roles.reward_models), "weights_value": value,
                 "gradients": nbytes(p.grad for p in trained),
                 "adamw": nbytes(t for st in optimizer.state.values() for k, t in st.items()
                                 if k in ("exp_avg", "exp_avg_sq")),

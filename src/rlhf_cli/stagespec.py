@@ -77,14 +77,19 @@ class StageSpec:
 
 LOOP_PATHS = ("data.path", "data.eval_path")
 # PPO's per-iteration quantities (metrics.jsonl); its manifest holds the last iteration's as final_<name>
+# reward.ensemble=K's: the members (their mean held-out accuracies) and the ensemble's held-out accuracy as each
+# aggregation combines them (min, uwo at λ 0.5; mean is ensemble_eval_accuracy)
+ENSEMBLE_METRICS = ("ensemble", "member_eval_accuracy", "member_eval_gold_accuracy", "ensemble_eval_accuracy",
+                    "ensemble_eval_gold_accuracy", "ensemble_eval_accuracy_min", "ensemble_eval_accuracy_uwo")
 PPO_LOGGED = ("score", "score_penalised", "kl", "rlhf_reward", "response_length", "stop_rate", "kl_coef", "policy_loss",
               "value_loss", "entropy", "approx_kl", "clipfrac", "vf_clipfrac", "first_minibatch_approx_kl",
               "explained_variance", "rollout_tokens_per_s", "update_tokens_per_s", "gold", "lr", "kl_loss",
-              "zero_std_groups")
+              "zero_std_groups", "ensemble_score", "ensemble_mean", "ensemble_std")
 # ... of which these only with some settings: the value model's (ppo.advantage=gae), the KL loss term
 # (ppo.kl_penalty=loss), the share of groups whose k responses all scored alike (ppo.samples_per_prompt > 1), the
-# KL and the KL-penalised reward (not without a reference: ppo.kl_coef=0)
-PPO_VARIANT = ("value_loss", "vf_clipfrac", "explained_variance", "kl_loss", "zero_std_groups", "kl", "rlhf_reward")
+# KL and the KL-penalised reward (not without a reference: ppo.kl_coef=0), a reward ensemble's (several reward models)
+PPO_VARIANT = ("value_loss", "vf_clipfrac", "explained_variance", "kl_loss", "zero_std_groups", "kl", "rlhf_reward",
+               "ensemble_score", "ensemble_mean", "ensemble_std")
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
@@ -111,7 +116,8 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
         path_keys=("model.name_or_path", *LOOP_PATHS),
         metrics=("steps", "train_accuracy", "eval_accuracy", "eval_gold_accuracy", "eval_margin", "eval_loss",
                  "reward_mean", "reward_std", "train_pairs", "eval_pairs", "pairs_per_s", "truncated_pairs",
-                 "skipped_steps", "label_noise_ceiling"),
+                 "skipped_steps", "label_noise_ceiling", *ENSEMBLE_METRICS),
+        variant_metrics=ENSEMBLE_METRICS,
         headline=(Metric("eval_accuracy", "held-out accuracy", "eval acc", "high"),
                   Metric("eval_gold_accuracy", "held-out accuracy vs gold", "gold acc", "high"),
                   Metric("train_accuracy", "train accuracy", "train acc", "high"),
@@ -153,6 +159,9 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                 Chart("groups", "groups whose k responses all scored alike", (("zero_std_groups", "zero-std groups"),),
                       "fraction"),
                 Chart("kl_loss", "KL term of the loss (ppo.kl_penalty=loss)", (("kl_loss", "KL loss"),), "nats"),
+                Chart("ensemble", "reward ensemble: standardised members (ppo.reward_aggregation)",
+                      (("ensemble_score", "aggregated"), ("ensemble_mean", "members' mean"),
+                       ("ensemble_std", "members' std")), "standardised score"),
                 Chart("rewards", "reward components of the training rollouts (reward.functions; mean)", (),
                       "raw value", prefix="reward/")),
         step_unit="iteration", samples="samples.jsonl", samples_last_step=True, eval_policy=True),

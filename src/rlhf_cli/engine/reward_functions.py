@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from rlhf_cli.errors import ConfigError, RewardFunctionError
+from rlhf_cli.rl.reward import ENSEMBLE, standardize_members
 
 KEY = "reward.functions"
 REWARD_MODEL = "reward_model"  # the learned reward model's component name
@@ -207,44 +208,92 @@ def weights_for(names: list[str], weights: list[float], key: str = "reward.weigh
 
 @dataclass(frozen=True)
 class Rewards:
-    """Everything that scores a response: the learned reward model (an engine.rollout.Scorer, or None for reward
-    functions alone) and the reward functions, each component with its weight."""
-    scorer: object | None            # engine.rollout.Scorer of the frozen reward model, or None
+    """Everything that scores a response: the learned reward model (engine.rollout.Scorer; several: an ensemble,
+    none: reward functions alone) and the reward functions, each component with its weight. An ensemble counts as
+    one component, `reward_model`: its members' scores, each standardised with its own held-out statistics, then
+    combined by rl.reward.ENSEMBLE[ensemble] (mean, min, uwo)."""
+    scorers: list                    # engine.rollout.Scorer of each frozen reward model ([] for none)
     functions: list[RewardFunction]
     weights: dict[str, float]        # component name -> weight (the reward model's is REWARD_MODEL)
     aggregation: str = "sum"         # rl.reward.COMBINE's key (reward.aggregation)
+    ensemble: str = "mean"           # rl.reward.ENSEMBLE's key (ppo.reward_aggregation), for 2+ reward models
+    uwo_coef: float = 0.5            # λ of ensemble=uwo
+
+    @property
+    def scorer(self):
+        """The reward model's Scorer (an ensemble's first member), or None."""
+        return self.scorers[0] if self.scorers else None
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.scorers) > 1
 
     @property
     def names(self) -> list[str]:
-        return [*([REWARD_MODEL] if self.scorer is not None else []), *(rf.name for rf in self.functions)]
+        return [*([REWARD_MODEL] if self.scorers else []), *(rf.name for rf in self.functions)]
 
     def describe(self) -> str:
         """One line of what scores a response, as the stages print it."""
         parts = [f"{self.weights[n]:g} x {n}" for n in self.names]
+        if self.is_ensemble:
+            how = f"{self.ensemble}, λ {self.uwo_coef:g}" if self.ensemble == "uwo" else self.ensemble
+            parts[0] += f" ({how} of {len(self.scorers)} standardised members)"
         return " + ".join(parts) + ("" if self.aggregation == "sum" else f" ({self.aggregation})")
 
-    def components(self, samples, prompt_text: list[str], response_text: list[str], columns: list[dict],
-                   micro: int, where: str | Callable[[], str] = "") -> dict[str, torch.Tensor]:
-        """name -> [B] raw values on the samples' device (float32; NaN where a function returned None): the reward
-        model's score first, then each function's."""
+    def model_scores(self, samples, prompt_text: list[str], response_text: list[str], micro: int) -> torch.Tensor:
+        """[K, B] float32: each reward model's raw score of each response (K = 1 for one reward model)."""
         from rlhf_cli.engine.rollout import score_responses
 
+        return torch.stack([score_responses(s, samples, prompt_text, response_text, micro) for s in self.scorers])
+
+    def standardised(self, scores: torch.Tensor) -> torch.Tensor:
+        """[K, B] raw member scores -> each on its own held-out scale (rl.reward.standardize_members)."""
+        stats = torch.tensor([[s.model.score_stats["mean"], s.model.score_stats["std"]] for s in self.scorers],
+                             dtype=scores.dtype, device=scores.device)
+        return standardize_members(scores, stats[:, 0], stats[:, 1])
+
+    def reward_model_score(self, scores: torch.Tensor) -> torch.Tensor:
+        """The `reward_model` component from [K, B] raw scores: the one model's raw score, or the ensemble's
+        members standardised and combined."""
+        if not self.is_ensemble:
+            return scores[0]
+        return ENSEMBLE[self.ensemble](self.standardised(scores), self.uwo_coef)
+
+    def components(self, samples, prompt_text: list[str], response_text: list[str], columns: list[dict],
+                   micro: int, where: str | Callable[[], str] = "",
+                   model_scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """name -> [B] raw values on the samples' device (float32; NaN where a function returned None): the reward
+        model's score first (`model_scores` when already computed), then each function's."""
         out = {}
-        if self.scorer is not None:
-            out[REWARD_MODEL] = score_responses(self.scorer, samples, prompt_text, response_text, micro)
+        if self.scorers:
+            if model_scores is None:
+                model_scores = self.model_scores(samples, prompt_text, response_text, micro)
+            out[REWARD_MODEL] = self.reward_model_score(model_scores)
         device = samples.input_ids.device
         for name, values in score(self.functions, prompt_text, response_text, columns, micro, where).items():
             out[name] = values.to(device=device, dtype=torch.float32)
         return out
 
 
-def make_rewards(scorer, specs: list[str], weights: list[float], aggregation: str = "sum",
-                 functions: list[RewardFunction] | None = None) -> Rewards:
-    """Rewards from the loaded reward model (or None) and the functions of `specs` (loaded here unless given),
-    the weights checked against the components."""
+def make_rewards(scorers: list, specs: list[str], weights: list[float], aggregation: str = "sum",
+                 functions: list[RewardFunction] | None = None, ensemble: str = "mean",
+                 uwo_coef: float = 0.5) -> Rewards:
+    """Rewards from the loaded reward models (an ensemble when several; [] for none) and the functions of `specs`
+    (loaded here unless given), the weights checked against the components."""
     functions = load_all(specs) if functions is None else functions
-    names = [*([REWARD_MODEL] if scorer is not None else []), *(rf.name for rf in functions)]
-    return Rewards(scorer, functions, weights_for(names, weights), aggregation)
+    names = [*([REWARD_MODEL] if scorers else []), *(rf.name for rf in functions)]
+    return Rewards(list(scorers), functions, weights_for(names, weights), aggregation, ensemble, uwo_coef)
+
+
+def ensemble_spread(standardised: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What an ensemble's [K, B] standardised member scores say of each response: the members' mean and their
+    disagreement (population standard deviation across members), [B] each."""
+    return {"ensemble_mean": standardised.mean(0), "ensemble_std": standardised.std(0, unbiased=False)}
+
+
+def ensemble_metrics(standardised: torch.Tensor) -> dict[str, float]:
+    """ensemble_spread summed over the rows (divide by the rows for the means), as a rollout's metrics add up."""
+    return {k: float(v.sum()) for k, v in ensemble_spread(standardised).items()}
 
 
 def component_stats(components: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -289,3 +338,37 @@ def wants_reward_model(configured: str | None, specs: list[str], root: str, expe
     run_dir = artifacts.stage_dir(root, experiment, "reward")
     artifacts.settle_if_possible(run_dir)
     return artifacts.is_finished(run_dir)
+
+
+def find_reward_models(configured, root: str, experiment: str, check: str, key: str) -> tuple[list[str], list]:
+    """(the reward models' directories, the parent artifacts the manifest records) that `configured` names (ppo's
+    model.reward, eval's reward.model), checked before anything loads: null = this experiment's reward artifact;
+    a path = that one; a list = each of them, an ensemble. An ensemble artifact (`reward.ensemble=K`) stands for
+    its members, in order. Several directories: the members of an ensemble."""
+    from rlhf_cli import artifacts
+    from rlhf_cli.models.loading import check_source
+    from rlhf_cli.models.reward import ensemble_members
+
+    items = [configured] if configured is None or isinstance(configured, str) else list(configured)
+    paths, parents = [], []
+    for item in items:
+        path, parent = artifacts.upstream(item, root, experiment, "reward", "reward_model", check, key=key)
+        check_source(path, key)
+        paths += ensemble_members(path) or [path]
+        parents += [parent] if parent else []
+    return paths, parents
+
+
+def check_ensemble_stats(scorers: list, paths: list[str]) -> None:
+    """An ensemble standardises each member with its own held-out statistics: every member must record them (a
+    reward artifact of `rlhf reward` does; an off-the-shelf classifier does not)."""
+    from rlhf_cli.errors import ArtifactError
+
+    if len(scorers) < 2:
+        return
+    for scorer, path in zip(scorers, paths):
+        if not scorer.model.score_stats.get("std"):
+            raise ArtifactError(
+                f"the ensemble member {path} records no held-out score statistics, which an ensemble standardises "
+                f"each member's score with", hint='train it with `rlhf reward`, or add "score_stats": {"mean": m, '
+                                                   '"std": s} (its scores on held-out data) to its reward_config.json')

@@ -53,6 +53,7 @@ class Rollout:
     prompt_text: list[str]        # B decoded prompts (special tokens skipped)
     response_text: list[str]      # B decoded responses
     components: dict = field(default_factory=dict)  # name -> [B] raw value of each reward component (NaN: None)
+    members: torch.Tensor | None = None  # [K, B] an ensemble's members' standardised scores (None: one reward model)
 
 
 def constants(roll: Rollout) -> Rollout:

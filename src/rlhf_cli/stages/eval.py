@@ -58,8 +58,10 @@ from rlhf_cli.data import tasks
 from rlhf_cli.data.prompts import encode_prompts
 from rlhf_cli.engine import batches, checkpoint, device as dev, dist, rundir, train
 from rlhf_cli.engine.logging import charts_row, console, metrics_text, progress_bar, summary_table
-from rlhf_cli.engine.reward_functions import (REWARD_MODEL, RewardFunction, Rewards, load_all, make_rewards,
-                                              value_or_none, wants_reward_model, weights_for)
+from rlhf_cli.engine.reward_functions import (REWARD_MODEL, RewardFunction, Rewards, check_ensemble_stats,
+                                              ensemble_spread, load_all, make_rewards, value_or_none,
+                                              wants_reward_model, weights_for)
+from rlhf_cli.engine.reward_functions import find_reward_models as find_reward_paths
 from rlhf_cli.engine.trackers import Trackers
 from rlhf_cli.engine.rollout import Scorer, decode, response_logprobs, sample
 from rlhf_cli.errors import ArtifactError, RewardFunctionError
@@ -88,10 +90,10 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
     # (reference, reward model, reward functions) ----------------------------------------------------------------
     functions = load_all(cfg.reward.functions) or gold_instead(cfg)  # the user's code: a bad spec stops us here
     reference_path, _ = find_upstream(cfg.reference, cfg, "sft", "policy", "reference")
-    reward_path = find_reward_model(cfg, functions)
+    reward_paths = find_reward_models(cfg, functions)
     policies = resolve_policies(cfg)
     check_tokenizers(policies, reference_path)
-    judge = load_judge(cfg, reference_path, reward_path, functions, device, d)
+    judge = load_judge(cfg, reference_path, reward_paths, functions, device, d)
     prompts, columns, source = tasks.eval_prompts(cfg.data, cfg.num_prompts, judge.tokenizer)
     prompt_ids, cut = encode_prompts(prompts, judge.tokenizer, cfg.data.max_seq_len - cfg.response_length)
     if d.is_main:
@@ -103,7 +105,7 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
               f"{responses_each(cfg.samples_per_prompt)}, seed {cfg.seed}, temperature {cfg.temperature}, at most "
               f"{cfg.response_length} tokens; {device}, {str(judge.reference.dtype).removeprefix('torch.')}" +
               (f", {d.world_size} processes ({cfg.strategy})" if d.enabled else ""))
-    con.print(f"{describe_rewards(judge.rewards, reward_path)}; KL to the reference {reference_path}")
+    con.print(f"{describe_rewards(judge.rewards, reward_paths)}; KL to the reference {reference_path}")
 
     # ---- loop over policies (and a PPO run's checkpoints) --------------------------------------------------
     distinct = {pol["model"] for pol in policies} | {str(path) for pts in curve_points.values() for _, path in pts}
@@ -121,10 +123,13 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
     # ---- save: eval.json (replaced on every run), the tables ----------------------------------------------
     scorer = judge.rewards.scorer
     report = {"stage": "eval", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "experiment": cfg.experiment,
-              "baseline": policies[0]["name"], "reference": reference_path, "reward_model": reward_path,
+              "baseline": policies[0]["name"], "reference": reference_path,
+              "reward_model": reward_paths[0] if len(reward_paths) == 1 else (reward_paths or None),
               "reward_same_tokenizer": scorer.same_tokens if scorer is not None else None,
               "rewards": {"functions": [rf.spec for rf in judge.rewards.functions], "weights": judge.rewards.weights,
-                          "aggregation": judge.rewards.aggregation},
+                          "aggregation": judge.rewards.aggregation,
+                          **({"ensemble_aggregation": judge.rewards.ensemble, "uwo_coef": judge.rewards.uwo_coef}
+                             if judge.rewards.is_ensemble else {})},
               "prompts": {"source": str(source), "count": len(prompts), "cut": cut,
                           "samples_per_prompt": cfg.samples_per_prompt},
               "policies": results, "curves": curves, "config": asdict(cfg), "versions": artifacts.package_versions()}
@@ -155,14 +160,17 @@ def gold_instead(cfg: EvalConfig) -> list[RewardFunction]:
     return [RewardFunction("gold", "rlhf_cli.rewards:gold (no reward model in the experiment)", rewards.gold)]
 
 
-def find_reward_model(cfg: EvalConfig, functions: list[RewardFunction]) -> str | None:
-    """The reward model's path (as find_upstream resolves reward.model), or None when none scores (reward.model=none,
-    or reward functions alone and no reward artifact in the experiment); reward.weights checked against the
-    components, all before anything loads."""
+def find_reward_models(cfg: EvalConfig, functions: list[RewardFunction]) -> list[str]:
+    """The reward models' paths (one; an ensemble's members, from an ensemble artifact or a list in reward.model),
+    or [] when none scores (reward.model=none, or reward functions alone and no reward artifact in the experiment);
+    reward.weights checked against the components, all before anything loads."""
     wanted = wants_reward_model(cfg.reward.model, [f.spec for f in functions], cfg.root, cfg.experiment)
-    path = find_upstream(cfg.reward.model, cfg, "reward", "reward_model", "reward.model")[0] if wanted else None
+    configured = cfg.reward.model
+    configured = [absolute_path(v) for v in configured] if isinstance(configured, list) else absolute_path(configured)
+    paths = find_reward_paths(configured, cfg.root, cfg.experiment, cfg.artifact_check,
+                              "reward.model")[0] if wanted else []
     weights_for([*([REWARD_MODEL] if wanted else []), *(rf.name for rf in functions)], cfg.reward.weights)
-    return path
+    return paths
 
 
 def resolve_policies(cfg: EvalConfig) -> list[dict]:
@@ -237,30 +245,34 @@ class Judge:
         return [*(f"reward/{rf.name}" for rf in self.rewards.functions), *(["gold"] if self.gold else [])]
 
 
-def load_judge(cfg: EvalConfig, reference_path: str, reward_path: str | None, functions: list[RewardFunction],
+def load_judge(cfg: EvalConfig, reference_path: str, reward_paths: list[str], functions: list[RewardFunction],
                device, d: dist.Dist) -> Judge:
-    """The reference and the reward model (none without `reward_path`), frozen, held as `strategy` says (sharded
-    under fsdp), with the loaded reward functions."""
+    """The reference and the reward models (none, one, or an ensemble's members), frozen, held as `strategy` says
+    (sharded under fsdp), with the loaded reward functions."""
     frozen, at = dev.frozen_dtype(cfg.dtype, device), train.load_device(device, cfg)
     reference, tokenizer = load_frozen_lm(reference_path, at, frozen, key="reference")
     train.hold_frozen(reference, d, device, cfg)
-    scorer = None
-    if reward_path is not None:
-        reward_model, reward_tokenizer = load_frozen_reward_model(reward_path, at, frozen, key="reward.model")
+    scorers = []
+    for path in reward_paths:
+        reward_model, reward_tokenizer = load_frozen_reward_model(path, at, frozen, key="reward.model")
         train.hold_frozen(reward_model, d, device, cfg)
-        scorer = Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer),
-                        cfg.data.max_seq_len)
-    rewards = make_rewards(scorer, [f.spec for f in functions], cfg.reward.weights, cfg.reward.aggregation, functions)
+        scorers.append(Scorer(reward_model, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer),
+                              cfg.data.max_seq_len))
+    check_ensemble_stats(scorers, reward_paths)
+    rewards = make_rewards(scorers, [f.spec for f in functions], cfg.reward.weights, cfg.reward.aggregation, functions,
+                           cfg.reward.ensemble_aggregation, cfg.reward.uwo_coef)
     return Judge(reference, tokenizer, rewards, tasks.gold_scorer(cfg.data))
 
 
-def describe_rewards(rewards: Rewards, reward_path: str | None) -> str:
+def describe_rewards(rewards: Rewards, reward_paths: list[str]) -> str:
     """What makes the score, as printed: `score = 1 x reward_model + 0.5 x exact_match; reward model <path> (same
-    tokens); functions rlhf_cli.rewards:exact_match`."""
+    tokens); functions rlhf_cli.rewards:exact_match` (an ensemble: its members' paths)."""
     scorer = rewards.scorer
     how = "same tokens" if scorer is not None and scorer.same_tokens else "re-tokenised text"
+    models = ("reward model " + reward_paths[0] if len(reward_paths) == 1
+              else f"{len(reward_paths)} reward models " + ", ".join(reward_paths))
     return "; ".join([f"score = {rewards.describe()}",
-                      *([f"reward model {reward_path} ({how})"] if scorer is not None else []),
+                      *([f"{models} ({how})"] if scorer is not None else []),
                       *([f"functions {', '.join(rf.spec for rf in rewards.functions)}"] if rewards.functions else [])])
 
 
@@ -366,17 +378,18 @@ def evaluate(model, judge: Judge, prompts: tuple[list, list], cfg: EvalConfig, d
     with torch.no_grad():
         logp = response_logprobs(model, samples, cfg.temperature, micro)
         ref_logp = response_logprobs(judge.reference, samples, cfg.temperature, micro)
-        components = scored(judge.rewards, samples, (prompt_text, response_text, columns), micro,
-                            f" (policy {label})", d)
+        components, spread = scored(judge.rewards, samples, (prompt_text, response_text, columns), micro,
+                                    f" (policy {label})", d)
     score = COMBINE[judge.rewards.aggregation](components, judge.rewards.weights, n)
     mask = samples.mask
     gold = ({"gold": torch.tensor([judge.gold(p, r) for p, r in zip(prompt_text, response_text)],
                                   dtype=torch.float64)} if judge.gold else {})
-    per_response = {"score": score.cpu(), **{f"reward/{k}": v.cpu() for k, v in components.items()}, **gold,
+    per_response = {"score": score.cpu(), **{f"reward/{k}": v.cpu() for k, v in components.items()},
+                    **{k: v.cpu() for k, v in spread.items()}, **gold,
                     "kl": ((logp - ref_logp) * mask).sum(1).cpu(), "response_length": mask.sum(1).cpu(),
                     "stop_rate": samples.ended.float().cpu()}
     per_response = dist.concat_over_ranks(d, {k: v[:real * n] for k, v in per_response.items()})
-    kept = ["score", *(f"reward/{k}" for k in components), *gold]
+    kept = ["score", *(f"reward/{k}" for k in components), *spread, *gold]
     shown = [{"prompt": prompt_text[i], "response": response_text[i],
               **{k: value_or_none(per_response[k][i]) for k in kept}}
              for i in range(min(NUM_SAMPLES, real * n))]
@@ -384,18 +397,22 @@ def evaluate(model, judge: Judge, prompts: tuple[list, list], cfg: EvalConfig, d
 
 
 def scored(rewards: Rewards, samples, texts: tuple[list, list, list], micro: int, where: str,
-           d: dist.Dist) -> dict[str, torch.Tensor]:
-    """rewards.components (float32; texts: prompts, responses, the rows' other fields), every process stopping
-    when a reward function failed on any of them (one that raised alone would leave the others waiting)."""
-    failure, components = None, {}
+           d: dist.Dist) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(rewards.components, float32; for an ensemble its members' mean and disagreement per response, else {}):
+    texts: prompts, responses, the rows' other fields. Every process stops when a reward function failed on any of
+    them (one that raised alone would leave the others waiting)."""
+    failure, components, spread = None, {}, {}
+    raw = rewards.model_scores(samples, *texts[:2], micro) if rewards.scorers else None
+    if rewards.is_ensemble:
+        spread = {k: v.float() for k, v in ensemble_spread(rewards.standardised(raw)).items()}
     try:
-        components = rewards.components(samples, *texts, micro, where)
+        components = rewards.components(samples, *texts, micro, where, model_scores=raw)
     except RewardFunctionError as exc:
         failure = exc
     if not dist.all_ok(d, failure is None):
         raise failure or RewardFunctionError(f"a reward function failed on another process{where}",
                                              hint="that process's log names the function and the row")
-    return {k: v.float() for k, v in components.items()}
+    return {k: v.float() for k, v in components.items()}, spread
 
 
 def by_prompt(per_response: dict, n: int) -> dict:
@@ -525,16 +542,33 @@ def show_tables(con, report: dict, with_gold: bool, run_dir: Path, pngs: list[Pa
     proxy = "score" if (report.get("rewards") or {}).get("functions") else "reward model"
     if rewards is not None:
         con.print(rewards)
+    ensemble = "ensemble_std" in report["policies"][0]
+    if ensemble:
+        con.print(ensemble_table(con, report))
     for name, curve in report["curves"].items():
         table = Table(title=f"over-optimisation curve of {abbreviate(name, 48)} (step 0: the reference)",
                       title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
-        for col in ("step", "KL", f"proxy ({proxy})", *(["gold"] if with_gold else [])):
+        for col in ("step", "KL", f"proxy ({proxy})", *(["member std"] if ensemble else []),
+                    *(["gold"] if with_gold else [])):
             table.add_column(col, justify="right")
         for point in curve:
             table.add_row(str(point["step"]), _pm(point, "kl"), _pm(point, "score"),
+                          *([_pm(point, "ensemble_std")] if ensemble else []),
                           *([_pm(point, "gold")] if with_gold else []))
         con.print(table)
     con.print(summary_table("report", {"eval.json": str(run_dir / "eval.json"), **charts_row(pngs, run_dir)}))
+
+
+def ensemble_table(con, report: dict) -> Table:
+    """Per policy, what the reward ensemble says of its responses: the aggregated score (as rewards.ensemble_
+    aggregation combines the standardised members), the members' mean, and their disagreement (the standard
+    deviation across members, averaged over responses): a policy that exploits one member's errors shows it."""
+    how = report["rewards"]["ensemble_aggregation"]
+    return fitted(con, report, lambda names: policy_table(
+        f"reward ensemble ({len(report['reward_model'])} members, standardised): the {how} the score uses, the "
+        f"members' mean and their disagreement", ["policy", f"score ({how})", "members' mean", "member std"],
+        [[names[row["name"]], _pm(row, f"reward/{REWARD_MODEL}"), _pm(row, "ensemble_mean"),
+          _pm(row, "ensemble_std")] for row in report["policies"]]))
 
 
 def policy_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:

@@ -111,7 +111,8 @@ def run(cfg: PPOConfig) -> dict:
 class Upstream:
     """Where each role comes from (checked artifacts or models) and the parent artifacts the manifest records."""
     policy: str
-    reward: str | None               # None: no reward model (reward functions alone)
+    reward: list[str]                # the reward models' directories: one, an ensemble's members, or none
+                                     # (reward functions alone)
     value: str | None                # None: the value model starts from the policy with a fresh head
     parents: list
 
@@ -123,17 +124,16 @@ def find_upstream(cfg: PPOConfig) -> Upstream:
     policy, sft_parent = artifacts.upstream(cfg.model.policy, cfg.root, cfg.experiment, "sft", "policy", check,
                                             key="model.policy")
     check_source(policy, "model.policy")   # a model directory or hub id given instead must be there
-    reward, reward_parent = None, None
+    reward, reward_parents = [], []
     if rf.wants_reward_model(cfg.model.reward, cfg.reward.functions, cfg.root, cfg.experiment):
-        reward, reward_parent = artifacts.upstream(cfg.model.reward, cfg.root, cfg.experiment, "reward",
-                                                   "reward_model", check, key="model.reward")
-        check_source(reward, "model.reward")
-    value = reward
+        reward, reward_parents = rf.find_reward_models(cfg.model.reward, cfg.root, cfg.experiment, check,
+                                                       "model.reward")
+    value = reward[0] if reward else None   # an ensemble's first member
     if cfg.model.value is not None:
         value, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check,
                                       key="model.value")
         check_source(value, "model.value")
-    return Upstream(policy, reward, value, [x for x in (sft_parent, reward_parent) if x])
+    return Upstream(policy, reward, value, [x for x in (sft_parent, *reward_parents) if x])
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,9 @@ class Roles:
     value_init: str                  # what the value model started from, as shown
 
     @property
-    def reward(self) -> RewardModel | None:
-        return self.rewards.scorer.model if self.rewards.scorer is not None else None
+    def reward_models(self) -> list[RewardModel]:
+        """The frozen reward models: one, an ensemble's members, or none."""
+        return [scorer.model for scorer in self.rewards.scorers]
 
     def trained(self) -> dict:
         """The trained models by checkpoint name."""
@@ -204,16 +205,19 @@ def load_roles(cfg: PPOConfig, paths: Upstream, device: torch.device,
     if needs_reference(cfg.ppo):
         reference = lora.frozen_base(policy, lambda: load_frozen_lm(paths.policy, at, frozen,
                                                                     cfg.model.trust_remote_code, "model.policy")[0])
-    scorer = None
-    if paths.reward is not None:
-        reward, reward_tokenizer = load_frozen_reward_model(paths.reward, at, frozen, cfg.model.trust_remote_code)
-        scorer = Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer), cfg.data.max_seq_len)
-    rewards = rf.make_rewards(scorer, cfg.reward.functions, cfg.reward.weights, cfg.reward.aggregation, functions)
+    scorers = []
+    for path in paths.reward:
+        reward, reward_tokenizer = load_frozen_reward_model(path, at, frozen, cfg.model.trust_remote_code)
+        scorers.append(Scorer(reward, reward_tokenizer, same_tokenizer(tokenizer, reward_tokenizer),
+                              cfg.data.max_seq_len))
+    rf.check_ensemble_stats(scorers, paths.reward)
+    rewards = rf.make_rewards(scorers, cfg.reward.functions, cfg.reward.weights, cfg.reward.aggregation, functions,
+                              cfg.ppo.reward_aggregation, cfg.ppo.uwo_coef)
     value, value_init = None, "none (critic-free)"
     if adv.ESTIMATORS[cfg.ppo.advantage].needs_value:
         value, value_init = load_value_model(cfg, paths, policy_cfg, tokenizer, at, frozen)
     policy.train()
-    check_normalisation(cfg.ppo, paths, scorer)
+    check_normalisation(cfg.ppo, paths, rewards.scorer)
     return Roles(policy, reference, value, rewards, tokenizer, value_init)
 
 
@@ -225,7 +229,7 @@ def check_normalisation(p: PPOAlgoConfig, paths: Upstream, scorer: Scorer | None
         raise ConfigError("ppo.normalize_scores=true normalises the reward model's score, but no reward model is "
                           "used (reward functions alone)", hint="set ppo.normalize_scores=false")
     if not scorer.model.score_stats.get("std"):
-        raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward} records no score statistics",
+        raise ArtifactError(f"ppo.normalize_scores=true but {paths.reward[0]} records no score statistics",
                             hint="re-run `rlhf reward`, or set ppo.normalize_scores=false")
 
 
@@ -258,7 +262,7 @@ def hold_roles(roles: Roles, d: dist.Dist, device: torch.device, t) -> list:
     """The trained roles as the update runs them (engine.train.wrap_for_training) and the frozen ones held alike
     (sharded under train.strategy=fsdp): [policy, value model (gae only)] to train through."""
     wrapped = [train.wrap_for_training(m, d, device, t) for m in roles.trained().values()]
-    for frozen in (roles.reference, roles.reward):
+    for frozen in (roles.reference, *roles.reward_models):
         if frozen is not None:
             train.hold_frozen(frozen, d, device, t)
     return wrapped
@@ -271,8 +275,10 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
                  f"a frozen copy ({lora.counts(roles.reference)[1] / 1e6:.2f}M parameters)")
     con.print(f"[bold]rlhf ppo[/bold] -> {cfg.run_dir}")
     scorer = roles.rewards.scorer
+    members = f"an ensemble of {len(paths.reward)} ({', '.join(paths.reward)}), each " if len(paths.reward) > 1 else \
+        f"{paths.reward[0]} (" if paths.reward else ""
     reward = ("none (reward functions alone)" if scorer is None else
-              f"{paths.reward} ({lora.counts(scorer.model)[1] / 1e6:.2f}M parameters, frozen, "
+              f"{members}{lora.counts(scorer.model)[1] / 1e6:.2f}M parameters, frozen, "
               f"{'same tokens' if scorer.same_tokens else 're-tokenised text'})")
     con.print(f"policy {paths.policy} ({lora.describe(roles.policy)}); reference: {reference}; reward model {reward}; "
               f"value model: {roles.value_init}"
@@ -344,25 +350,29 @@ def collect_rollout(roles: Roles, prompts: list[list[int]], cfg: PPOConfig, devi
                           tok.eos_token_id, device, p.rollout_backend)
         prompt_text, response_text = decode(samples, tok)
         with torch.no_grad():  # not inference mode: sharded (FSDP) weights gathered in it could not train after
-            components = roles.rewards.components(samples, prompt_text, response_text,
-                                                  columns or [{} for _ in prompts], micro, where)
+            rewards = roles.rewards
+            raw = rewards.model_scores(samples, prompt_text, response_text, micro) if rewards.scorers else None
+            components = rewards.components(samples, prompt_text, response_text, columns or [{} for _ in prompts],
+                                            micro, where, model_scores=raw)
             roll = Rollout(**vars(samples),
                            logprobs=response_logprobs(roles.policy, samples, p.temperature, t.micro_batch_size),
                            ref_logprobs=(response_logprobs(roles.reference, samples, p.temperature, micro)
                                          if roles.reference is not None else None),
                            values=response_values(roles.value, samples, micro) if roles.value is not None else None,
                            scores=rl_reward.weighted_sum(components, roles.rewards.weights),
-                           prompt_text=prompt_text, response_text=response_text, components=components)
+                           prompt_text=prompt_text, response_text=response_text, components=components,
+                           members=rewards.standardised(raw) if rewards.is_ensemble else None)
     roles.policy.train()
     return constants(roll)
 
 
-def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_path: str | None) -> None:
+def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_paths: list[str]) -> None:
     """Stop before a non-finite score, log-prob or value turns into rewards, advantages and an update (the reward
     functions' values were checked as they returned)."""
     if rf.REWARD_MODEL in roll.components:
         guard.require_finite(iteration, "reward model's score", roll.components[rf.REWARD_MODEL],
-                             hint=f"the reward model ({reward_path}) gives NaN/inf scores for these responses: check "
+                             hint=f"the reward model ({', '.join(reward_paths)}) gives NaN/inf scores for these "
+                                  f"responses: check "
                                   f"it, or re-train it (`rlhf reward ... overwrite=true`)")
     if roll.ref_logprobs is not None:
         guard.require_finite(iteration, "reference log-prob", roll.ref_logprobs,
@@ -392,7 +402,7 @@ def shape_rewards(roll: Rollout, kl_coef: float, p: PPOAlgoConfig, rewards: rf.R
     token) or kept for the loss (ppo.kl_penalty); zero-std groups counted, and left out when asked; rows no
     component applies to left out."""
     components = dict(roll.components)
-    if p.normalize_scores:
+    if p.normalize_scores and not rewards.is_ensemble:  # an ensemble's members are standardised already
         stats = rewards.scorer.model.score_stats
         components[rf.REWARD_MODEL] = rl.normalize_scores(components[rf.REWARD_MODEL], stats["mean"], stats["std"])
     scores = rl_reward.COMBINE[rewards.aggregation](components, rewards.weights, p.samples_per_prompt)
@@ -490,7 +500,9 @@ def iteration_metrics(roll: Rollout, shaped: Shaped, stats: list[dict], kl_coef:
            if seq_kl is not None else {}),
         "response_length": float(roll.mask.sum(1).sum()), "stop_rate": float(roll.ended.sum()),
         "gold": float(sum(golds)) if golds else 0.0, "tokens": float(roll.mask.sum()),
-        **({"zero_std_groups": float(shaped.zero_std.sum())} if shaped.zero_std is not None else {})}, device)
+        **({"zero_std_groups": float(shaped.zero_std.sum())} if shaped.zero_std is not None else {}),
+        **({"ensemble_score": float(roll.components[rf.REWARD_MODEL].sum()), **rf.ensemble_metrics(roll.members)}
+           if roll.members is not None else {})}, device)
     first = stats[:len(stats) // (p.num_ppo_epochs * p.num_mini_batches)]   # epoch 1's first minibatch: ratio 1
     means = {k: float(torch.stack([s[k] for s in stats]).mean()) for k in stats[0]}
     means["first_minibatch_approx_kl"] = float(torch.stack([s["approx_kl"] for s in first]).mean())
@@ -542,7 +554,9 @@ def publish(cfg: PPOConfig, paths: Upstream, roles: Roles, policy, metrics: dict
     manifest = artifacts.build_manifest(
         stage="ppo", kind="policy", config=asdict(cfg), base_model=paths.policy, tokenizer=roles.tokenizer,
         metrics=metrics, parents=paths.parents,
-        extra={"ppo": {"reward_model": paths.reward, "same_tokenizer_as_reward":
+        extra={"ppo": {"reward_model": (paths.reward[0] if len(paths.reward) == 1 else paths.reward) or None,
+                       "reward_aggregation": cfg.ppo.reward_aggregation if roles.rewards.is_ensemble else None,
+                       "same_tokenizer_as_reward":
                        roles.rewards.scorer.same_tokens if roles.rewards.scorer is not None else None,
                        "final_kl_coef": kl_coef},
                "rewards": {"components": roles.rewards.names, "weights": roles.rewards.weights,
