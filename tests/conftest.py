@@ -29,6 +29,7 @@ MAX_WORKERS = 8
 # workers end together when the longest files do not start last. Seconds measured in one 2-worker run, in order:
 # 231, 69, 51, 45, 34, 32, 29, 26, 24, 23, 20, 19.
 LONGEST_FIRST = ("test_distributed.py", "test_resume_ddp.py", "test_critic_free.py", "test_reward_functions_stage.py",
+                 "test_reward_ensembles.py",
                  "test_bench_ppo.py", "test_pipeline.py", "test_cli_safety.py", "test_shipped_config.py",
                  "test_trackers.py", "test_dpo_stage.py", "test_wheel.py", "test_bench_dpo.py")
 

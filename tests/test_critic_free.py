@@ -62,7 +62,8 @@ def test_grpo_raises_the_gold_score_with_no_value_model(grpo_run, capsys):
     checkpoint = run_dir / "checkpoints" / "step-6"
     assert (checkpoint / "policy.safetensors").is_file() and not list(checkpoint.glob("value*"))
     numbers = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    assert numbers == set(SPECS["ppo"].metrics) - GAE_ONLY  # kl_loss, zero_std_groups included
+    ensemble_only = {f"final_{k}" for k in ("ensemble_score", "ensemble_mean", "ensemble_std")}
+    assert numbers == set(SPECS["ppo"].metrics) - GAE_ONLY - ensemble_only  # kl_loss, zero_std_groups included
     assert 0 <= metrics["final_zero_std_groups"] <= 1 and metrics["final_kl_loss"] >= 0
     assert (run_dir / "charts" / "groups.png").is_file() and not (run_dir / "charts" / "value.png").exists()
 
@@ -110,7 +111,7 @@ def _rollout(scores: list[float], k: int) -> Rollout:
                    response_text=[""] * n, components={REWARD_MODEL: torch.tensor(scores)})
 
 
-RM_ONLY = Rewards(None, [], {REWARD_MODEL: 1.0})  # a reward model's score alone (never normalised here)
+RM_ONLY = Rewards([], [], {REWARD_MODEL: 1.0})  # a reward model's score alone (never normalised here)
 
 
 def test_zero_std_groups_are_counted_and_left_out_when_asked():

@@ -206,7 +206,7 @@ def test_bf16_autocast_rollout_gives_ratio_one_on_the_first_minibatch(tiny):
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     value = RewardModel.from_backbone(str(path), tok).eval()
     roles = ppo.Roles(policy, lora.frozen_base(policy, lambda: policy), value,
-                      make_rewards(Scorer(value, tok, True, 64), [], []), tok, "test")
+                      make_rewards([Scorer(value, tok, True, 64)], [], []), tok, "test")
     cfg = PPOConfig(ppo=PPOAlgoConfig(response_length=8, temperature=0.7, prompts_per_rollout=8),
                     train=PPOTrainConfig(micro_batch_size=4, rollout_micro_batch_size=8, precision="bf16"))
     prompts = [[5 + i, 6, 7, 8][: 2 + i % 3] for i in range(8)]

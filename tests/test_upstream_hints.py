@@ -32,7 +32,7 @@ def test_eval_names_its_own_keys(tmp_path):
         "run `rlhf sft experiment=x` first, or set policies=[<run directory>,...]"
     assert _hint(lambda: eval_stage.find_upstream(None, cfg, "sft", "policy", "reference")) == \
         "run `rlhf sft experiment=x` first, or set reference=<model or run directory>"
-    assert _hint(lambda: eval_stage.find_reward_model(cfg, [])) == \
+    assert _hint(lambda: eval_stage.find_reward_models(cfg, [])) == \
         "run `rlhf reward experiment=x` first, or set reward.model=<model or run directory>"
 
 
