@@ -39,6 +39,10 @@ reinforce_pp_baseline, which no preset selects: the schema defaults), `--samples
 each in a process of its own, one after another, on the same models and prompts, and prints one table with each
 one's seconds per iteration relative to gae's.
 
+Reward ensembles: `--reward-models K` scores every rollout with K reward models (K copies of the one built, each
+a full model held in memory, with nominal held-out statistics), as `model.reward=[a,b,...]` does: the cost of an
+ensemble of full members (reward_m counts them all).
+
 TRL: `--trl` (alone, or with --compare-advantages: one more row) runs TRL's GRPOTrainer in a child process on the
 same workload: the same saved random policy (loaded by TRL in fp32, its reference too: beta = our grpo preset's
 kl_coef), the same reward model scored through rlhf_cli's RewardModel (a Python reward function over the prompt
@@ -105,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--advantage", choices=tuple(ESTIMATORS), default="gae",
                    help="ppo.advantage, with its preset's switches (conf/algo)")
+    p.add_argument("--reward-models", type=int, default=1,
+                   help="score with an ensemble of this many reward models (copies of the one built; each a full model)")
     p.add_argument("--samples-per-prompt", type=int, default=1,
                    help="ppo.samples_per_prompt k: rows per rollout = --prompts x k (group estimators: k >= 2)")
     p.add_argument("--compare", action="store_true", help="full vs LoRA r=16 for each of --sizes, one process each")
@@ -205,7 +211,9 @@ def build_upstream(args, cache: str) -> None:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(policy_dir)
     tokenizer.save_pretrained(policy_dir)
-    RewardModel.from_backbone(str(policy_dir), tokenizer).save_pretrained(reward_dir, tokenizer)
+    reward = RewardModel.from_backbone(str(policy_dir), tokenizer)
+    reward.score_stats = {"mean": 0.0, "std": 1.0}  # nominal held-out statistics: an ensemble standardises with them
+    reward.save_pretrained(reward_dir, tokenizer)
 
 
 def upstream(args, cache: str) -> tuple[str, str]:
@@ -217,6 +225,10 @@ def upstream(args, cache: str) -> tuple[str, str]:
     if not (reward_dir / CONFIG_FILE).is_file():
         shape = [w for flag in SHAPE_FLAGS for w in (flag, str(getattr(args, flag[2:].replace("-", "_"))))]
         subprocess.run([sys.executable, __file__, "--build-upstream", cache, *shape], check=True)
+    meta = json.loads((reward_dir / CONFIG_FILE).read_text())
+    if not meta.get("score_stats"):  # cached by an earlier version: the nominal statistics build_upstream gives
+        meta["score_stats"] = {"mean": 0.0, "std": 1.0}
+        (reward_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return str(policy_dir), str(reward_dir)
 
 
@@ -282,7 +294,7 @@ def bench(args, cache: str) -> int:
     cfg.ppo.validate()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, [reward_dir], reward_dir, []), device)
+    roles = ppo.load_roles(cfg, ppo.Upstream(policy_dir, [reward_dir] * args.reward_models, reward_dir, []), device)
     d = dist.Dist()
     shape = ppo.batch_shape(cfg, d.world_size)
     params = [p for m in roles.trained().values() for p in m.parameters() if p.requires_grad]
@@ -346,6 +358,7 @@ def bench(args, cache: str) -> int:
     value = lora.counts(roles.value) if roles.value is not None else (0, 0)  # (trained, all); none: critic-free
     out = {"model": f"{args.hidden_size}x{args.layers}", "lora_r": args.lora_r, "trainer": "rlhf_cli",
            "advantage": args.advantage, "preset": algo, "samples_per_prompt": args.samples_per_prompt,
+           "reward_models": args.reward_models,
            "kl_coef": cfg.ppo.kl_coef, "kl_penalty": cfg.ppo.kl_penalty,
            "loss_aggregation": cfg.ppo.loss_aggregation,
            "parameters_m": lora.counts(roles.policy)[1] / 1e6,

@@ -17,14 +17,16 @@ on 256 held-out prompts with the ensemble as its reward model (its mean: the sam
 start as `rlhf <stage>` in a fresh process, one after another; a finished stage is reused when the script runs
 again.
 
-Per run: the final gold score, its peak over the checkpoints (and the iteration), final − peak, the final KL, and
-the final gold's gain over `single`'s: each a mean over seeds with the standard error across seeds (the
-per-seed eval's own standard errors are in eval.json). Writes <root>/compare.json, <root>/compare.md and
+Per run: the final gold score, its peak over the checkpoints (and the iteration), final − peak, the final KL, the
+ensemble's disagreement on the final policy's responses, and the final gold's gain over `single`'s: each a mean
+over seeds with the standard error across seeds (the per-seed eval's own standard errors are in eval.json).
+Seconds per iteration go to compare.json only: use `--cost`, run alone, for timings. Writes <root>/compare.json, <root>/compare.md and
 <root>/ensembles.png (gold against KL, the seeds' mean at each checkpoint, one panel per run length).
 
-`--cost`: seconds of the reward stage with reward.ensemble=1 and 4, full fine-tuning and LoRA (model.lora.r=8),
-and PPO seconds per iteration with one reward model and with the ensemble of 4 (full and LoRA policies, 20
-iterations), into <root>/cost.md. Run nothing else meanwhile: two torch processes on 2 cores slow each other.
+`--cost`: seconds of the reward stage with reward.ensemble=1 and 4, full fine-tuning and LoRA members
+(model.lora.r=8), and PPO seconds per iteration and peak memory with one reward model, 4 full members and 4 LoRA
+members scored over one base, for a full and a LoRA (r=8) policy (20 iterations each), into <root>/cost.md. Run
+nothing else meanwhile: two torch processes on 2 cores slow each other.
 """
 
 from __future__ import annotations
@@ -98,10 +100,15 @@ def run_seed(root: Path, seed: int, lengths: list[int]) -> dict:
             rlhf("ppo", f"experiment={name}", f"train.max_steps={n}", "train.checkpoint_every=10",
                  f"train.keep_checkpoints={n // 10}", f"model.policy={where / 'base' / 'sft'}",
                  f"model.reward={reward}", "overwrite=true", *overrides, *common, cwd=where)
-    # eval: policies named as typed (relative to the seed's directory), the ensemble as the reward model
-    rlhf("eval", "experiment=base", f"policies=[base/sft,{','.join(f'{n}/ppo' for n in names)}]",
-         f"reward.model={where / 'ens' / 'reward'}", *common, cwd=where)
-    return json.loads((where / "base" / "eval" / "eval.json").read_text())
+    # eval: policies named as typed (relative to the seed's directory), the ensemble as the reward model; kept
+    # when it measured these runs after they finished
+    results = where / "base" / "eval" / "eval.json"
+    newest = max((where / n / "ppo" / "manifest.json").stat().st_mtime for n in names)
+    if not results.is_file() or results.stat().st_mtime < newest or \
+            {f"{n}/ppo" for n in names} - {p["name"] for p in json.loads(results.read_text())["policies"]}:
+        rlhf("eval", "experiment=base", f"policies=[base/sft,{','.join(f'{n}/ppo' for n in names)}]",
+             f"reward.model={where / 'ens' / 'reward'}", *common, cwd=where)
+    return json.loads(results.read_text())
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -116,7 +123,7 @@ def per_run(report: dict, name: str, root: Path, seed: int) -> dict:
     peak = max(curve[1:], key=lambda c: c["gold"])  # the checkpoints (step 0 is the SFT reference)
     return {"gold": row["gold"], "gold_se": row["gold_se"], "peak_gold": peak["gold"], "peak_step": peak["step"],
             "drop": row["gold"] - peak["gold"], "kl": row["kl"], "ensemble_std": row.get("ensemble_std"),
-            "seconds_per_iteration": seconds_per_iteration(root / f"seed{seed}" / name / "ppo"),
+            "seconds_per_iteration": seconds_per_iteration(root / f"seed{seed}" / name / "ppo"),  # (json only)
             "curve": [{k: c[k] for k in ("step", "kl", "gold", "score")} for c in curve]}
 
 
@@ -127,7 +134,7 @@ def table(rows: dict, seeds: list[int], lengths: list[int]) -> list[str]:
 
     lines = [f"seeds {', '.join(map(str, seeds))}: mean ± standard error across seeds; gold on 256 held-out prompts",
              "", "| reward | iterations | gold (final) | gold (peak) | final − peak | vs single (final) | KL (final) | "
-                 "member std (final) | s / iteration |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 "member std (final) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n in lengths:
         base = [rows[(s, f"single-{n}")]["gold"] for s in seeds]
         for kind in KINDS:
@@ -136,8 +143,7 @@ def table(rows: dict, seeds: list[int], lengths: list[int]) -> list[str]:
             lines.append(f"| {kind} | {n} | {cell([x['gold'] for x in r])} | {cell([x['peak_gold'] for x in r])} "
                          f"(it. {', '.join(str(x['peak_step']) for x in r)}) | {cell([x['drop'] for x in r])} | "
                          f"{'' if kind == 'single' else cell(gain)} | {cell([x['kl'] for x in r])} | "
-                         f"{cell([x['ensemble_std'] for x in r])} | "
-                         f"{statistics.fmean(x['seconds_per_iteration'] for x in r):.2f} |")
+                         f"{cell([x['ensemble_std'] for x in r])} |")
     return lines
 
 
@@ -165,33 +171,36 @@ def draw(rows: dict, seeds: list[int], lengths: list[int], path: Path) -> None:
 
 
 def cost(root: Path) -> None:
-    """Reward-stage seconds for ensemble 1 and 4, PPO seconds per iteration with 1 and 4 reward models, full and
-    LoRA; one process at a time."""
+    """Reward-stage seconds for ensemble 1 and 4, full and LoRA members; PPO seconds per iteration and peak memory
+    with one reward model, 4 full members and 4 LoRA members on one base, for a full and a LoRA policy; one
+    process at a time."""
     where = root / "cost"
     common = [f"root={where}", "seed=0"]
     if not finished(where / "base" / "sft"):
         rlhf("sft", "experiment=base", *common, cwd=where)
-    lines = ["| | full | LoRA (r=8) |", "|---|---:|---:|"]
     reward_s, ppo_s = {}, {}
     for lora in (0, 8):
         for k in (1, ENSEMBLE):
-            name = f"reward-k{k}-r{lora}"
-            reward_s[(lora, k)] = rlhf("reward", f"experiment={name}", f"reward.ensemble={k}",
+            reward_s[(lora, k)] = rlhf("reward", f"experiment=reward-k{k}-r{lora}", f"reward.ensemble={k}",
                                        f"model.name_or_path={where / 'base' / 'sft'}", f"model.lora.r={lora}",
                                        "overwrite=true", *common, cwd=where)["seconds"]
+    scorers = {"1 reward model": "reward-k1-r0", f"{ENSEMBLE} full members": f"reward-k{ENSEMBLE}-r0",
+               f"{ENSEMBLE} LoRA members on one base": f"reward-k{ENSEMBLE}-r8"}
     for lora in (0, 8):
-        for k in (1, ENSEMBLE):
-            name = f"ppo-k{k}-r{lora}"
-            rlhf("ppo", f"experiment={name}", "train.max_steps=20", f"model.policy={where / 'base' / 'sft'}",
-                 f"model.reward={where / f'reward-k{k}-r0' / 'reward'}", f"model.lora.r={lora}", "overwrite=true",
-                 *common, cwd=where)
-            ppo_s[(lora, k)] = seconds_per_iteration(where / name / "ppo")
+        for label, reward in scorers.items():
+            name = f"ppo-{reward}-policy-r{lora}"
+            usage = rlhf("ppo", f"experiment={name}", "train.max_steps=20", f"model.policy={where / 'base' / 'sft'}",
+                         f"model.reward={where / reward / 'reward'}", f"model.lora.r={lora}", "overwrite=true",
+                         *common, cwd=where)
+            ppo_s[(lora, label)] = (seconds_per_iteration(where / name / "ppo"), usage["max_rss_mb"])
+    lines = ["| | full | LoRA (r=8) |", "|---|---:|---:|"]
     for k in (1, ENSEMBLE):
-        lines.append(f"| `rlhf reward` reward.ensemble={k}, seconds (500 steps per member) | "
-                     f"{reward_s[(0, k)]:.1f} | {reward_s[(8, k)]:.1f} |")
-    for k in (1, ENSEMBLE):
-        lines.append(f"| `rlhf ppo` with {k} reward model{'s' if k > 1 else ''}, seconds per iteration | "
-                     f"{ppo_s[(0, k)]:.2f} | {ppo_s[(8, k)]:.2f} |")
+        lines.append(f"| `rlhf reward reward.ensemble={k}`: seconds ({k} x 500 steps) | {reward_s[(0, k)]:.1f} | "
+                     f"{reward_s[(8, k)]:.1f} |")
+    for label in scorers:
+        full, lo = ppo_s[(0, label)], ppo_s[(8, label)]
+        lines.append(f"| `rlhf ppo` with {label}: s / iteration (peak RSS) | {full[0]:.2f} ({full[1]:.0f} MB) | "
+                     f"{lo[0]:.2f} ({lo[1]:.0f} MB) |")
     (root / "cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -37,6 +37,14 @@ def test_bench_ppo_runs_the_stage_phases_and_prints_its_figures(bench, capsys):
     assert out["trained_value_m"] == out["value_m"] > out["reward_m"]  # the value head's bias
 
 
+def test_bench_ppo_scores_with_an_ensemble_of_reward_models(bench, capsys):
+    assert bench.main(TINY) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert bench.main([*TINY, "--reward-models", "3"]) == 0
+    three = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert three["reward_models"] == 3 and three["reward_m"] == pytest.approx(3 * one["reward_m"])
+
+
 def test_bench_ppo_with_lora_trains_only_adapters(bench, capsys):
     assert bench.main([*TINY, "--lora-r", "4", "--gradient-checkpointing"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

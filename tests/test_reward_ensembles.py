@@ -244,6 +244,10 @@ def test_ppo_with_a_list_mixes_layouts_and_eval_reports_the_members(trained_expe
     assert report["rewards"]["ensemble_aggregation"] == "min"
     for row in report["policies"]:
         assert row["ensemble_std"] > 0 and row[f"reward/{REWARD_MODEL}"] <= row["ensemble_mean"] + 1e-9
+    from rlhf_cli.stages import report as report_stage
+
+    html = report_stage.eval_section(report, tmp_path / "eval", [], SimpleNamespace(samples=1))
+    assert "reward ensemble: 2 members" in html and "score (min)" in html and "members&#x27; std" in html
 
 
 def test_an_off_the_shelf_member_without_statistics_is_refused(trained_experiment, ensemble_run, tmp_path):
@@ -254,3 +258,35 @@ def test_an_off_the_shelf_member_without_statistics_is_refused(trained_experimen
     (bare / "reward_config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="records no held-out score statistics"):
         _ppo(trained_experiment, tmp_path / "ppo", f"model.reward=[{bare},{ensemble_run}]")
+
+
+# ---- LoRA members on one base -----------------------------------------------------------------------------------
+
+def test_lora_members_share_their_base_and_score_as_the_members_do(trained_experiment, tmp_path):
+    from rlhf_cli.engine.reward_functions import find_reward_models
+    from rlhf_cli.models.reward import LoraEnsemble, load_frozen_reward_model, score_padded
+
+    run_dir = tmp_path / "lora" / "reward"
+    reward.run(compose_stage("reward", [*ENSEMBLE, f"root={trained_experiment}", "model.lora.r=4"], run_dir))
+    model_dir = str(run_dir / "model")
+    listing = json.loads((run_dir / "model" / ENSEMBLE_FILE).read_text())
+    assert listing["shared_base"] == str(trained_experiment / "demo" / "sft" / "model")
+    found = lambda together: find_reward_models(model_dir, "", "", "sha256", "model.reward", together)[0]  # noqa
+    assert found(True) == [model_dir] and found(False) == ensemble_members(model_dir)
+    together, tokenizer = load_frozen_reward_model(model_dir, torch.device("cpu"), torch.float32)
+    assert isinstance(together, LoraEnsemble) and together.member_stats == listing["score_stats"]
+    batch = tokenizer(["give 2 fruit without fig : apple pear", "give 1 city without rome : oslo", "no"],
+                      return_tensors="pt", padding=True)
+    scores = score_padded(together, batch["input_ids"], batch["attention_mask"], 2)  # [B, K], 2 rows at a time
+    for k, member in enumerate(ensemble_members(model_dir)):
+        alone, _ = load_frozen_reward_model(member, torch.device("cpu"), torch.float32)
+        assert torch.allclose(scores[:, k], score_padded(alone, batch["input_ids"], batch["attention_mask"], 3),
+                              atol=1e-4)
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert size(together) < 1.5 * size(alone)  # one base and two adapters, not two models
+    metrics = _ppo(trained_experiment, tmp_path / "ppo", f"model.reward={run_dir}", "ppo.reward_aggregation=uwo")
+    assert metrics["final_ensemble_std"] > 0
+    # the base moved away: the members load as the complete models they also are
+    listing["shared_base"] = str(tmp_path / "gone")
+    (run_dir / "model" / ENSEMBLE_FILE).write_text(json.dumps(listing))
+    assert found(True) == ensemble_members(model_dir)

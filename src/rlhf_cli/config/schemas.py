@@ -284,8 +284,8 @@ class RewardLossConfig:
     center_coef: float = 0.0
     # An ensemble of this many reward models in one run and one artifact (1: a single reward model). Member k
     # trains with seed + k (its head, adapters and data order), one member after another (LoRA members: fresh
-    # adapters and a fresh head on the same frozen base); `rlhf ppo` and `rlhf eval` score with every member and
-    # combine them (ppo.reward_aggregation: mean, min, uwo).
+    # adapters and a fresh head on the same frozen base, which `rlhf ppo` and `rlhf eval` then hold once for all
+    # K); they score with every member and combine them (ppo.reward_aggregation: mean, min, uwo).
     ensemble: int = 1
     # Each member trains on its own bootstrap resample of the training pairs (drawn with replacement, as many as
     # there are): members then differ in more than their seed, which is where ensembles help (Eisenstein et al.

@@ -206,6 +206,11 @@ def weights_for(names: list[str], weights: list[float], key: str = "reward.weigh
     return dict(zip(names, map(float, weights)))
 
 
+def member_stats(scorer) -> list[dict]:
+    """The held-out score statistics of each reward model a Scorer scores with: one, or a LoraEnsemble's members."""
+    return getattr(scorer.model, "member_stats", None) or [scorer.model.score_stats]
+
+
 @dataclass(frozen=True)
 class Rewards:
     """Everything that scores a response: the learned reward model (engine.rollout.Scorer; several: an ensemble,
@@ -225,8 +230,13 @@ class Rewards:
         return self.scorers[0] if self.scorers else None
 
     @property
+    def members(self) -> int:
+        """How many reward models score (an ensemble's members, a LoraEnsemble's each counted)."""
+        return sum(len(member_stats(s)) for s in self.scorers)
+
+    @property
     def is_ensemble(self) -> bool:
-        return len(self.scorers) > 1
+        return self.members > 1
 
     @property
     def names(self) -> list[str]:
@@ -237,18 +247,21 @@ class Rewards:
         parts = [f"{self.weights[n]:g} x {n}" for n in self.names]
         if self.is_ensemble:
             how = f"{self.ensemble}, λ {self.uwo_coef:g}" if self.ensemble == "uwo" else self.ensemble
-            parts[0] += f" ({how} of {len(self.scorers)} standardised members)"
+            parts[0] += f" ({how} of {self.members} standardised members)"
         return " + ".join(parts) + ("" if self.aggregation == "sum" else f" ({self.aggregation})")
 
     def model_scores(self, samples, prompt_text: list[str], response_text: list[str], micro: int) -> torch.Tensor:
-        """[K, B] float32: each reward model's raw score of each response (K = 1 for one reward model)."""
+        """[K, B] float32: each reward model's raw score of each response (K = 1 for one reward model; a
+        LoraEnsemble's [B, K] scores are its members' rows)."""
         from rlhf_cli.engine.rollout import score_responses
 
-        return torch.stack([score_responses(s, samples, prompt_text, response_text, micro) for s in self.scorers])
+        b = len(response_text)
+        return torch.cat([score_responses(s, samples, prompt_text, response_text, micro).reshape(b, -1).T
+                          for s in self.scorers])
 
     def standardised(self, scores: torch.Tensor) -> torch.Tensor:
         """[K, B] raw member scores -> each on its own held-out scale (rl.reward.standardize_members)."""
-        stats = torch.tensor([[s.model.score_stats["mean"], s.model.score_stats["std"]] for s in self.scorers],
+        stats = torch.tensor([[st["mean"], st["std"]] for s in self.scorers for st in member_stats(s)],
                              dtype=scores.dtype, device=scores.device)
         return standardize_members(scores, stats[:, 0], stats[:, 1])
 
@@ -340,21 +353,23 @@ def wants_reward_model(configured: str | None, specs: list[str], root: str, expe
     return artifacts.is_finished(run_dir)
 
 
-def find_reward_models(configured, root: str, experiment: str, check: str, key: str) -> tuple[list[str], list]:
+def find_reward_models(configured, root: str, experiment: str, check: str, key: str,
+                       together: bool = True) -> tuple[list[str], list]:
     """(the reward models' directories, the parent artifacts the manifest records) that `configured` names (ppo's
     model.reward, eval's reward.model), checked before anything loads: null = this experiment's reward artifact;
     a path = that one; a list = each of them, an ensemble. An ensemble artifact (`reward.ensemble=K`) stands for
-    its members, in order. Several directories: the members of an ensemble."""
+    its members, in order, or, when they are LoRA adapters on a base that is still there and `together` (not
+    under fsdp), for itself: models.reward.LoraEnsemble scores them in one pass over the base."""
     from rlhf_cli import artifacts
     from rlhf_cli.models.loading import check_source
-    from rlhf_cli.models.reward import ensemble_members
+    from rlhf_cli.models.reward import ensemble_members, shared_base
 
     items = [configured] if configured is None or isinstance(configured, str) else list(configured)
     paths, parents = [], []
     for item in items:
         path, parent = artifacts.upstream(item, root, experiment, "reward", "reward_model", check, key=key)
         check_source(path, key)
-        paths += ensemble_members(path) or [path]
+        paths += [path] if together and shared_base(path) else ensemble_members(path) or [path]
         parents += [parent] if parent else []
     return paths, parents
 
@@ -364,10 +379,10 @@ def check_ensemble_stats(scorers: list, paths: list[str]) -> None:
     reward artifact of `rlhf reward` does; an off-the-shelf classifier does not)."""
     from rlhf_cli.errors import ArtifactError
 
-    if len(scorers) < 2:
+    if sum(len(member_stats(s)) for s in scorers) < 2:
         return
     for scorer, path in zip(scorers, paths):
-        if not scorer.model.score_stats.get("std"):
+        if not all(stats.get("std") for stats in member_stats(scorer)):
             raise ArtifactError(
                 f"the ensemble member {path} records no held-out score statistics, which an ensemble standardises "
                 f"each member's score with", hint='train it with `rlhf reward`, or add "score_stats": {"mean": m, '

@@ -332,6 +332,80 @@ def ensemble_members(path: str) -> list[str] | None:
     return [str(Path(path) / m) for m in members]
 
 
+ADAPTER_DIR = "adapter"  # in a LoRA-trained ensemble member's directory: its adapters (peft) and head alone
+
+
+def shared_base(path: str) -> str | None:
+    """The base model an ensemble artifact's members share when they were trained as LoRA adapters on it (each
+    member's adapter/ holds its adapters and head), if that base and every member's adapters are still there; else
+    None: its members load as the complete models they also are."""
+    listing = Path(path) / ENSEMBLE_FILE
+    if not listing.is_file():
+        return None
+    info = json.loads(listing.read_text())
+    base = info.get("shared_base")
+    if not base or not (Path(base) / "config.json").is_file():
+        return None
+    adapters = [Path(path) / m / ADAPTER_DIR for m in info["members"]]
+    return base if all((a / "adapter_config.json").is_file() and (a / HEAD_FILE).is_file() for a in adapters) else None
+
+
+class LoraEnsemble(torch.nn.Module):
+    """K reward models that are LoRA adapters and heads on one frozen base, scored together: each micro-batch is
+    repeated K times and the k-th copy runs through the base with member k's adapters (peft's mixed-adapter
+    batches), so the base's weights are held and read once for all K. Scores [B, K]."""
+
+    def __init__(self, handle, names: list[str], heads: list[dict], meta: dict, member_stats: list[dict]):
+        super().__init__()
+        self.handle = handle  # peft.PeftModel over the base body, one adapter per member
+        self.names = names
+        self.weight = torch.nn.Parameter(torch.cat([h["weight"] for h in heads]), requires_grad=False)  # [K, H]
+        biased = all("bias" in h for h in heads)
+        self.bias = torch.nn.Parameter(torch.cat([h["bias"] for h in heads]), requires_grad=False) if biased else None
+        self.pooling, self.pad_token_id, self.is_encoder = meta["pooling"], meta["pad_token_id"], meta["is_encoder"]
+        self.skip_token_id = meta.get("skip_token_id")
+        self.member_stats = member_stats
+        self.score_stats = member_stats[0]
+
+    @property
+    def config(self):
+        return self.handle.get_base_model().config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """score_k(x) = w_k · pool(base + adapters_k (x)) (+ b_k) for every member k, [B, K]."""
+        k, b = len(self.names), input_ids.shape[0]
+        ids, mask = input_ids.repeat(k, 1), attention_mask.repeat(k, 1)
+        kwargs = {} if self.is_encoder else {"position_ids": position_ids_from_mask(mask)}
+        hidden = self.handle(input_ids=ids, attention_mask=mask, adapter_names=[n for n in self.names for _ in
+                                                                                 range(b)], **kwargs).last_hidden_state
+        pooled = pool(hidden, readable(ids, mask, self.skip_token_id, self.pooling), self.pooling)
+        scores = torch.einsum("kbh,kh->kb", pooled.view(k, b, -1).to(self.weight.dtype), self.weight)
+        return (scores + self.bias[:, None] if self.bias is not None else scores).T.contiguous()
+
+
+def load_lora_ensemble(path: str, trust_remote_code: bool = False) -> LoraEnsemble:
+    """The LoraEnsemble of an ensemble artifact whose members share a base (`shared_base`), in fp32."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModel
+
+    from rlhf_cli.models import lora
+
+    base, members = shared_base(path), ensemble_members(path)
+    meta = json.loads((Path(members[0]) / CONFIG_FILE).read_text())
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    no_dropout(config)
+    body = AutoModel.from_pretrained(base, config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                     dtype=torch.float32)
+    names = [f"member_{k}" for k in range(len(members))]
+    with lora.quiet():
+        handle = PeftModel.from_pretrained(body, str(Path(members[0]) / ADAPTER_DIR), adapter_name=names[0])
+        for name, member in zip(names[1:], members[1:]):
+            handle.load_adapter(str(Path(member) / ADAPTER_DIR), adapter_name=name)
+    heads = [load_file(str(Path(m) / ADAPTER_DIR / HEAD_FILE)) for m in members]
+    stats = [json.loads((Path(m) / CONFIG_FILE).read_text()).get("score_stats") or {} for m in members]
+    return LoraEnsemble(handle, names, heads, meta, stats)
+
+
 def write_ensemble(directory: Path, members: list[str], info: dict) -> None:
     """ensemble.json of an ensemble artifact's model/: the member directories (relative to it) and what the
     reward stage measured of them."""
@@ -343,30 +417,40 @@ def load_reward_model(path: str, trust_remote_code: bool = False,
     """(reward model, its tokenizer) for scoring: `RewardModel.from_pretrained` and the tokenizer beside it. A
     tokenizer without a pad token (Llama reward models) pads with the model's pad id, else EOS, without adding a
     token (the embeddings stay as trained): the attention mask, not the pad id, says where a text ends."""
+    model = RewardModel.from_pretrained(path, trust_remote_code, key)
+    tokenizer = reward_tokenizer(path, model.pad_token_id, trust_remote_code)
+    if model.pad_token_id is None:
+        model.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def reward_tokenizer(path: str, pad_token_id: int | None, trust_remote_code: bool = False):
+    """The tokenizer beside a reward model, padding with the model's pad id (else EOS) when it has no pad token."""
     from transformers import AutoTokenizer
 
-    model = RewardModel.from_pretrained(path, trust_remote_code, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"no tokenizer beside the reward model at '{path}'",
                             hint="save the tokenizer with the model (tokenizer.save_pretrained(dir))") from exc
     if tokenizer.pad_token_id is None:
-        pad = model.pad_token_id if model.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id if pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ArtifactError(f"the reward model at '{path}' has neither a pad token nor an EOS token to pad with",
                                 hint="set pad_token_id in its config.json")
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
-    if model.pad_token_id is None:
-        model.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return tokenizer
 
 
 def load_frozen_reward_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
                              key: str = "model.reward") -> tuple[RewardModel, object]:
     """(reward model, its tokenizer) that only scores (PPO's reward, eval's judge): `load_reward_model`, moved to
     `device` in `dtype`, in eval mode, with no parameter requiring a gradient."""
-    model, tokenizer = load_reward_model(path, trust_remote_code, key)
+    if shared_base(path) is not None:  # a LoRA ensemble on one base: its members scored together
+        model = load_lora_ensemble(path, trust_remote_code)
+        tokenizer = reward_tokenizer(ensemble_members(path)[0], model.pad_token_id, trust_remote_code)
+    else:
+        model, tokenizer = load_reward_model(path, trust_remote_code, key)
     return model.to(device, dtype).eval().requires_grad_(False), tokenizer
 
 

@@ -128,7 +128,8 @@ def compare(cfg: EvalConfig, d: dist.Dist, device) -> dict:
               "reward_same_tokenizer": scorer.same_tokens if scorer is not None else None,
               "rewards": {"functions": [rf.spec for rf in judge.rewards.functions], "weights": judge.rewards.weights,
                           "aggregation": judge.rewards.aggregation,
-                          **({"ensemble_aggregation": judge.rewards.ensemble, "uwo_coef": judge.rewards.uwo_coef}
+                          **({"ensemble_members": judge.rewards.members, "ensemble_aggregation":
+                              judge.rewards.ensemble, "uwo_coef": judge.rewards.uwo_coef}
                              if judge.rewards.is_ensemble else {})},
               "prompts": {"source": str(source), "count": len(prompts), "cut": cut,
                           "samples_per_prompt": cfg.samples_per_prompt},
@@ -167,8 +168,8 @@ def find_reward_models(cfg: EvalConfig, functions: list[RewardFunction]) -> list
     wanted = wants_reward_model(cfg.reward.model, [f.spec for f in functions], cfg.root, cfg.experiment)
     configured = cfg.reward.model
     configured = [absolute_path(v) for v in configured] if isinstance(configured, list) else absolute_path(configured)
-    paths = find_reward_paths(configured, cfg.root, cfg.experiment, cfg.artifact_check,
-                              "reward.model")[0] if wanted else []
+    paths = find_reward_paths(configured, cfg.root, cfg.experiment, cfg.artifact_check, "reward.model",
+                              together=cfg.strategy != "fsdp")[0] if wanted else []
     weights_for([*([REWARD_MODEL] if wanted else []), *(rf.name for rf in functions)], cfg.reward.weights)
     return paths
 
@@ -269,8 +270,9 @@ def describe_rewards(rewards: Rewards, reward_paths: list[str]) -> str:
     tokens); functions rlhf_cli.rewards:exact_match` (an ensemble: its members' paths)."""
     scorer = rewards.scorer
     how = "same tokens" if scorer is not None and scorer.same_tokens else "re-tokenised text"
-    models = ("reward model " + reward_paths[0] if len(reward_paths) == 1
-              else f"{len(reward_paths)} reward models " + ", ".join(reward_paths))
+    models = (f"{len(reward_paths)} reward models " + ", ".join(reward_paths) if len(reward_paths) > 1 else
+              f"{rewards.members} LoRA reward models on one base, {reward_paths[0]}," if rewards.is_ensemble else
+              f"reward model {reward_paths[0]}" if reward_paths else "")
     return "; ".join([f"score = {rewards.describe()}",
                       *([f"{models} ({how})"] if scorer is not None else []),
                       *([f"functions {', '.join(rf.spec for rf in rewards.functions)}"] if rewards.functions else [])])
@@ -565,7 +567,7 @@ def ensemble_table(con, report: dict) -> Table:
     deviation across members, averaged over responses): a policy that exploits one member's errors shows it."""
     how = report["rewards"]["ensemble_aggregation"]
     return fitted(con, report, lambda names: policy_table(
-        f"reward ensemble ({len(report['reward_model'])} members, standardised): the {how} the score uses, the "
+        f"reward ensemble ({report['rewards']['ensemble_members']} members, standardised): the {how} the score uses, the "
         f"members' mean and their disagreement", ["policy", f"score ({how})", "members' mean", "member std"],
         [[names[row["name"]], _pm(row, f"reward/{REWARD_MODEL}"), _pm(row, "ensemble_mean"),
           _pm(row, "ensemble_std")] for row in report["policies"]]))

@@ -40,7 +40,7 @@ from rlhf_cli.errors import ArtifactError, ConfigError
 from rlhf_cli.models import lora
 from rlhf_cli.models.loading import (check_source, load_causal_lm, load_frozen_lm, load_tokenizer, resolve,
                                     same_tokenizer)
-from rlhf_cli.models.reward import RewardModel, load_frozen_reward_model
+from rlhf_cli.models.reward import RewardModel, ensemble_members, load_frozen_reward_model
 from rlhf_cli.rl import advantages as adv, ppo as rl, reward as rl_reward
 
 
@@ -127,8 +127,8 @@ def find_upstream(cfg: PPOConfig) -> Upstream:
     reward, reward_parents = [], []
     if rf.wants_reward_model(cfg.model.reward, cfg.reward.functions, cfg.root, cfg.experiment):
         reward, reward_parents = rf.find_reward_models(cfg.model.reward, cfg.root, cfg.experiment, check,
-                                                       "model.reward")
-    value = reward[0] if reward else None   # an ensemble's first member
+                                                       "model.reward", together=cfg.train.strategy != "fsdp")
+    value = (ensemble_members(reward[0]) or reward)[0] if reward else None   # an ensemble's first member
     if cfg.model.value is not None:
         value, _ = artifacts.upstream(cfg.model.value, cfg.root, cfg.experiment, "reward", "reward_model", check,
                                       key="model.value")
@@ -275,8 +275,10 @@ def show_plan(con, cfg: PPOConfig, paths: Upstream, roles: Roles, prompts: str, 
                  f"a frozen copy ({lora.counts(roles.reference)[1] / 1e6:.2f}M parameters)")
     con.print(f"[bold]rlhf ppo[/bold] -> {cfg.run_dir}")
     scorer = roles.rewards.scorer
-    members = f"an ensemble of {len(paths.reward)} ({', '.join(paths.reward)}), each " if len(paths.reward) > 1 else \
-        f"{paths.reward[0]} (" if paths.reward else ""
+    n = roles.rewards.members
+    members = (f"an ensemble of {n} ({', '.join(paths.reward)}), each " if len(paths.reward) > 1 else
+               f"an ensemble of {n} LoRA members on one base ({paths.reward[0]}), scored together: " if n > 1 else
+               f"{paths.reward[0]} (" if paths.reward else "")
     reward = ("none (reward functions alone)" if scorer is None else
               f"{members}{lora.counts(scorer.model)[1] / 1e6:.2f}M parameters, frozen, "
               f"{'same tokens' if scorer.same_tokens else 're-tokenised text'})")

@@ -101,11 +101,19 @@ def eval_section(report: dict, run_dir: Path, pngs: list[Path], cfg: ReportConfi
                    key=lambda k: (k.split("/", 1)[-1], k))
     if extra:  # each reward function's mean and every pass@k (reward.functions, samples_per_prompt)
         body.append(table(["policy", *extra], [[p["name"], *[pm(p, k) for k in extra]] for p in report["policies"]]))
+    ensemble = "ensemble_std" in report["policies"][0]  # a reward ensemble scored: its aggregate, mean, disagreement
+    if ensemble:
+        how = report["rewards"]["ensemble_aggregation"]
+        body.append(f"<h3>reward ensemble: {report['rewards']['ensemble_members']} members, each standardised</h3>")
+        body.append(table(["policy", f"score ({how})", "members' mean", "members' std (disagreement)"],
+                          [[p["name"], pm(p, "reward/reward_model"), pm(p, "ensemble_mean"), pm(p, "ensemble_std")]
+                           for p in report["policies"]]))
     for name, curve in report.get("curves", {}).items():
         body.append(f"<h3>over-optimisation curve of {esc(name)} (step 0: the reference)</h3>")
-        body.append(table(["step", "KL", "proxy score", *(["gold"] if gold else [])],
-                          [[p["step"], pm(p, "kl"), pm(p, "score"), *([pm(p, "gold")] if gold else [])]
-                           for p in curve]))
+        body.append(table(["step", "KL", "proxy score", *(["members' std"] if ensemble else []),
+                           *(["gold"] if gold else [])],
+                          [[p["step"], pm(p, "kl"), pm(p, "score"), *([pm(p, "ensemble_std")] if ensemble else []),
+                            *([pm(p, "gold")] if gold else [])] for p in curve]))
     body.append(images(pngs, wide=True))
     for p in report["policies"]:
         body.append(details(f"samples of {p['name']}", samples_table(p.get("samples", [])[:cfg.samples])))

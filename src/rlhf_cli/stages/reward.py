@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from rlhf_cli import artifacts
 from rlhf_cli.config import RewardConfig
@@ -33,7 +34,7 @@ from rlhf_cli.models import lora
 from rlhf_cli.models.loading import (packing_refusal, ensure_pad_token, load_tokenizer, quiet_transformers, resolve,
                                      same_tokenizer)
 from rlhf_cli.engine.recording import MetricsLog
-from rlhf_cli.models.reward import RewardModel, score_pairs, write_ensemble
+from rlhf_cli.models.reward import ADAPTER_DIR, HEAD_FILE, RewardModel, score_pairs, write_ensemble
 from rlhf_cli.rl.reward import ENSEMBLE, pairwise_loss, standardize_members
 
 TRAIN_ACCURACY_PAIRS = 1000  # the final train accuracy is measured on at most this many training pairs
@@ -381,14 +382,34 @@ def keep_member(model: RewardModel, k: int, metrics: dict, scores: torch.Tensor,
         final = work_dir / MEMBERS / f"member-{k}"
         tmp = final.with_name(f".member-{k}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        base = save_adapter(published, tmp / "model" / ADAPTER_DIR)
         lora.merged(published).save_pretrained(tmp / "model")
         info = {"member": k, "seed": member_seed(cfg, k), "metrics": metrics, "score_stats": published.score_stats,
-                "pooling": published.pooling, "is_encoder": published.is_encoder,
+                "pooling": published.pooling, "is_encoder": published.is_encoder, "adapter_base": base,
                 "held_out_scores": scores.tolist()}
         (tmp / MEMBER_FILE).write_text(artifacts.dumps(info) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     dist.barrier(d)
+
+
+def save_adapter(model: RewardModel, directory: Path) -> str | None:
+    """A LoRA member's adapters (peft's files) and head alone into `directory`, so that an ensemble's members can
+    share one copy of their base when scored (models.reward.LoraEnsemble); returns the base's path. None (nothing
+    written) without adapters, for a whole encoder classifier, or when the base's embeddings were resized (a pad
+    token added): that base is not the one on disk."""
+    from transformers import AutoConfig
+
+    write = lora.adapter_writer(model)
+    if write is None or "classifier" in model._modules:
+        return None
+    base = model.backbone.config._name_or_path
+    if AutoConfig.from_pretrained(base).vocab_size != model.backbone.config.vocab_size:
+        return None
+    write(directory)
+    save_file({key: v.detach().contiguous().cpu() for key, v in model.head.state_dict().items()},
+              str(directory / HEAD_FILE))
+    return base
 
 
 def combine_members(cfg: RewardConfig, work_dir: Path, pairs: Pairs, d: dist.Dist,
@@ -402,8 +423,10 @@ def combine_members(cfg: RewardConfig, work_dir: Path, pairs: Pairs, d: dist.Dis
     members = [{"member": m["member"], "seed": m["seed"], "score_stats": m["score_stats"],
                 **{key: m["metrics"][key] for key in MEMBER_METRICS}} for m in kept]
     means = lambda key: statistics.fmean(m[key] for m in members) if members[0][key] is not None else None  # noqa
+    bases = {m.get("adapter_base") for m in kept}
     info = {"size": len(kept), "bootstrap": cfg.reward.ensemble_bootstrap, "merge": cfg.reward.ensemble_merge,
-            "pooling": kept[0]["pooling"], "is_encoder": kept[0]["is_encoder"], "members": members}
+            "pooling": kept[0]["pooling"], "is_encoder": kept[0]["is_encoder"],
+            "shared_base": bases.pop() if len(bases) == 1 else None, "members": members}
     metrics = {"ensemble": len(kept), "steps": kept[0]["metrics"]["steps"], "train_accuracy": means("train_accuracy"),
                "member_eval_accuracy": means("eval_accuracy"), "member_eval_gold_accuracy": means("eval_gold_accuracy"),
                "train_pairs": len(pairs.train), "eval_pairs": len(pairs.eval),
