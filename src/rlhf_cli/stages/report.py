@@ -103,8 +103,8 @@ def eval_section(report: dict, run_dir: Path, pngs: list[Path], cfg: ReportConfi
         body.append(table(["policy", *extra], [[p["name"], *[pm(p, k) for k in extra]] for p in report["policies"]]))
     ensemble = "ensemble_std" in report["policies"][0]  # a reward ensemble scored: its aggregate, mean, disagreement
     if ensemble:
-        how = report["rewards"]["ensemble_aggregation"]
-        body.append(f"<h3>reward ensemble: {report['rewards']['ensemble_members']} members, each standardised</h3>")
+        how, members = report["rewards"].get("ensemble_aggregation", "mean"), report["rewards"].get("ensemble_members")
+        body.append(f"<h3>reward ensemble: {members or 'several'} members, each standardised</h3>")
         body.append(table(["policy", f"score ({how})", "members' mean", "members' std (disagreement)"],
                           [[p["name"], pm(p, "reward/reward_model"), pm(p, "ensemble_mean"), pm(p, "ensemble_std")]
                            for p in report["policies"]]))
