@@ -17,7 +17,8 @@ on 256 held-out prompts with the ensemble as its reward model (its mean: the sam
 start as `rlhf <stage>` in a fresh process, one after another; a finished stage is reused when the script runs
 again.
 
-Per run: the final gold score, its peak over the checkpoints (and the iteration), final − peak, the final KL, the
+Per run: the final gold score, its peak over the checkpoints (and the iteration), final − peak and what a curve
+that did not move at all would show there (the peak of noisy points is biased upwards), the final KL, the
 ensemble's disagreement on the final policy's responses, and the final gold's gain over `single`'s: each a mean
 over seeds with the standard error across seeds (the per-seed eval's own standard errors are in eval.json).
 Seconds per iteration go to compare.json only: use `--cost`, run alone, for timings. Writes <root>/compare.json, <root>/compare.md and
@@ -117,32 +118,48 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
+def flat_curve_drop(ses: list[float], draws: int = 4000) -> float:
+    """What final − peak a curve that does not move at all would show on average, its checkpoints measured with
+    these standard errors: E[x_last − max_j x_j], x_j ~ N(0, se_j²) independent (seeded simulation). The peak of
+    noisy points is biased upwards, so this is the noise floor of `final − peak`."""
+    import random
+
+    rng = random.Random(0)
+    total = 0.0
+    for _ in range(draws):
+        xs = [rng.gauss(0.0, se) for se in ses]
+        total += xs[-1] - max(xs)
+    return total / draws
+
+
 def per_run(report: dict, name: str, root: Path, seed: int) -> dict:
     row = next(p for p in report["policies"] if p["name"] == f"{name}/ppo")
     curve = report["curves"][f"{name}/ppo"]
     peak = max(curve[1:], key=lambda c: c["gold"])  # the checkpoints (step 0 is the SFT reference)
     return {"gold": row["gold"], "gold_se": row["gold_se"], "peak_gold": peak["gold"], "peak_step": peak["step"],
-            "drop": row["gold"] - peak["gold"], "kl": row["kl"], "ensemble_std": row.get("ensemble_std"),
+            "drop": row["gold"] - peak["gold"], "flat_drop": flat_curve_drop([c["gold_se"] for c in curve[1:]]),
+            "kl": row["kl"], "ensemble_std": row.get("ensemble_std"),
             "seconds_per_iteration": seconds_per_iteration(root / f"seed{seed}" / name / "ppo"),  # (json only)
             "curve": [{k: c[k] for k in ("step", "kl", "gold", "score")} for c in curve]}
 
 
 def table(rows: dict, seeds: list[int], lengths: list[int]) -> list[str]:
-    def cell(values: list[float]) -> str:
+    def cell(values: list[float], signed: bool = False) -> str:
         m, se = mean_se(values)
-        return f"{m:+.3f} ± {se:.3f}" if any(v < 0 for v in values) or m < 0 else f"{m:.3f} ± {se:.3f}"
+        return f"{m:+.3f} ± {se:.3f}" if signed else f"{m:.3f} ± {se:.3f}"
 
     lines = [f"seeds {', '.join(map(str, seeds))}: mean ± standard error across seeds; gold on 256 held-out prompts",
-             "", "| reward | iterations | gold (final) | gold (peak) | final − peak | vs single (final) | KL (final) | "
-                 "member std (final) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| reward | iterations | gold (final) | gold (peak) | final − peak | (a flat curve) | vs single (final) | "
+                 "KL (final) | member std (final) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in lengths:
         base = [rows[(s, f"single-{n}")]["gold"] for s in seeds]
         for kind in KINDS:
             r = [rows[(s, f"{kind}-{n}")] for s in seeds]
             gain = [x["gold"] - b for x, b in zip(r, base)]
             lines.append(f"| {kind} | {n} | {cell([x['gold'] for x in r])} | {cell([x['peak_gold'] for x in r])} "
-                         f"(it. {', '.join(str(x['peak_step']) for x in r)}) | {cell([x['drop'] for x in r])} | "
-                         f"{'' if kind == 'single' else cell(gain)} | {cell([x['kl'] for x in r])} | "
+                         f"(it. {', '.join(str(x['peak_step']) for x in r)}) | {cell([x['drop'] for x in r], True)} | "
+                         f"{statistics.fmean(x['flat_drop'] for x in r):+.3f} | "
+                         f"{'' if kind == 'single' else cell(gain, True)} | {cell([x['kl'] for x in r])} | "
                          f"{cell([x['ensemble_std'] for x in r])} |")
     return lines
 
