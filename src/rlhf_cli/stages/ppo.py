@@ -374,8 +374,7 @@ def check_rollout(guard: Guard, iteration: int, roll: Rollout, reward_paths: lis
     if rf.REWARD_MODEL in roll.components:
         guard.require_finite(iteration, "reward model's score", roll.components[rf.REWARD_MODEL],
                              hint=f"the reward model ({', '.join(reward_paths)}) gives NaN/inf scores for these "
-                                  f"responses: check "
-                                  f"it, or re-train it (`rlhf reward ... overwrite=true`)")
+                                  f"responses: check it, or re-train it (`rlhf reward ... overwrite=true`)")
     if roll.ref_logprobs is not None:
         guard.require_finite(iteration, "reference log-prob", roll.ref_logprobs,
                              hint="the reference (the SFT policy) gives non-finite log-probs: check the SFT artifact")

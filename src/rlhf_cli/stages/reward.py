@@ -256,9 +256,10 @@ def progress_text(loop: Counters) -> str:
 
 
 def evaluate(model, examples: list[dict], pad_id: int, cfg: RewardConfig, d: dist.Dist, device,
-             gold: list[bool] | None = None) -> dict:
+             gold: list[bool] | None = None, scores: torch.Tensor | None = None) -> dict:
     """Pairwise accuracy (a tie counts as wrong), loss, mean margin, reward mean/std (and, given each pair's gold
-    preference, the accuracy against it) over `examples`, all ranks; {} for no examples."""
+    preference, the accuracy against it) over `examples`, all ranks; {} for no examples. `scores` ([N, 2]), when
+    given, gets (r_chosen, r_rejected) of the pairs this rank scored."""
     if not examples:
         return {}
     model.eval()
@@ -269,6 +270,8 @@ def evaluate(model, examples: list[dict], pad_id: int, cfg: RewardConfig, d: dis
             rc, rr, m = pair_scores(model, [examples[j] for j in part], pad_id, device, cfg.data.packing)
             if not real:
                 continue
+            if scores is not None:
+                scores[part] = torch.stack([rc, rr], 1).to(scores.dtype).cpu()
             loss = pairwise_loss(rc, rr, m if cfg.reward.use_margin else None, cfg.reward.center_coef,
                                  reduction="sum")
             both = torch.cat([rc, rr])
@@ -308,17 +311,16 @@ def publish(cfg: RewardConfig, model: RewardModel | None, tokenizer, parent: dic
             work_dir: Path, ensemble: dict | None = None) -> None:
     """The artifact: one reward model (with LoRA: the adapters merged into the backbone, a plain reward model),
     or, for an ensemble (`model` None), model/ = ensemble.json and each member's directory as it was kept."""
-    one = model
-    facts = ({"pooling": one.pooling, "is_encoder": one.is_encoder, "score_stats": one.score_stats} if one else
-             {"pooling": ensemble["pooling"], "is_encoder": ensemble["is_encoder"]})
+    facts = ({"pooling": model.pooling, "is_encoder": model.is_encoder, "score_stats": model.score_stats} if model
+             else {"pooling": ensemble["pooling"], "is_encoder": ensemble["is_encoder"]})
     manifest = artifacts.build_manifest(
         stage="reward", kind="reward_model", config=asdict(cfg),
         base_model=parent["path"] if parent else cfg.model.name_or_path, tokenizer=tokenizer,
         metrics=metrics, parents=[parent] if parent else [],
         extra={"reward": facts, **({"ensemble": ensemble} if ensemble else {}),
                "policy_tokenizer": policy_tokenizer_match(parent, cfg, tokenizer), "data": data})
-    if one is not None:
-        save = lambda tmp: lora.merged(one).save_pretrained(tmp, tokenizer)  # noqa: E731
+    if model is not None:
+        save = lambda tmp: lora.merged(model).save_pretrained(tmp, tokenizer)  # noqa: E731
     else:
         save = functools.partial(assemble_ensemble, work_dir / MEMBERS, ensemble, tokenizer)
     artifacts.publish(work_dir, save, manifest, Path(cfg.run_dir))
@@ -361,14 +363,7 @@ MEMBER_FILE = "member.json"
 def held_out_scores(model: RewardModel, pairs: Pairs, cfg: RewardConfig, d: dist.Dist, device) -> torch.Tensor:
     """[N, 2] float64: (r_chosen, r_rejected) of every held-out pair, each rank scoring its share, on all ranks."""
     out = torch.zeros(len(pairs.eval), 2, dtype=torch.float64)
-    model.eval()
-    with torch.no_grad(), dev.autocast(device):
-        for part, real in batches.rank_micro_batches(list(range(len(pairs.eval))), d.rank, d.world_size,
-                                                     cfg.train.micro_batch_size):
-            rc, rr, _ = pair_scores(model, [pairs.eval[j] for j in part], pairs.pad_id, device, cfg.data.packing)
-            if real:
-                out[part] = torch.stack([rc, rr], 1).double().cpu()
-    model.train()
+    evaluate(model, pairs.eval, pairs.pad_id, cfg, d, device, scores=out)
     return torch.tensor(dist.all_sum(d, out.flatten().tolist(), device), dtype=torch.float64).reshape(-1, 2)
 
 
